@@ -1,0 +1,28 @@
+"""llm-router's producer side: enqueue routing jobs and read their results.
+
+Light on purpose (pydantic, redis, jsonschema): a producer service does not
+pull in an LLM SDK.
+"""
+
+from llm_router.client.client import JobHandle, RouteFailed, RouterClient, build_request
+from llm_router.client.protocol import (
+    PROTOCOL_VERSION,
+    Attempt,
+    InvalidSchemaError,
+    Message,
+    RouteRequest,
+    RouteResult,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Attempt",
+    "InvalidSchemaError",
+    "JobHandle",
+    "Message",
+    "RouteFailed",
+    "RouteRequest",
+    "RouteResult",
+    "RouterClient",
+    "build_request",
+]

@@ -1,0 +1,180 @@
+"""The producer side: enqueue a routing job, wait for its result."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from llm_router.client.protocol import (
+    DEFAULT_QUEUE,
+    JOB_TTL_MS,
+    Attempt,
+    RouteRequest,
+    RouteResult,
+    job_blob,
+    job_key,
+    now_ms,
+    result_from_blob,
+    result_key,
+)
+from redis.asyncio import Redis
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Job and result key, then the queue; one round trip, and an existing job id
+# (a retried enqueue) is never queued twice.
+_ENQUEUE_LUA = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+
+MessagesLike = str | Sequence[dict[str, Any]]
+
+
+class RouteFailed(Exception):
+    """Every model in the chain was rejected, or the request was refused as invalid."""
+
+    def __init__(self, result: RouteResult) -> None:
+        self.result = result
+        reasons = "; ".join(f"{a.model}: {a.reason}" for a in result.attempts)
+        detail = result.error or "all models failed"
+        super().__init__(f"{result.status}: {detail}" + (f" ({reasons})" if reasons else ""))
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        return self.result.attempts
+
+
+def build_request(
+    messages: MessagesLike,
+    *,
+    schema: dict[str, Any] | None = None,
+    context: str | None = None,
+    chain: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> RouteRequest:
+    """Validate a request before it is enqueued; a bare string is one user message."""
+    msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    fields: dict[str, Any] = {"messages": list(msgs), "schema": schema, "context": context}
+    if chain is not None:
+        fields["chain"] = chain
+    if metadata is not None:
+        fields["metadata"] = metadata
+    return RouteRequest.model_validate(fields)
+
+
+class JobHandle:
+    """A job that has been enqueued; ``await handle.result()`` waits for it."""
+
+    def __init__(self, client: RouterClient, job_id: str) -> None:
+        self._client = client
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle(job_id={self.job_id!r})"
+
+    async def result(
+        self, timeout: float | None = 120.0, *, raise_on_failure: bool = True
+    ) -> RouteResult:
+        """Wait for the result; raise ``TimeoutError`` when it does not come in time."""
+        result = await self._client.wait(self.job_id, timeout=timeout)
+        if raise_on_failure and not result.ok:
+            raise RouteFailed(result)
+        return result
+
+
+class RouterClient:
+    """Async client for producers; defaults come from ``LLM_ROUTER_*`` variables."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        queue_name: str | None = None,
+        redis: Redis | None = None,
+    ) -> None:
+        self.redis_url = redis_url or os.environ.get("LLM_ROUTER_REDIS_URL", DEFAULT_REDIS_URL)
+        self.queue_name = queue_name or os.environ.get("LLM_ROUTER_QUEUE_NAME", DEFAULT_QUEUE)
+        self._owns_redis = redis is None
+        self.redis: Redis = redis or Redis.from_url(
+            self.redis_url, socket_connect_timeout=5, health_check_interval=30
+        )
+        self._enqueue_script = self.redis.register_script(_ENQUEUE_LUA)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def enqueue(
+        self,
+        messages: MessagesLike,
+        *,
+        schema: dict[str, Any] | None = None,
+        context: str | None = None,
+        chain: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        job_id: str | None = None,
+    ) -> JobHandle:
+        """Validate and enqueue one request; a repeated ``job_id`` is not queued again."""
+        request = build_request(
+            messages, schema=schema, context=context, chain=chain, metadata=metadata
+        )
+        return await self.enqueue_request(request, job_id=job_id)
+
+    async def enqueue_request(
+        self, request: RouteRequest, *, job_id: str | None = None
+    ) -> JobHandle:
+        job_id = job_id or uuid.uuid4().hex
+        enqueue_ms = now_ms()
+        await self._enqueue_script(
+            keys=[job_key(job_id), result_key(job_id), self.queue_name],
+            args=[job_blob(request, enqueue_ms), JOB_TTL_MS, enqueue_ms, job_id],
+        )
+        return JobHandle(self, job_id)
+
+    async def wait(self, job_id: str, *, timeout: float | None = 120.0) -> RouteResult:
+        """Poll the result key with a short, growing interval until it appears."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            blob = await self.redis.get(result_key(job_id))
+            if blob is not None:
+                return result_from_blob(blob)
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"no result for job {job_id} within {timeout}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    async def route(
+        self,
+        messages: MessagesLike,
+        *,
+        schema: dict[str, Any] | None = None,
+        context: str | None = None,
+        chain: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        timeout: float | None = 120.0,
+    ) -> RouteResult:
+        """Enqueue and wait; raise :class:`RouteFailed` unless a model answered."""
+        handle = await self.enqueue(
+            messages, schema=schema, context=context, chain=chain, metadata=metadata
+        )
+        return await handle.result(timeout=timeout)

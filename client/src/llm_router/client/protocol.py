@@ -1,0 +1,169 @@
+"""The wire protocol between producers and workers: JSON only, never pickle.
+
+A job is an arq job whose blob is JSON, so that any language can enqueue one:
+
+* ``SET arq:job:<id> <job blob> PX <ttl>`` and ``ZADD <queue> <enqueue ms> <id>``
+  (in one MULTI), where the job blob is
+  ``{"t": 1, "f": "route", "a": [<request>], "k": {}, "et": <enqueue ms>}``.
+* The worker stores ``arq:result:<id>`` as the JSON result blob
+  ``{"t", "f", "a": [], "k": {}, "et", "s", "r": <result>, "st", "ft", "q", "id"}``;
+  ``r`` is a :class:`RouteResult` whatever happened, including a request the
+  worker could not read.
+
+Both sides validate the request with :class:`RouteRequest`, so a foreign
+producer's mistake comes back as an ``invalid_request`` result, not a lost job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from typing import Any, Literal
+
+import jsonschema
+from jsonschema.exceptions import SchemaError
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROTOCOL_VERSION = 1
+
+DEFAULT_QUEUE = "llm_router:queue"
+JOB_FUNCTION = "route"
+JOB_KEY_PREFIX = "arq:job:"
+RESULT_KEY_PREFIX = "arq:result:"
+METRICS_CHANNEL = "llm_router_metrics"
+METRICS_COUNTERS_KEY = "llm_router:metrics:counters"
+DEFAULT_CHAIN = "default"
+
+#: How long an unclaimed job stays in Redis before it expires (arq's default).
+JOB_TTL_MS = 86_400_000
+
+Status = Literal["ok", "failed", "invalid_request"]
+Outcome = Literal["success", "rejected", "invalid"]
+
+
+class Message(BaseModel):
+    """One OpenAI-style chat message; extra keys (``name``, ...) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]]
+
+
+class RouteRequest(BaseModel):
+    """What a producer asks for: messages, an optional JSON Schema and labels."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    messages: list[Message] = Field(min_length=1)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    context: str | None = Field(default=None, max_length=200)
+    chain: str = Field(default=DEFAULT_CHAIN, min_length=1, max_length=100)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            compile_schema(canonical_json(value))
+        return value
+
+    def wire(self) -> dict[str, Any]:
+        """The request as it travels: aliases, no unset optionals."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Attempt(BaseModel):
+    """One model tried for one request."""
+
+    model: str
+    outcome: Outcome
+    reason: str | None = None
+    latency_ms: int
+
+
+class RouteResult(BaseModel):
+    """The answer to one request, also when every model failed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = PROTOCOL_VERSION
+    status: Status
+    content: Any = None
+    raw_text: str = ""
+    model_used: str = "none"
+    attempts: list[Attempt] = Field(default_factory=list)
+    latency_ms: int = 0
+    error: str | None = None
+    job_id: str | None = None
+    context: str | None = None
+    chain: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class InvalidSchemaError(ValueError):
+    """The caller's JSON Schema is not itself a valid schema."""
+
+
+def canonical_json(value: Any) -> str:
+    """One text per value, so equal schemas share one compiled validator."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@lru_cache(maxsize=256)
+def compile_schema(schema_json: str) -> Validator:
+    """Check a schema once and keep its validator; callers pass canonical JSON."""
+    schema = json.loads(schema_json)
+    if not isinstance(schema, dict):
+        raise InvalidSchemaError("schema must be a JSON object")
+    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        raise InvalidSchemaError(f"invalid JSON Schema: {exc.message}") from None
+    validator: Validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+    return validator
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encode(value: Any) -> bytes:
+    """Compact UTF-8 JSON, the only encoding on the wire."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode(blob: bytes | str) -> Any:
+    return json.loads(blob)
+
+
+def job_blob(request: RouteRequest, enqueue_ms: int) -> bytes:
+    return encode({"t": 1, "f": JOB_FUNCTION, "a": [request.wire()], "k": {}, "et": enqueue_ms})
+
+
+def job_key(job_id: str) -> str:
+    return JOB_KEY_PREFIX + job_id
+
+
+def result_key(job_id: str) -> str:
+    return RESULT_KEY_PREFIX + job_id
+
+
+def result_from_blob(blob: bytes | str) -> RouteResult:
+    """Read an arq result blob; a non-protocol payload becomes a ``failed`` result."""
+    data = decode(blob)
+    inner = data.get("r") if isinstance(data, dict) else None
+    if isinstance(inner, dict) and "status" in inner:
+        return RouteResult.model_validate(inner)
+    return RouteResult(
+        status="failed",
+        error=f"worker returned a non-protocol result: {str(inner)[:200]}",
+        job_id=data.get("id") if isinstance(data, dict) else None,
+    )

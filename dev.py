@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""The README's two commands, with nothing but Python 3.11+ on the machine.
+
+    python3 dev.py demo    # install, then route a few requests end to end
+    python3 dev.py test    # install, then ruff, mypy and the whole test suite
+
+Third-party packages come only from requirements.lock, checked against their
+hashes; the two workspace packages are installed editable on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("LLM_ROUTER_VENV", ROOT / ".venv"))
+BIN = VENV / "bin"
+PY = BIN / "python"
+LOCK = ROOT / "requirements.lock"
+STAMP = VENV / ".lock-installed"
+
+
+def run(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"llm-router needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+    if not PY.exists():
+        print(f"creating the virtual environment {VENV.name}/", flush=True)
+        try:
+            venv.create(VENV, with_pip=True)
+        except subprocess.CalledProcessError:
+            sys.exit("python3 cannot create a venv with pip here; on Debian: apt-get install python3-venv")
+    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    print("installing the locked dependencies (hash-checked)", flush=True)
+    pip = (PY, "-m", "pip", "install", "-q", "--disable-pip-version-check")
+    run(*pip, "--require-hashes", "--no-deps", "-r", LOCK)
+    run(*pip, "--no-deps", "--no-build-isolation", "-e", ROOT / "client", "-e", ROOT / "worker")
+    STAMP.write_text(digest)
+
+
+def main(argv: list[str]) -> None:
+    command = argv[0] if argv else ""
+    if command not in {"demo", "test", "install"}:
+        sys.exit(__doc__)
+    ensure_venv()
+    if command == "demo":
+        os.execv(PY, [str(PY), "-m", "llm_router.worker.demo", *argv[1:]])
+    if command == "test":
+        run(BIN / "ruff", "check", ".")
+        run(BIN / "ruff", "format", "--check", ".")
+        run(BIN / "mypy")
+        os.execv(PY, [str(PY), "-m", "pytest", *argv[1:]])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

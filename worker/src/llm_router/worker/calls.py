@@ -1,0 +1,122 @@
+"""One model call through litellm, under a deadline the worker enforces itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable
+from typing import Any
+
+# Before litellm is imported anywhere: no price list or header config from the internet.
+os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import litellm
+from llm_router.worker.settings import ModelConfig
+
+litellm.suppress_debug_info = True
+# Token counting costs CPU on every call and we do not use its numbers.
+litellm.disable_token_counter = True
+
+_REASON_LIMIT = 300
+
+
+class ModelCallError(Exception):
+    """A model gave no usable text; ``reason`` goes into the attempt log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def register_local_models(models: Iterable[ModelConfig]) -> None:
+    """Give litellm a price row per local model.
+
+    Without one, litellm scans its whole price map twice a call and POSTs
+    Ollama's ``/api/show`` synchronously on the event loop.
+    """
+    rows: dict[str, Any] = {}
+    for cfg in models:
+        if cfg.is_local:
+            rows[cfg.model] = {
+                "litellm_provider": cfg.provider,
+                "mode": "chat",
+                "input_cost_per_token": 0.0,
+                "output_cost_per_token": 0.0,
+                "max_tokens": 8192,
+                "max_input_tokens": 32768,
+                "max_output_tokens": 8192,
+            }
+    if rows:
+        litellm.register_model(rows)
+
+
+def warm_up() -> None:
+    """Pay litellm's lazy imports at start-up, not on the first job's clock."""
+    import litellm.proxy._types  # noqa: F401
+
+    try:
+        import tiktoken
+
+        tiktoken.get_encoding("cl100k_base")
+    except Exception:
+        pass
+
+
+def build_kwargs(
+    cfg: ModelConfig,
+    messages: list[dict[str, Any]],
+    schema: dict[str, Any] | None,
+    anthropic_max_tokens: int,
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": cfg.model,
+        "messages": messages,
+        "timeout": cfg.timeout,
+        "num_retries": 0,
+    }
+    if cfg.api_base:
+        kwargs["api_base"] = cfg.api_base
+    if cfg.api_key is not None:
+        kwargs["api_key"] = cfg.api_key.get_secret_value()
+    if cfg.provider == "anthropic" or cfg.model.startswith("claude"):
+        kwargs["max_tokens"] = anthropic_max_tokens
+    if schema is not None and cfg.structured_output:
+        kwargs["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema},
+        }
+    kwargs.update(cfg.params)
+    return kwargs
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 1] + "…"
+
+
+async def call_model(
+    cfg: ModelConfig,
+    messages: list[dict[str, Any]],
+    schema: dict[str, Any] | None = None,
+    *,
+    anthropic_max_tokens: int = 4096,
+) -> str:
+    """Return the model's text or raise :class:`ModelCallError` with the reason."""
+    kwargs = build_kwargs(cfg, messages, schema, anthropic_max_tokens)
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            response = await litellm.acompletion(**kwargs)
+    except TimeoutError:
+        raise ModelCallError(f"Timeout after {cfg.timeout}s") from None
+    except litellm.exceptions.Timeout:
+        raise ModelCallError(f"Timeout after {cfg.timeout}s (provider)") from None
+    except Exception as exc:
+        raise ModelCallError(_reason(exc)) from None
+    try:
+        text = response.choices[0].message.content
+    except (AttributeError, IndexError) as exc:
+        raise ModelCallError(f"MalformedResponse: {exc}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ModelCallError("EmptyResponse: the model returned no text")
+    return text.strip()

@@ -1,0 +1,152 @@
+"""The arq side: JSON (never pickle) job codec, the ``route`` job, the Worker.
+
+The job is a thin wrapper around :class:`~llm_router.worker.router.Router`:
+decode, validate, route, and always return a result object, because an
+exception raised by an arq job reaches the producer only as a lost string.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import structlog
+from arq.connections import RedisSettings
+from arq.jobs import SerializationError
+from arq.worker import Function, JobExecutionFailed, Worker, func
+from llm_router.client.protocol import JOB_FUNCTION, RouteRequest, RouteResult, encode
+from llm_router.worker.router import Router, invalid_result
+from llm_router.worker.settings import Settings
+from pydantic import ValidationError
+
+log = structlog.get_logger("llm_router.jobs")
+
+_PICKLE_MAGIC = b"\x80"
+
+
+def serialize(data: dict[str, Any]) -> bytes:
+    """arq's serializer hook; result blobs carry a protocol result, never an exception."""
+    if "r" in data:
+        result = data["r"]
+        if isinstance(result, BaseException):
+            result = exception_result(result, data.get("id")).model_dump(mode="json")
+        # The request is not copied into the result: it can be large, and it is prompt text.
+        data = {**data, "a": [], "k": {}, "r": result}
+    return encode(data)
+
+
+def deserialize(blob: bytes) -> Any:
+    """arq's deserializer hook: JSON only; a pickle is refused without being loaded."""
+    if blob[:1] == _PICKLE_MAGIC:
+        raise ValueError("pickle payloads are refused; jobs must be JSON")
+    return json.loads(blob)
+
+
+def exception_result(exc: BaseException, job_id: str | None) -> RouteResult:
+    """Map what arq reports (unreadable job, unknown function, crash) to a result."""
+    if isinstance(exc, SerializationError):
+        cause = exc.__cause__ or exc
+        return invalid_result(f"job payload is not a JSON arq job: {cause}", job_id=job_id)
+    if isinstance(exc, JobExecutionFailed) and "not found" in str(exc):
+        return invalid_result(f"unknown job function: {exc}", job_id=job_id)
+    return RouteResult(status="failed", error=f"{type(exc).__name__}: {exc}", job_id=job_id)
+
+
+def parse_request(args: tuple[Any, ...], kwargs: dict[str, Any]) -> RouteRequest:
+    """Accept ``a=[request]`` (the documented form) or ``k={"request": request}``."""
+    if len(args) == 1 and not kwargs:
+        payload = args[0]
+    elif not args and set(kwargs) == {"request"}:
+        payload = kwargs["request"]
+    else:
+        raise ValueError("a route job takes exactly one argument: the request object")
+    if not isinstance(payload, dict):
+        raise ValueError(f"the request must be a JSON object, not {type(payload).__name__}")
+    return RouteRequest.model_validate(payload)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The arq job: decode, route, and return the result as a JSON object."""
+    job_id: str = ctx["job_id"]
+    router: Router = ctx["router"]
+    try:
+        request = parse_request(args, kwargs)
+    except ValidationError as exc:
+        result = invalid_result(_validation_message(exc), job_id=job_id)
+        log.warning("invalid_request", job_id=job_id, error=result.error)
+        await router.metrics.record(result)
+        return result.model_dump(mode="json")
+    except ValueError as exc:
+        result = invalid_result(f"invalid request: {exc}", job_id=job_id)
+        log.warning("invalid_request", job_id=job_id, error=result.error)
+        await router.metrics.record(result)
+        return result.model_dump(mode="json")
+    result = await router.run(request, job_id=job_id)
+    return result.model_dump(mode="json")
+
+
+def redis_settings(url: str) -> RedisSettings:
+    """arq's DSN parser plus what it misses: percent-encoded credentials, TLS options."""
+    settings = RedisSettings.from_dsn(url)
+    if settings.username:
+        settings.username = unquote(settings.username)
+    if settings.password:
+        settings.password = unquote(settings.password)
+    query = {k: v[-1] for k, v in parse_qs(urlparse(url).query).items()}
+    if "ssl_cert_reqs" in query:
+        settings.ssl_cert_reqs = query["ssl_cert_reqs"]
+    if "ssl_ca_certs" in query:
+        settings.ssl_ca_certs = query["ssl_ca_certs"]
+    if "ssl_certfile" in query:
+        settings.ssl_certfile = query["ssl_certfile"]
+    if "ssl_keyfile" in query:
+        settings.ssl_keyfile = query["ssl_keyfile"]
+    settings.conn_timeout = 5
+    return settings
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["router"] = Router(settings, redis=ctx["redis"])
+    log.info(
+        "worker_ready",
+        queue=settings.queue_name,
+        max_jobs=settings.max_jobs,
+        chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
+    )
+
+
+def route_function(settings: Settings) -> Function:
+    return func(route, name=JOB_FUNCTION, timeout=settings.job_timeout)
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of :class:`arq.worker.Worker` for these settings."""
+    return {
+        "functions": [route_function(settings)],
+        "redis_settings": redis_settings(settings.redis_url.get_secret_value()),
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.max_jobs,
+        "job_timeout": settings.job_timeout,
+        "keep_result": settings.keep_result,
+        "poll_delay": settings.poll_delay,
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+        "on_startup": _startup,
+        "ctx": {"settings": settings},
+        "log_results": False,
+        "allow_abort_jobs": False,
+    }
+
+
+def create_worker(settings: Settings, **overrides: Any) -> Worker:
+    return Worker(**{**worker_settings(settings), **overrides})

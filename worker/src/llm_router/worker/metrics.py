@@ -1,0 +1,120 @@
+"""Counters per model x outcome, shared by every worker, and the per-job event.
+
+The counters live in one Redis hash (field ``<model>|<outcome>``) so all
+workers add to the same totals. A job's counts are added at most once (a
+marker key per job id), so a job that runs twice is not counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import structlog
+from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY, RouteResult
+from redis.asyncio import Redis
+
+log = structlog.get_logger("llm_router.metrics")
+
+OUTCOMES = ("success", "fallback", "error")
+COUNTED_KEY_PREFIX = "llm_router:metrics:counted:"
+COUNTED_TTL_S = 86_400
+
+# KEYS: counters hash, per-job marker. ARGV: marker ttl, then the fields to add 1 to.
+_RECORD_LUA = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+  for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+Snapshot = dict[str, dict[str, int]]
+
+
+def counter_fields(result: RouteResult) -> list[tuple[str, str]]:
+    """The seed's rule: a rejected model is a fallback unless it was the last tried."""
+    fields: list[tuple[str, str]] = []
+    last = len(result.attempts) - 1
+    for i, attempt in enumerate(result.attempts):
+        if attempt.outcome == "success":
+            fields.append((attempt.model, "success"))
+        else:
+            fields.append((attempt.model, "error" if i == last else "fallback"))
+    return fields
+
+
+def _snapshot(counts: Counter[tuple[str, str]]) -> Snapshot:
+    snap: Snapshot = {}
+    for (model, outcome), n in sorted(counts.items()):
+        snap.setdefault(model, dict.fromkeys(OUTCOMES, 0))[outcome] = n
+    return snap
+
+
+def event_payload(result: RouteResult, snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "job_id": result.job_id,
+        "context": result.context,
+        "chain": result.chain,
+        "status": result.status,
+        "model_used": result.model_used,
+        "latency_ms": result.latency_ms,
+        "attempts": [a.model_dump() for a in result.attempts],
+        "metrics_snapshot": snapshot,
+        "timestamp": time.time(),
+    }
+
+
+class Metrics:
+    """Records each routed result; with no Redis it counts in memory, as the seed did."""
+
+    def __init__(self, redis: Redis | None = None, channel: str = METRICS_CHANNEL) -> None:
+        self.redis = redis
+        self.channel = channel
+        self._local: Counter[tuple[str, str]] = Counter()
+        if redis is not None:
+            self._record_script = redis.register_script(_RECORD_LUA)
+
+    async def record(self, result: RouteResult) -> dict[str, Any] | None:
+        """Count and publish; return the event sent. Never raises."""
+        fields = counter_fields(result)
+        try:
+            if self.redis is None:
+                self._local.update(fields)
+                return event_payload(result, _snapshot(self._local))
+            raw = await self._record_script(
+                keys=[
+                    METRICS_COUNTERS_KEY,
+                    COUNTED_KEY_PREFIX + (result.job_id or uuid.uuid4().hex),
+                ],
+                args=[COUNTED_TTL_S, *(f"{m}|{o}" for m, o in fields)],
+            )
+            event = event_payload(result, _parse_hash(raw))
+            await self.redis.publish(self.channel, json.dumps(event, ensure_ascii=False))
+            return event
+        except Exception as exc:
+            log.warning(
+                "metrics_failed", job_id=result.job_id, error=f"{type(exc).__name__}: {exc}"
+            )
+            return None
+
+    async def snapshot(self) -> Snapshot:
+        if self.redis is None:
+            return _snapshot(self._local)
+        raw: dict[bytes, bytes] = await self.redis.hgetall(METRICS_COUNTERS_KEY)  # type: ignore[misc]
+        return _parse_hash(raw)
+
+
+def _parse_hash(raw: Any) -> Snapshot:
+    """Turn ``HGETALL`` output (a flat list from Lua, a dict from redis-py) into a snapshot."""
+    items = (
+        list(raw.items()) if isinstance(raw, dict) else list(zip(raw[::2], raw[1::2], strict=True))
+    )
+    counts: Counter[tuple[str, str]] = Counter()
+    for field, value in items:
+        name = field.decode() if isinstance(field, bytes) else str(field)
+        model, _, outcome = name.rpartition("|")
+        counts[(model, outcome)] = int(value)
+    return _snapshot(counts)

@@ -1,0 +1,157 @@
+"""The chain itself: try each model in turn, keep the first acceptable answer.
+
+Queue-agnostic: the arq job is a thin wrapper, and a service can use
+:class:`Router` in-process exactly as it used the seed's ``LLMRouter``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from llm_router.client.client import MessagesLike, RouteFailed, build_request
+from llm_router.client.protocol import (
+    DEFAULT_CHAIN,
+    Attempt,
+    InvalidSchemaError,
+    RouteRequest,
+    RouteResult,
+)
+from llm_router.worker.calls import ModelCallError, call_model, register_local_models
+from llm_router.worker.checks import RefusalDetector, Verdict, judge, validator_for
+from llm_router.worker.metrics import Metrics
+from llm_router.worker.settings import ModelConfig, Settings
+from redis.asyncio import Redis
+
+log = structlog.get_logger("llm_router")
+
+
+def invalid_result(
+    error: str, request: RouteRequest | None = None, job_id: str | None = None
+) -> RouteResult:
+    return RouteResult(
+        status="invalid_request",
+        error=error,
+        job_id=job_id,
+        context=request.context if request else None,
+        chain=request.chain if request else None,
+    )
+
+
+def _ms_since(start: float) -> int:
+    return round((time.monotonic() - start) * 1000)
+
+
+class Router:
+    """Route chat requests through a local-first chain of models."""
+
+    def __init__(self, settings: Settings | None = None, *, redis: Redis | None = None) -> None:
+        self.settings = settings or Settings()
+        self.chains: dict[str, list[ModelConfig]] = self.settings.chains
+        self.refusals = RefusalDetector(self.settings.refusal_patterns)
+        self.metrics = Metrics(redis, channel=self.settings.metrics_channel)
+        register_local_models(m for chain in self.chains.values() for m in chain)
+
+    async def route(
+        self,
+        messages: MessagesLike,
+        schema: dict[str, Any] | None = None,
+        context: str | None = None,
+        *,
+        chain: str | None = None,
+    ) -> RouteResult:
+        """The seed's call: the first acceptable answer, or :class:`RouteFailed`."""
+        try:
+            request = build_request(messages, schema=schema, context=context, chain=chain)
+        except ValueError as exc:
+            raise RouteFailed(RouteResult(status="invalid_request", error=str(exc))) from None
+        result = await self.run(request)
+        if not result.ok:
+            raise RouteFailed(result)
+        return result
+
+    async def run(self, request: RouteRequest, *, job_id: str | None = None) -> RouteResult:
+        """Walk the chain for a validated request; never raises for a model's failure."""
+        bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
+        result = await self._walk(request, job_id, bound)
+        bound.info(
+            "routed",
+            status=result.status,
+            model_used=result.model_used,
+            tries=len(result.attempts),
+            latency_ms=result.latency_ms,
+            error=result.error if result.status == "invalid_request" else None,
+        )
+        await self.metrics.record(result)
+        return result
+
+    async def _walk(
+        self,
+        request: RouteRequest,
+        job_id: str | None,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> RouteResult:
+        start = time.monotonic()
+        models = self.chains.get(request.chain)
+        if models is None:
+            known = ", ".join(sorted(self.chains))
+            return invalid_result(
+                f"unknown chain {request.chain!r} (known: {known})", request, job_id
+            )
+        schema = request.json_schema
+        try:
+            validator = validator_for(schema) if schema is not None else None
+        except InvalidSchemaError as exc:
+            return invalid_result(str(exc), request, job_id)
+        messages = [m.model_dump(mode="json") for m in request.messages]
+        attempts: list[Attempt] = []
+        for position, cfg in enumerate(models, start=1):
+            attempt_start = time.monotonic()
+            text = ""
+            try:
+                text = await call_model(
+                    cfg, messages, schema, anthropic_max_tokens=self.settings.anthropic_max_tokens
+                )
+            except ModelCallError as exc:
+                verdict = Verdict(None, "rejected", exc.reason)
+            else:
+                verdict = judge(text, self.refusals, validator)
+            content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
+            attempt = Attempt(
+                model=cfg.model, outcome=outcome, reason=reason, latency_ms=_ms_since(attempt_start)
+            )
+            attempts.append(attempt)
+            bound.info(
+                "attempt",
+                model=cfg.model,
+                position=f"{position}/{len(models)}",
+                outcome=outcome,
+                reason=reason,
+                latency_ms=attempt.latency_ms,
+            )
+            if outcome == "success":
+                return RouteResult(
+                    status="ok",
+                    content=content,
+                    raw_text=text,
+                    model_used=cfg.model,
+                    attempts=attempts,
+                    latency_ms=_ms_since(start),
+                    job_id=job_id,
+                    context=request.context,
+                    chain=request.chain,
+                )
+        return RouteResult(
+            status="failed",
+            attempts=attempts,
+            latency_ms=_ms_since(start),
+            error=f"all {len(models)} models in chain {request.chain!r} failed",
+            job_id=job_id,
+            context=request.context,
+            chain=request.chain,
+        )
+
+    @property
+    def default_chain(self) -> list[ModelConfig]:
+        return self.chains[DEFAULT_CHAIN]

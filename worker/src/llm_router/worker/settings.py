@@ -1,0 +1,171 @@
+"""Worker settings: ``LLM_ROUTER_*`` environment, then an optional TOML file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from llm_router.client.protocol import DEFAULT_CHAIN, DEFAULT_QUEUE, METRICS_CHANNEL
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "LLM_ROUTER_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+#: The seed's refusal list: a case-insensitive substring of any of these rejects an answer.
+DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
+    "nie wiem",
+    "I cannot",
+    "I can't",
+    "as an AI",
+    "I don't know",
+    "I'm not able",
+    "I am not able",
+    "I'm unable",
+    "I am unable",
+    "beyond my capabilities",
+)
+
+LOCAL_PROVIDERS = ("ollama", "ollama_chat")
+
+
+class ModelConfig(BaseModel):
+    """One link of a chain: a litellm model string and how to call it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    timeout: float = Field(gt=0, le=3600, description="hard wall-clock deadline, seconds")
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    structured_output: bool = Field(
+        default=True, description="send the caller's schema to the model as response_format"
+    )
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0] if "/" in self.model else ""
+
+    @property
+    def is_local(self) -> bool:
+        return self.provider in LOCAL_PROVIDERS
+
+    def __str__(self) -> str:
+        base = f" @ {self.api_base}" if self.api_base else ""
+        return f"{self.model}{base} (timeout={self.timeout}s)"
+
+
+def default_chains() -> dict[str, list[ModelConfig]]:
+    return {
+        DEFAULT_CHAIN: [
+            ModelConfig(
+                model="ollama_chat/qwen2.5:7b", timeout=8.0, api_base="http://localhost:11434"
+            ),
+            ModelConfig(model="anthropic/claude-haiku-4-5-20251001", timeout=30.0),
+            ModelConfig(model="anthropic/claude-sonnet-4-6", timeout=30.0),
+        ]
+    }
+
+
+_config_file: Path | None = None
+
+
+class Settings(BaseSettings):
+    """Everything the worker reads at start-up; a bad value stops it with one line."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    queue_name: str = Field(default=DEFAULT_QUEUE, min_length=1)
+    max_jobs: int = Field(default=10, ge=1, le=10_000)
+    keep_result: int = Field(default=3600, ge=1, description="seconds a result stays in Redis")
+    poll_delay: float = Field(default=0.1, gt=0, le=10)
+    chains: dict[str, list[ModelConfig]] = Field(default_factory=default_chains)
+    refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
+    anthropic_max_tokens: int = Field(default=4096, ge=1, le=64_000)
+    metrics_channel: str = Field(default=METRICS_CHANNEL, min_length=1)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("chains")
+    @classmethod
+    def _chains_are_usable(
+        cls, chains: dict[str, list[ModelConfig]]
+    ) -> dict[str, list[ModelConfig]]:
+        if DEFAULT_CHAIN not in chains:
+            raise ValueError(f"a chain named {DEFAULT_CHAIN!r} is required")
+        for name, models in chains.items():
+            if not models:
+                raise ValueError(f"chain {name!r} has no models")
+        return chains
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns_not_blank(cls, patterns: list[str]) -> list[str]:
+        if any(not p.strip() for p in patterns):
+            raise ValueError("a refusal pattern must not be blank (it would match every answer)")
+        return patterns
+
+    @property
+    def job_timeout(self) -> float:
+        """Longest a job can take: every model of the longest chain at its deadline."""
+        return max(sum(m.timeout for m in chain) for chain in self.chains.values()) + 30
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_config_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message is one line that names it."""
+
+
+def _known_env_names() -> set[str]:
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_ENV}
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read and check every setting; raise :class:`ConfigError` naming the bad one."""
+    global _config_file
+    path = config or os.environ.get(CONFIG_ENV) or None
+    unknown = sorted(
+        k for k in os.environ if k.startswith(ENV_PREFIX) and k not in _known_env_names()
+    )
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]} (known: {sorted(_known_env_names())})")
+    if path is not None:
+        _config_file = Path(path)
+        if not _config_file.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"invalid setting {where}: {err['msg']}{more}") from None
+    except SettingsError as exc:
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigError(f"{exc}{cause}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    finally:
+        _config_file = None
