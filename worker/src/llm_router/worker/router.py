@@ -65,7 +65,7 @@ class Router:
         try:
             request = build_request(messages, schema=schema, context=context, chain=chain)
         except ValueError as exc:
-            raise RouteFailed(RouteResult(status="invalid_request", error=str(exc))) from None
+            raise RouteFailed(invalid_result(str(exc))) from None
         result = await self.run(request)
         if not result.ok:
             raise RouteFailed(result)
@@ -75,13 +75,14 @@ class Router:
         """Walk the chain for a validated request; never raises for a model's failure."""
         bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
         result = await self._walk(request, job_id, bound)
+        extra = {"error": result.error} if result.status == "invalid_request" else {}
         bound.info(
             "routed",
             status=result.status,
             model_used=result.model_used,
             tries=len(result.attempts),
             latency_ms=result.latency_ms,
-            error=result.error if result.status == "invalid_request" else None,
+            **extra,
         )
         await self.metrics.record(result)
         return result

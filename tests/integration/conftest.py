@@ -1,0 +1,158 @@
+"""Real parts: the Redis server on 127.0.0.1, worker processes, stub models on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llm_router.client import RouterClient
+from llm_router.worker.stubs import StubServer
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+pytestmark = pytest.mark.integration
+
+
+def chain_env(stub_url: str, *, local_timeout: float = 1.0, cloud_timeout: float = 2.0) -> str:
+    """The seed's chain, every model pointed at the stub server."""
+    cloud = {"api_base": stub_url, "api_key": "sk-ant-test-secret-0123456789"}
+    chains: dict[str, Any] = {
+        "default": [
+            {"model": "ollama_chat/qwen2.5:7b", "timeout": local_timeout, "api_base": stub_url},
+            {"model": "anthropic/claude-haiku-4-5-20251001", "timeout": cloud_timeout, **cloud},
+            {"model": "anthropic/claude-sonnet-4-6", "timeout": cloud_timeout, **cloud},
+        ],
+        "local_only": [
+            {"model": "ollama_chat/qwen2.5:7b", "timeout": local_timeout, "api_base": stub_url}
+        ],
+    }
+    return json.dumps(chains)
+
+
+def worker_env(**settings: str) -> dict[str, str]:
+    """The parent's environment minus its LLM_ROUTER_* settings, plus these."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
+    env.update({"LLM_ROUTER_" + k.upper(): v for k, v in settings.items()})
+    env.setdefault("LLM_ROUTER_LOG_FORMAT", "json")
+    return env
+
+
+class WorkerProcess:
+    """One ``llm-router-worker`` process, its log kept in a file for assertions."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout: float = 60.0) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_router.worker.cli"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if "worker_ready" in self.log_text():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log_text()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"worker not ready in {ready_timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.log_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def redis_available() -> str:
+    client = SyncRedis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # pragma: no cover - the CI script starts one
+        pytest.fail(f"integration tests need the Redis server at {REDIS_URL}: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def stub() -> Iterator[StubServer]:
+    with StubServer(slow_delay=0.3) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def queue_name() -> str:
+    return f"llm_router:test:{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def worker(
+    redis_available: str,
+    stub: StubServer,
+    queue_name: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerProcess]:
+    env = worker_env(
+        redis_url=redis_available,
+        queue_name=queue_name,
+        chains=chain_env(stub.url),
+        max_jobs="20",
+        poll_delay="0.05",
+    )
+    proc = WorkerProcess(env, tmp_path_factory.mktemp("worker") / "worker.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def redis(redis_available: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_available)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def client(worker: WorkerProcess, queue_name: str) -> AsyncIterator[RouterClient]:
+    async with RouterClient(REDIS_URL, queue_name=queue_name) as c:
+        yield c

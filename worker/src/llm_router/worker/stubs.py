@@ -1,0 +1,575 @@
+"""Stub Ollama and Anthropic model servers speaking the real HTTP wire formats.
+
+Tests and the demo need model servers whose answers and failures are chosen per request, with no
+GPU or network; matching the real wire formats keeps litellm's real HTTP path under test instead
+of a mock. A directive such as ``stub:qwen=http_500`` anywhere in a request's messages picks the
+behaviour for models whose name contains the key (``*`` for all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import re
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+
+DIRECTIVE = re.compile(r"stub:(?P<key>[A-Za-z0-9_.\-*]+)=(?P<behaviour>[a-z_0-9]+)")
+REFUSAL_TEXT = "I'm sorry, but I cannot help with that."
+# Phrases a refusal detector may look for; the ``text`` answer must never trip one by accident.
+REFUSAL_MARKERS = (
+    "i cannot",
+    "i can't",
+    "i can\u2019t",
+    "as an ai",
+    "i don't know",
+    "i don\u2019t know",
+    "unable",
+    "not able",
+    "nie wiem",
+)
+_REFUSAL_RE = re.compile("|".join(map(re.escape, REFUSAL_MARKERS)), re.IGNORECASE)
+_WIRES = {"/api/chat": "chat", "/api/generate": "generate", "/v1/messages": "anthropic"}
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_OLLAMA_ERRORS = {
+    500: "llama runner process has terminated: exit status 2 (stub)",
+    429: "too many requests, retry later (stub)",
+}
+_ANTHROPIC_ERRORS = {
+    500: ("api_error", "Internal server error (stub)"),
+    429: ("rate_limit_error", "Rate limit exceeded for this model (stub)"),
+}
+
+
+class Behaviour(StrEnum):
+    """How the stub answers a generation request."""
+
+    TEXT = "text"
+    JSON = "json"
+    FENCED = "fenced"
+    INVALID_JSON = "invalid_json"
+    SCHEMA_VIOLATION = "schema_violation"
+    REFUSAL = "refusal"
+    HTTP_500 = "http_500"
+    HTTP_429 = "http_429"
+    HANG = "hang"
+    SLOW = "slow"
+
+
+_BEHAVIOURS = frozenset(b.value for b in Behaviour)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the stub saw it, so tests can assert what the client really sent.
+
+    Header names are lower-cased; ``behaviour`` and ``key`` are None for requests that do not
+    generate (``/api/show``, ``/api/tags``...) or that were rejected before generating.
+    """
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    model: str | None
+    behaviour: Behaviour | None
+    key: str | None
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _message_texts(body: dict[str, Any]) -> list[str]:
+    return [s for part in ("system", "messages", "prompt") for s in _strings(body.get(part))]
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    messages = body.get("messages")
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # Anthropic content blocks
+                return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+            return str(content or "")
+    return str(body.get("prompt") or "")
+
+
+def _scrub(text: str) -> str:
+    while (cleaned := _REFUSAL_RE.sub("", text)) != text:
+        text = cleaned
+    return text
+
+
+def answer_text(behaviour: Behaviour, key: str, user_text: str) -> str:
+    """The text a non-failing behaviour answers; public so tests can state expectations."""
+    payload = json.dumps({"answer": key, "ok": True})
+    match behaviour:
+        case Behaviour.JSON:
+            return payload
+        case Behaviour.FENCED:
+            return f"Here you go:\n```json\n{payload}\n```\n"
+        case Behaviour.INVALID_JSON:
+            return payload.removesuffix("e}")
+        case Behaviour.SCHEMA_VIOLATION:
+            return '{"answer": 42}'
+        case Behaviour.REFUSAL:
+            return REFUSAL_TEXT
+        case _:
+            return _scrub(f"Stub {key} answers: {user_text[:60]}")
+
+
+def _tokens(texts: Sequence[str]) -> int:
+    return max(1, sum(len(t) for t in texts) // 4)
+
+
+def _pieces(text: str) -> list[str]:
+    return re.findall(r"\s*\S+\s*", text) or [text]
+
+
+def _rid(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(_BASE58) for _ in range(22))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _anthropic_error(status: int, kind: str, message: str, **headers: str) -> web.Response:
+    request_id = _rid("req_01")
+    body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
+    return web.json_response(body, status=status, headers={"request-id": request_id, **headers})
+
+
+def _anthropic_rejection(request: web.Request, body: dict[str, Any]) -> web.Response | None:
+    """Reject what the real API rejects before generating, so auth and validation errors show."""
+    if not request.headers.get("x-api-key", "").strip():
+        return _anthropic_error(401, "authentication_error", "invalid x-api-key")
+    if not request.headers.get("anthropic-version"):
+        return _anthropic_error(
+            400, "invalid_request_error", "anthropic-version: header is required"
+        )
+    if "max_tokens" not in body:
+        return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
+    return None
+
+
+def _anthropic_content(body: dict[str, Any], text: str) -> tuple[dict[str, Any], str]:
+    """A forced tool (litellm's JSON mode without native output) gets the JSON as tool input."""
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "tool":
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            tool = {"type": "tool_use", "id": _rid("toolu_01"), "name": choice.get("name")}
+            return {**tool, "input": parsed}, "tool_use"
+    return {"type": "text", "text": text}, "end_turn"
+
+
+def _ollama_show(name: str, context_length: int) -> dict[str, Any]:
+    base, _, tag = name.partition(":")
+    family = base.split(".")[0] or "llama"
+    size = tag.upper() if re.fullmatch(r"\d+(\.\d+)?[bm]", tag) else "7B"
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    template = (
+        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        "{{- if .Tools }}<|im_start|>system\n# Tools\n{{ range .Tools }}{{ . }}\n{{ end }}"
+        "<|im_end|>\n{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}"
+        "<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    )
+    parameters = (
+        'stop                           "<|im_start|>"\nstop                           "<|im_end|>"'
+    )
+    return {
+        "modelfile": f'# Modelfile generated by "ollama show"\n# FROM {name}\n\n'
+        f'FROM /root/.ollama/models/blobs/sha256-{digest}\nTEMPLATE """{template}"""\n'
+        "PARAMETER stop <|im_start|>\nPARAMETER stop <|im_end|>\n",
+        "parameters": parameters,
+        "template": template,
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": size,
+            "quantization_level": "Q4_K_M",
+        },
+        "model_info": {
+            "general.architecture": family,
+            "general.file_type": 15,
+            f"{family}.context_length": context_length,
+            f"{family}.embedding_length": 3584,
+        },
+        "capabilities": ["completion", "tools"],
+        "modified_at": _now(),
+    }
+
+
+class StubServer:
+    """Ollama and Anthropic routes on one port, served from a background thread's event loop.
+
+    One server can be the ``api_base`` of every model in a fallback chain, and its own loop lets
+    sync tests, async tests (on another loop) and other processes use it alike.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        slow_delay: float = 1.0,
+        models: Sequence[str] = ("qwen2.5:7b", "llama3.1:8b"),
+        context_length: int = 32768,
+    ) -> None:
+        self.slow_delay = slow_delay
+        self.models = list(models)
+        self.context_length = context_length
+        self._port = port
+        self._url: str | None = None
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._defaults: dict[str, Behaviour] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("StubServer is not started")
+        return self._url
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def set_behaviour(self, key: str, behaviour: Behaviour | str) -> None:
+        """Default behaviour for models whose name contains ``key``; directives still win."""
+        with self._lock:
+            self._defaults[key] = Behaviour(behaviour)
+
+    def reset_behaviours(self) -> None:
+        with self._lock:
+            self._defaults.clear()
+
+    def start(self) -> str:
+        if self._url is not None:
+            return self._url
+        loop = asyncio.new_event_loop()
+        self._loop, self._stopping = loop, asyncio.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(loop,), name="stub-server", daemon=True
+        )
+        self._thread.start()
+        try:
+            port = asyncio.run_coroutine_threadsafe(self._open(), loop).result(timeout=10)
+        except BaseException:
+            self.stop()  # e.g. the port is taken: do not leak the thread
+            raise
+        self._url = f"http://127.0.0.1:{port}"
+        return self._url
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._close(), loop).result(timeout=10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            self._loop = self._thread = self._url = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _open(self) -> int:
+        app = web.Application()
+        app.router.add_get("/", self._hello)
+        app.router.add_get("/api/version", self._hello)
+        app.router.add_get("/api/tags", self._tags)
+        app.router.add_post("/api/show", self._show)
+        for path in _WIRES:
+            app.router.add_post(path, self._generate)
+        # handler_cancellation: a client giving up cancels its handler, as on a real server.
+        self._runner = web.AppRunner(
+            app, shutdown_timeout=1.0, handler_cancellation=True, access_log=None
+        )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self._port).start()
+        return int(self._runner.addresses[0][1])
+
+    async def _close(self) -> None:
+        self._stopping.set()  # releases hanging handlers so shutdown does not wait on them
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @staticmethod
+    async def _hello(request: web.Request) -> web.Response:
+        if request.path == "/api/version":
+            return web.json_response({"version": "0.12.6"})
+        return web.Response(text="Ollama is running")
+
+    def _record(
+        self,
+        request: web.Request,
+        body: Any,
+        model: str | None = None,
+        choice: tuple[Behaviour, str] | tuple[None, None] = (None, None),
+    ) -> None:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        entry = RecordedRequest(request.method, request.path, headers, body, model, *choice)
+        with self._lock:
+            self._requests.append(entry)
+
+    def _choose(self, model: str, texts: Sequence[str]) -> tuple[Behaviour, str]:
+        def applies(key: str) -> bool:
+            return key == "*" or key.lower() in model.lower()
+
+        for text in texts:
+            for match in DIRECTIVE.finditer(text):
+                key, name = match["key"], match["behaviour"]
+                if applies(key) and name in _BEHAVIOURS:
+                    return Behaviour(name), key
+        with self._lock:
+            defaults = list(self._defaults.items())
+        for key, behaviour in defaults:
+            if applies(key):
+                return behaviour, key
+        return Behaviour.TEXT, model
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        models = [
+            {
+                "name": m,
+                "model": m,
+                "modified_at": _now(),
+                "size": 4_683_087_332,
+                "digest": hashlib.sha256(m.encode()).hexdigest(),
+                "details": _ollama_show(m, self.context_length)["details"],
+            }
+            for m in self.models
+        ]
+        return web.json_response({"models": models})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        name = str(body.get("model") or body.get("name") or "")
+        self._record(request, body, name)
+        return web.json_response(_ollama_show(name, self.context_length))
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        started, wire = time.monotonic_ns(), _WIRES[request.path]
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self._record(request, body)
+            message = "request body must be a JSON object"
+            if wire == "anthropic":
+                return _anthropic_error(400, "invalid_request_error", message)
+            return web.json_response({"error": message}, status=400)
+        model = str(body.get("model") or "")
+        if wire == "anthropic" and (rejection := _anthropic_rejection(request, body)) is not None:
+            self._record(request, body, model)
+            return rejection
+        texts = _message_texts(body)
+        behaviour, key = choice = self._choose(model, texts)
+        self._record(request, body, model, choice)
+        if behaviour in (Behaviour.HTTP_500, Behaviour.HTTP_429):
+            status = 500 if behaviour is Behaviour.HTTP_500 else 429
+            if wire != "anthropic":
+                return web.json_response({"error": _OLLAMA_ERRORS[status]}, status=status)
+            kind, message = _ANTHROPIC_ERRORS[status]
+            extra = {"retry-after": "1"} if status == 429 else {}
+            return _anthropic_error(status, kind, message, **extra)
+        if behaviour is Behaviour.HANG:
+            await self._stopping.wait()  # or aiohttp cancels us when the client disconnects
+            if request.transport is not None:
+                request.transport.abort()  # a stopping server drops the call, it does not answer
+            return web.Response()
+        if behaviour is Behaviour.SLOW:
+            await asyncio.sleep(self.slow_delay)
+        text = answer_text(behaviour, key, _last_user_text(body))
+        usage = (_tokens(texts), _tokens([text]))
+        if wire == "anthropic":
+            return await self._anthropic(request, body, text, usage)
+        return await self._ollama(request, body, text, wire, usage, started)
+
+    async def _ollama(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        text: str,
+        wire: str,
+        usage: tuple[int, int],
+        started: int,
+    ) -> web.StreamResponse:
+        def chunk(content: str) -> dict[str, Any]:
+            field: dict[str, Any] = (
+                {"message": {"role": "assistant", "content": content}}
+                if wire == "chat"
+                else {"response": content}
+            )
+            return {"model": body.get("model"), "created_at": _now(), **field, "done": False}
+
+        def final(content: str) -> dict[str, Any]:
+            total = max(3, time.monotonic_ns() - started)
+            stats = {
+                "done": True,
+                "done_reason": "stop",
+                "total_duration": total,
+                "load_duration": total // 10,
+                "prompt_eval_count": usage[0],
+                "prompt_eval_duration": total // 5,
+                "eval_count": usage[1],
+                "eval_duration": total - total // 10 - total // 5,
+            }
+            extra = {} if wire == "chat" else {"context": list(range(1, usage[0] + usage[1] + 1))}
+            return {**chunk(content), **stats, **extra}
+
+        if body.get("stream", True) is False:  # Ollama streams unless told not to
+            return web.json_response(final(text))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for piece in [*map(chunk, _pieces(text)), final("")]:
+            await response.write(json.dumps(piece).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+    async def _anthropic(
+        self, request: web.Request, body: dict[str, Any], text: str, usage: tuple[int, int]
+    ) -> web.StreamResponse:
+        block, stop_reason = _anthropic_content(body, text)
+        message: dict[str, Any] = {
+            "id": _rid("msg_01"),
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model"),
+            "content": [block],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": usage[0],
+                "output_tokens": usage[1],
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
+        headers = {"request-id": _rid("req_01")}
+        if body.get("stream") is not True:
+            return web.json_response(message, headers=headers)
+        response = web.StreamResponse(
+            headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+
+        start = {**message, "content": [], "stop_reason": None}
+        start["usage"] = {**message["usage"], "output_tokens": 1}
+        if block["type"] == "tool_use":
+            opening = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block["input"])}]
+        else:
+            opening = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": piece} for piece in _pieces(text)]
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"message": start}),
+            ("content_block_start", {"index": 0, "content_block": opening}),
+            ("ping", {}),
+            *[("content_block_delta", {"index": 0, "delta": delta}) for delta in deltas],
+            ("content_block_stop", {"index": 0}),
+            (
+                "message_delta",
+                {
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": usage[1]},
+                },
+            ),
+            ("message_stop", {}),
+        ]
+        for name, data in events:
+            payload = json.dumps({"type": name, **data})
+            await response.write(f"event: {name}\ndata: {payload}\n\n".encode())
+        await response.write_eof()
+        return response
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the stubs as a separate process (for the demo) until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m llm_router.worker.stubs", description=__doc__)
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free)")
+    parser.add_argument(
+        "--slow-delay", type=float, default=1.0, help="seconds before `slow` answers"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=BEHAVIOUR",
+        help="default behaviour for models containing KEY (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    defaults: list[tuple[str, Behaviour]] = []
+    for item in args.set:
+        key, _, name = item.partition("=")
+        if not key or name not in _BEHAVIOURS:
+            parser.error(f"--set {item!r}: expected KEY=one of {', '.join(Behaviour)}")
+        defaults.append((key, Behaviour(name)))
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    with StubServer(args.port, slow_delay=args.slow_delay) as stub:
+        for key, behaviour in defaults:
+            stub.set_behaviour(key, behaviour)
+        print(stub.url, flush=True)
+        while not stopped.wait(0.5):
+            pass
+
+
+if __name__ == "__main__":
+    main()
