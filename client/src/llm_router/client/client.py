@@ -158,9 +158,13 @@ class RouterClient:
             blob = await self.redis.get(result_key(job_id))
             if blob is not None:
                 return result_from_blob(blob)
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise TimeoutError(f"no result for job {job_id} within {timeout}s")
-            await asyncio.sleep(delay)
+            pause = delay
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no result for job {job_id} within {timeout}s")
+                pause = min(delay, remaining)
+            await asyncio.sleep(pause)
             delay = min(delay * 1.5, 0.05)
 
     async def route(

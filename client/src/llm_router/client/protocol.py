@@ -25,7 +25,7 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROTOCOL_VERSION = 1
 
@@ -158,12 +158,20 @@ def result_key(job_id: str) -> str:
 
 def result_from_blob(blob: bytes | str) -> RouteResult:
     """Read an arq result blob; a non-protocol payload becomes a ``failed`` result."""
-    data = decode(blob)
+    try:
+        data = decode(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return RouteResult(status="failed", error="the result is not JSON (a pickling worker?)")
     inner = data.get("r") if isinstance(data, dict) else None
+    job_id = data.get("id") if isinstance(data, dict) else None
     if isinstance(inner, dict) and "status" in inner:
-        return RouteResult.model_validate(inner)
+        try:
+            return RouteResult.model_validate(inner)
+        except ValidationError as exc:
+            error = f"the worker's result does not fit protocol v{PROTOCOL_VERSION}: {exc}"
+            return RouteResult(status="failed", error=error[:500], job_id=job_id)
     return RouteResult(
         status="failed",
         error=f"worker returned a non-protocol result: {str(inner)[:200]}",
-        job_id=data.get("id") if isinstance(data, dict) else None,
+        job_id=job_id,
     )

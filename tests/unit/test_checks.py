@@ -1,0 +1,146 @@
+"""What makes an answer acceptable: refusals, JSON extraction, schema validation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from llm_router.worker.checks import RefusalDetector, extract_json, judge, validator_for
+from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["action", "steps"],
+    "properties": {
+        "action": {"type": "string"},
+        "steps": {"type": "array", "items": {"type": "integer"}},
+    },
+}
+
+
+@pytest.fixture
+def refusals() -> RefusalDetector:
+    return RefusalDetector(DEFAULT_REFUSAL_PATTERNS)
+
+
+def test_seed_patterns_include_polish() -> None:
+    assert "nie wiem" in DEFAULT_REFUSAL_PATTERNS
+    assert len(DEFAULT_REFUSAL_PATTERNS) == 10
+
+
+@pytest.mark.parametrize("pattern", DEFAULT_REFUSAL_PATTERNS)
+@pytest.mark.parametrize("transform", [str, str.lower, str.upper, str.swapcase])
+def test_every_default_pattern_is_found_case_insensitively(
+    refusals: RefusalDetector, pattern: str, transform: Any
+) -> None:
+    text = f"Well... {transform(pattern)}, sorry."
+    assert refusals.find(text) == pattern
+
+
+def test_polish_refusal(refusals: RefusalDetector) -> None:
+    assert refusals.find("Szczerze mówiąc, NIE WIEM.") == "nie wiem"
+    assert refusals.find("Nie Wiem") == "nie wiem"
+
+
+def test_plain_answer_is_not_a_refusal(refusals: RefusalDetector) -> None:
+    assert refusals.find("The capital of France is Paris.") is None
+    assert refusals.find("") is None
+
+
+def test_custom_patterns() -> None:
+    detector = RefusalDetector(["Computer Says No"])
+    assert detector.find("well, computer says no!") == "Computer Says No"
+    assert detector.find("I cannot") is None
+
+
+def test_extract_json_whole_text() -> None:
+    assert extract_json('{"a": 1}') == {"a": 1}
+    assert extract_json("  [1, 2]\n") == [1, 2]
+
+
+def test_extract_json_json_fence() -> None:
+    assert extract_json('```json\n{"a": 1}\n```') == {"a": 1}
+    assert extract_json('```JSON\n{"a": 2}\n```') == {"a": 2}
+
+
+def test_extract_json_bare_fence() -> None:
+    assert extract_json('```\n{"a": [1, 2]}\n```') == {"a": [1, 2]}
+
+
+def test_extract_json_text_around_fence() -> None:
+    text = 'Here you go:\n```json\n{"action": "go"}\n```\nHope this helps!'
+    assert extract_json(text) == {"action": "go"}
+
+
+def test_extract_json_skips_fences_that_do_not_parse() -> None:
+    text = "```python\nprint('hi')\n```\nand\n```json\n{\"ok\": true}\n```"
+    assert extract_json(text) == {"ok": True}
+
+
+def test_extract_json_invalid_raises_decode_error() -> None:
+    with pytest.raises(json.JSONDecodeError):
+        extract_json("definitely not json")
+    with pytest.raises(json.JSONDecodeError):
+        extract_json("```json\n{broken\n```")
+
+
+def test_validator_for_is_cached() -> None:
+    assert validator_for(SCHEMA) is validator_for(dict(reversed(list(SCHEMA.items()))))
+
+
+def test_judge_refusal_wins_over_valid_json(refusals: RefusalDetector) -> None:
+    text = '{"action": "I cannot do that", "steps": [1]}'
+    verdict = judge(text, refusals, validator_for(SCHEMA))
+    assert verdict.outcome == "rejected"
+    assert verdict.content is None
+    assert verdict.reason is not None
+    assert "RefusalPattern" in verdict.reason
+    assert "I cannot" in verdict.reason
+
+
+def test_judge_refusal_without_schema(refusals: RefusalDetector) -> None:
+    verdict = judge("As an AI, I have no opinion.", refusals, None)
+    assert verdict.outcome == "rejected"
+    assert verdict.reason is not None
+    assert "as an AI" in verdict.reason
+
+
+def test_judge_invalid_json(refusals: RefusalDetector) -> None:
+    verdict = judge("sure thing", refusals, validator_for(SCHEMA))
+    assert verdict.outcome == "invalid"
+    assert verdict.content is None
+    assert verdict.reason is not None
+    assert verdict.reason.startswith("JSONDecodeError")
+
+
+def test_judge_schema_violation_names_the_path(refusals: RefusalDetector) -> None:
+    verdict = judge('{"action": "go", "steps": [1, "two"]}', refusals, validator_for(SCHEMA))
+    assert verdict.outcome == "invalid"
+    assert verdict.content is None
+    assert verdict.reason is not None
+    assert "SchemaValidationError" in verdict.reason
+    assert "steps/1" in verdict.reason
+
+
+def test_judge_schema_violation_at_root(refusals: RefusalDetector) -> None:
+    verdict = judge('{"action": "go"}', refusals, validator_for(SCHEMA))
+    assert verdict.outcome == "invalid"
+    assert verdict.reason is not None
+    assert "(root)" in verdict.reason
+    assert "steps" in verdict.reason
+
+
+def test_judge_success_returns_parsed_content(refusals: RefusalDetector) -> None:
+    text = 'Answer:\n```json\n{"action": "go", "steps": [1, 2]}\n```'
+    verdict = judge(text, refusals, validator_for(SCHEMA))
+    assert verdict.outcome == "success"
+    assert verdict.reason is None
+    assert verdict.content == {"action": "go", "steps": [1, 2]}
+
+
+def test_judge_without_schema_returns_text(refusals: RefusalDetector) -> None:
+    verdict = judge("Paris.", refusals, None)
+    assert verdict.outcome == "success"
+    assert verdict.content == "Paris."
+    assert verdict.reason is None

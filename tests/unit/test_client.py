@@ -1,0 +1,334 @@
+"""The producer side against fakeredis: enqueue, wait, the handle and its failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from llm_router.client.client import JobHandle, RouteFailed, RouterClient, build_request
+from llm_router.client.protocol import (
+    DEFAULT_QUEUE,
+    JOB_TTL_MS,
+    Attempt,
+    RouteRequest,
+    RouteResult,
+    encode,
+    job_key,
+    result_key,
+)
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+SCHEMA: dict[str, Any] = {"type": "object", "required": ["a"]}
+
+
+def _result_blob(result: RouteResult, job_id: str) -> bytes:
+    return encode(
+        {
+            "t": 1,
+            "f": "route",
+            "a": [],
+            "k": {},
+            "et": 1,
+            "s": True,
+            "r": result.model_dump(mode="json"),
+            "st": 2,
+            "ft": 3,
+            "q": DEFAULT_QUEUE,
+            "id": job_id,
+        }
+    )
+
+
+def _failed(job_id: str) -> RouteResult:
+    return RouteResult(
+        status="failed",
+        attempts=[
+            Attempt(model="m1", outcome="rejected", reason="Timeout after 8.0s", latency_ms=8000),
+            Attempt(model="m2", outcome="invalid", reason="JSONDecodeError: x", latency_ms=5),
+        ],
+        error="all 2 models in chain 'default' failed",
+        job_id=job_id,
+    )
+
+
+async def _write_later(redis: Redis, job_id: str, result: RouteResult, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await redis.set(result_key(job_id), _result_blob(result, job_id))
+
+
+@pytest.fixture
+def client(redis: Redis) -> RouterClient:
+    return RouterClient(redis=redis)
+
+
+# --- build_request ---------------------------------------------------------------------------
+
+
+def test_build_request_bare_string_is_one_user_message() -> None:
+    request = build_request("What is 2+2?")
+    assert len(request.messages) == 1
+    assert request.messages[0].role == "user"
+    assert request.messages[0].content == "What is 2+2?"
+    assert request.chain == "default"
+
+
+def test_build_request_passes_every_field() -> None:
+    request = build_request(
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        schema=SCHEMA,
+        context="svc",
+        chain="cheap",
+        metadata={"ticket": 7},
+    )
+    assert [m.role for m in request.messages] == ["system", "user"]
+    assert request.json_schema == SCHEMA
+    assert request.context == "svc"
+    assert request.chain == "cheap"
+    assert request.metadata == {"ticket": 7}
+
+
+def test_build_request_validates() -> None:
+    with pytest.raises(ValidationError):
+        build_request([])
+    with pytest.raises(ValidationError):
+        build_request("x", schema={"type": "objekt"})
+
+
+# --- enqueue ---------------------------------------------------------------------------------
+
+
+async def test_enqueue_writes_job_blob_and_queue_entry(client: RouterClient, redis: Redis) -> None:
+    before = int(time.time() * 1000)
+    handle = await client.enqueue("hello", schema=SCHEMA, context="ctx", job_id="job-1")
+    assert isinstance(handle, JobHandle)
+    assert handle.job_id == "job-1"
+    raw = await redis.get(job_key("job-1"))
+    assert raw is not None
+    blob = json.loads(raw)
+    assert set(blob) == {"t", "f", "a", "k", "et"}
+    assert blob["f"] == "route"
+    assert blob["k"] == {}
+    request = RouteRequest.model_validate(blob["a"][0])
+    assert request.messages[0].content == "hello"
+    assert request.json_schema == SCHEMA
+    assert request.context == "ctx"
+    queue = await redis.zrange(DEFAULT_QUEUE, 0, -1, withscores=True)
+    assert queue == [(b"job-1", float(blob["et"]))]
+    assert blob["et"] >= before
+    ttl = await redis.pttl(job_key("job-1"))
+    assert 0 < ttl <= JOB_TTL_MS
+
+
+async def test_enqueue_generates_distinct_job_ids(client: RouterClient, redis: Redis) -> None:
+    first = await client.enqueue("a")
+    second = await client.enqueue("b")
+    assert first.job_id != second.job_id
+    assert await redis.zcard(DEFAULT_QUEUE) == 2
+
+
+async def test_enqueue_same_job_id_twice_is_queued_once(client: RouterClient, redis: Redis) -> None:
+    await client.enqueue("first", job_id="dup")
+    await client.enqueue("second", job_id="dup")
+    assert await redis.zrange(DEFAULT_QUEUE, 0, -1) == [b"dup"]
+    raw = await redis.get(job_key("dup"))
+    assert raw is not None
+    assert json.loads(raw)["a"][0]["messages"][0]["content"] == "first"
+
+
+async def test_enqueue_after_result_exists_is_not_queued(
+    client: RouterClient, redis: Redis
+) -> None:
+    await redis.set(result_key("done"), _result_blob(RouteResult(status="ok"), "done"))
+    await client.enqueue("again", job_id="done")
+    assert await redis.zcard(DEFAULT_QUEUE) == 0
+    assert await redis.exists(job_key("done")) == 0
+
+
+async def test_enqueue_uses_the_queue_name(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    await RouterClient(redis=redis, queue_name="q-arg").enqueue("x", job_id="j1")
+    monkeypatch.setenv("LLM_ROUTER_QUEUE_NAME", "q-env")
+    env_client = RouterClient(redis=redis)
+    assert env_client.queue_name == "q-env"
+    await env_client.enqueue("x", job_id="j2")
+    assert await redis.zrange("q-arg", 0, -1) == [b"j1"]
+    assert await redis.zrange("q-env", 0, -1) == [b"j2"]
+    assert await redis.zcard(DEFAULT_QUEUE) == 0
+
+
+async def test_invalid_request_writes_nothing(client: RouterClient, redis: Redis) -> None:
+    with pytest.raises(ValidationError):
+        await client.enqueue([{"role": "robot", "content": "x"}], job_id="bad")
+    with pytest.raises(ValidationError):
+        await client.enqueue("x", schema={"type": "objekt"}, job_id="bad")
+    with pytest.raises(ValidationError):
+        await client.enqueue("x", context="c" * 201, job_id="bad")
+    assert await redis.zcard(DEFAULT_QUEUE) == 0
+    assert await redis.keys("*") == []
+
+
+# --- wait and the handle ---------------------------------------------------------------------
+
+
+async def test_wait_returns_result_written_concurrently(client: RouterClient, redis: Redis) -> None:
+    expected = RouteResult(status="ok", content="hi", model_used="m1", job_id="w1")
+    writer = asyncio.create_task(_write_later(redis, "w1", expected, 0.03))
+    result = await client.wait("w1", timeout=2.0)
+    await writer
+    assert result == expected
+
+
+async def test_wait_returns_existing_result_immediately(client: RouterClient, redis: Redis) -> None:
+    await redis.set(result_key("w0"), _result_blob(RouteResult(status="ok", content=1), "w0"))
+    result = await client.wait("w0", timeout=0)
+    assert result.content == 1
+
+
+async def test_wait_times_out(client: RouterClient) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="never"):
+        await client.wait("never", timeout=0.05)
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0
+
+
+async def test_handle_result_raises_route_failed(client: RouterClient, redis: Redis) -> None:
+    handle = await client.enqueue("x", job_id="f1")
+    await redis.set(result_key("f1"), _result_blob(_failed("f1"), "f1"))
+    with pytest.raises(RouteFailed) as info:
+        await handle.result(timeout=1.0)
+    assert info.value.result.status == "failed"
+    assert [a.model for a in info.value.attempts] == ["m1", "m2"]
+    message = str(info.value)
+    assert "Timeout after 8.0s" in message
+    assert "failed" in message
+
+
+async def test_handle_result_without_raising(client: RouterClient, redis: Redis) -> None:
+    handle = await client.enqueue("x", job_id="f2")
+    await redis.set(result_key("f2"), _result_blob(_failed("f2"), "f2"))
+    result = await handle.result(timeout=1.0, raise_on_failure=False)
+    assert result.status == "failed"
+    assert not result.ok
+    assert result.model_used == "none"
+    assert len(result.attempts) == 2
+
+
+async def test_handle_result_raises_for_invalid_request(client: RouterClient, redis: Redis) -> None:
+    handle = await client.enqueue("x", job_id="i1")
+    invalid = RouteResult(status="invalid_request", error="unknown chain 'x'", job_id="i1")
+    await redis.set(result_key("i1"), _result_blob(invalid, "i1"))
+    with pytest.raises(RouteFailed, match="unknown chain"):
+        await handle.result(timeout=1.0)
+
+
+async def test_handle_result_timeout(client: RouterClient) -> None:
+    handle = await client.enqueue("x", job_id="slow")
+    with pytest.raises(TimeoutError):
+        await handle.result(timeout=0.02)
+
+
+async def _fake_worker(redis: Redis, result: RouteResult) -> str:
+    """Claim the one queued job and answer it, as a worker would."""
+    for _ in range(200):
+        ids = await redis.zrange(DEFAULT_QUEUE, 0, 0)
+        if ids:
+            job_id: str = ids[0].decode()
+            raw = await redis.get(job_key(job_id))
+            assert raw is not None
+            RouteRequest.model_validate(json.loads(raw)["a"][0])
+            answer = result.model_copy(update={"job_id": job_id})
+            await redis.set(result_key(job_id), _result_blob(answer, job_id))
+            return job_id
+        await asyncio.sleep(0.005)
+    raise AssertionError("no job was queued")
+
+
+async def test_route_enqueues_and_waits(client: RouterClient, redis: Redis) -> None:
+    worker = asyncio.create_task(
+        _fake_worker(redis, RouteResult(status="ok", content={"a": 1}, model_used="m"))
+    )
+    result = await client.route("hello", schema=SCHEMA, timeout=2.0)
+    job_id = await worker
+    assert result.ok
+    assert result.content == {"a": 1}
+    assert result.job_id == job_id
+
+
+async def test_route_raises_route_failed(client: RouterClient, redis: Redis) -> None:
+    worker = asyncio.create_task(_fake_worker(redis, _failed("?")))
+    with pytest.raises(RouteFailed) as info:
+        await client.route("hello", timeout=2.0)
+    await worker
+    assert len(info.value.attempts) == 2
+
+
+async def test_client_does_not_close_a_redis_it_was_given(redis: Redis) -> None:
+    async with RouterClient(redis=redis) as client:
+        await client.enqueue("x", job_id="c1")
+    assert await redis.exists(job_key("c1")) == 1
+
+
+def test_route_failed_without_attempts_uses_error() -> None:
+    exc = RouteFailed(RouteResult(status="invalid_request", error="bad request"))
+    assert str(exc) == "invalid_request: bad request"
+    assert exc.attempts == []
+
+
+class _FakeClock:
+    """A monotonic clock that only moves when the client sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.now += delay
+        await asyncio.sleep(0)
+
+
+class _ResultAppearsAt:
+    """A Redis stand-in whose result key exists from a given (fake) time on."""
+
+    def __init__(self, clock: _FakeClock, at: float, blob: bytes) -> None:
+        self.clock, self.at, self.blob = clock, at, blob
+        self.gets: list[float] = []
+
+    async def get(self, key: str) -> bytes | None:
+        self.gets.append(self.clock.now)
+        return self.blob if self.clock.now >= self.at else None
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _FakeClock:
+    import llm_router.client.client as client_module
+
+    fake = _FakeClock()
+    monkeypatch.setattr(client_module, "time", fake)
+    monkeypatch.setattr(client_module, "asyncio", fake)
+    return fake
+
+
+async def test_wait_does_not_time_out_before_the_timeout(
+    client: RouterClient, clock: _FakeClock
+) -> None:
+    with pytest.raises(TimeoutError):
+        await client.wait("never", timeout=1.0)
+    # TimeoutError means "no result within 1.0 s": it must not be raised any earlier.
+    assert clock.now >= 1.0
+
+
+async def test_wait_returns_a_result_that_arrives_just_before_the_deadline(
+    client: RouterClient, clock: _FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blob = _result_blob(RouteResult(status="ok", content="in time", job_id="late"), "late")
+    fake = _ResultAppearsAt(clock, at=0.9995, blob=blob)
+    monkeypatch.setattr(client, "redis", fake)
+    result = await client.wait("late", timeout=1.0)
+    assert result.content == "in time"
+    assert fake.gets[-1] <= 1.0
