@@ -18,7 +18,7 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = Path(os.environ.get("LLM_ROUTER_VENV", ROOT / ".venv"))
+VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 PY = BIN / "python"
 LOCK = ROOT / "requirements.lock"
@@ -45,6 +45,8 @@ def ensure_venv() -> None:
     digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
+    if subprocess.run([PY, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        run(PY, "-m", "ensurepip", "--upgrade")  # a venv made without pip (by uv, say)
     print("installing the locked dependencies (hash-checked)", flush=True)
     pip = (PY, "-m", "pip", "install", "-q", "--disable-pip-version-check")
     run(*pip, "--require-hashes", "--no-deps", "-r", LOCK)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_router.client import RouterClient
-from llm_router.worker.stubs import StubServer
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+
+from llm_router.client import RouterClient
+from llm_router.worker.stubs import StubServer
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

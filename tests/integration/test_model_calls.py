@@ -25,6 +25,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
 from litellm.exceptions import AuthenticationError, InternalServerError, RateLimitError
+
 from llm_router.worker import stubs
 from llm_router.worker.stubs import (
     REFUSAL_MARKERS,

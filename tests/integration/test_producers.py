@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_router.client import RouterClient
 from redis.asyncio import Redis
 
+from llm_router.client import RouterClient
 from tests.integration.conftest import REDIS_URL, WorkerProcess
 from tests.integration.test_routing import SCHEMA, enqueue_raw
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
 from llm_router.client import RouterClient
 from llm_router.worker.stubs import StubServer
-
 from tests.integration.conftest import WorkerProcess, chain_env, worker_env
 from tests.integration.servers import RedisServer, make_tls_files
 

@@ -9,11 +9,11 @@ import uuid
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
+
 from llm_router.client import RouteFailed, RouterClient
 from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY
 from llm_router.worker.stubs import StubServer
-from redis.asyncio import Redis
-
 from tests.integration.conftest import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -44,13 +44,16 @@ def marker() -> str:
 
 async def test_local_model_answers_first(client: RouterClient, stub: StubServer) -> None:
     tag = marker()
-    result = await client.route(f"say hi {tag}", context="tests.local")
+    result = await client.route(
+        f"say hi {tag}", context="tests.local", metadata={"row": 17, "batch": "b1"}
+    )
     assert result.status == "ok"
     assert result.model_used == QWEN
     assert [a.outcome for a in result.attempts] == ["success"]
     assert tag in result.content
     assert result.raw_text == result.content
     assert result.context == "tests.local"
+    assert result.metadata == {"row": 17, "batch": "b1"}
     sent = [r for r in stub.requests if tag in json.dumps(r.body)]
     assert [r.path for r in sent] == ["/api/chat"]
     assert sent[0].body["stream"] is False

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+
 from llm_router.worker.checks import RefusalDetector, extract_json, judge, validator_for
 from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS
 
@@ -144,3 +145,10 @@ def test_judge_without_schema_returns_text(refusals: RefusalDetector) -> None:
     assert verdict.outcome == "success"
     assert verdict.content == "Paris."
     assert verdict.reason is None
+
+
+def test_refusal_with_a_typographic_apostrophe_is_detected() -> None:
+    detector = RefusalDetector(DEFAULT_REFUSAL_PATTERNS)
+    assert detector.find("Sorry, I can\u2019t do that.") == "I can't"
+    assert detector.find("I don\u2018t know") == "I don't know"
+    assert detector.find("I can do that.") is None

@@ -8,6 +8,9 @@ import time
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
 from llm_router.client.client import JobHandle, RouteFailed, RouterClient, build_request
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
@@ -19,8 +22,6 @@ from llm_router.client.protocol import (
     job_key,
     result_key,
 )
-from pydantic import ValidationError
-from redis.asyncio import Redis
 
 SCHEMA: dict[str, Any] = {"type": "object", "required": ["a"]}
 

@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 from arq.jobs import DeserializationError, SerializationError, deserialize_job_raw, serialize_result
 from arq.worker import JobExecutionFailed
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
 from llm_router.client.protocol import (
     JOB_FUNCTION,
     METRICS_CHANNEL,
@@ -29,8 +32,6 @@ from llm_router.worker.jobs import (
 )
 from llm_router.worker.router import Router
 from llm_router.worker.settings import ModelConfig, Settings
-from pydantic import ValidationError
-from redis.asyncio import Redis
 
 REQUEST: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "context": "unit"}
 

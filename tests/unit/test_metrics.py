@@ -8,6 +8,8 @@ from typing import Any
 
 import fakeredis
 import pytest
+from redis.asyncio import Redis
+
 from llm_router.client.protocol import (
     METRICS_CHANNEL,
     METRICS_COUNTERS_KEY,
@@ -16,7 +18,6 @@ from llm_router.client.protocol import (
     RouteResult,
 )
 from llm_router.worker.metrics import Metrics, counter_fields, event_payload
-from redis.asyncio import Redis
 
 A, B, C = "ollama_chat/qwen", "anthropic/haiku", "anthropic/sonnet"
 

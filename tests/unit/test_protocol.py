@@ -7,6 +7,8 @@ import pickle
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+
 from llm_router.client.protocol import (
     JOB_FUNCTION,
     PROTOCOL_VERSION,
@@ -23,7 +25,6 @@ from llm_router.client.protocol import (
     result_from_blob,
     result_key,
 )
-from pydantic import ValidationError
 
 USER = {"role": "user", "content": "hello"}
 SCHEMA: dict[str, Any] = {

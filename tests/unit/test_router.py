@@ -10,14 +10,15 @@ from typing import Any
 
 import litellm
 import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
 from llm_router.client.client import RouteFailed
 from llm_router.client.protocol import METRICS_COUNTERS_KEY, RouteRequest
 from llm_router.worker import router as router_module
 from llm_router.worker.calls import ModelCallError, build_kwargs, call_model, register_local_models
 from llm_router.worker.router import Router
 from llm_router.worker.settings import ModelConfig, Settings
-from pydantic import SecretStr
-from redis.asyncio import Redis
 
 M1, M2, M3 = "ollama_chat/unit-qwen", "anthropic/unit-haiku", "anthropic/unit-sonnet"
 SCHEMA: dict[str, Any] = {

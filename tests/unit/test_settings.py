@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import structlog
+from pydantic import SecretStr
+
 from llm_router.worker.cli import main as worker_main
 from llm_router.worker.logs import QUIET_AT_INFO
 from llm_router.worker.settings import (
@@ -19,7 +21,6 @@ from llm_router.worker.settings import (
     Settings,
     load_settings,
 )
-from pydantic import SecretStr
 
 SEED_MODELS = [
     "ollama_chat/qwen2.5:7b",
@@ -335,3 +336,17 @@ def test_cli_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: P
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
     assert str(missing) in err[0]
+
+
+def test_log_level_and_format_are_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_ROUTER_LOG_LEVEL", "debug")
+    monkeypatch.setenv("LLM_ROUTER_LOG_FORMAT", "JSON")
+    settings = load_settings()
+    assert settings.log_level == "DEBUG"
+    assert settings.log_format == "json"
+
+
+def test_unknown_lower_case_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("llm_router_max_jbos", "3")
+    with pytest.raises(ConfigError, match="llm_router_max_jbos"):
+        load_settings()

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm_router.client.client import RouterClient
-from llm_router.client.protocol import RouteResult
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+
+from llm_router.client.client import RouterClient
+from llm_router.client.protocol import RouteResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REDIS, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 

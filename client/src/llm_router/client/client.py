@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from redis.asyncio import Redis
+
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
     JOB_TTL_MS,
@@ -22,7 +24,6 @@ from llm_router.client.protocol import (
     result_from_blob,
     result_key,
 )
-from redis.asyncio import Redis
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -101,6 +101,7 @@ class RouteResult(BaseModel):
     job_id: str | None = None
     context: str | None = None
     chain: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

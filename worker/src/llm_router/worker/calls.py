@@ -12,6 +12,7 @@ os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
+
 from llm_router.worker.settings import ModelConfig
 
 litellm.suppress_debug_info = True

@@ -9,19 +9,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from jsonschema.protocols import Validator
+
 from llm_router.client.protocol import Outcome, canonical_json, compile_schema
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
+
+
+# Models often write "I can\u2019t" with a typographic apostrophe instead of "I can't".
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
 class RefusalDetector:
     """Case-insensitive substring match against a fixed list, lowered once."""
 
     def __init__(self, patterns: Iterable[str]) -> None:
-        self._patterns = [(p, p.lower()) for p in patterns]
+        self._patterns = [(p, p.lower().translate(_APOSTROPHES)) for p in patterns]
 
     def find(self, text: str) -> str | None:
-        lower = text.lower()
+        lower = text.lower().translate(_APOSTROPHES)
         for original, lowered in self._patterns:
             if lowered in lower:
                 return original

@@ -25,10 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from redis import Redis as SyncRedis
+
 from llm_router.client import RouterClient
 from llm_router.client.protocol import METRICS_CHANNEL, RouteResult
 from llm_router.worker.stubs import StubServer
-from redis import Redis as SyncRedis
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -15,10 +15,11 @@ import structlog
 from arq.connections import RedisSettings
 from arq.jobs import SerializationError
 from arq.worker import Function, JobExecutionFailed, Worker, func
+from pydantic import ValidationError
+
 from llm_router.client.protocol import JOB_FUNCTION, RouteRequest, RouteResult, encode
 from llm_router.worker.router import Router, invalid_result
 from llm_router.worker.settings import Settings
-from pydantic import ValidationError
 
 log = structlog.get_logger("llm_router.jobs")
 
@@ -110,6 +111,8 @@ def redis_settings(url: str) -> RedisSettings:
         settings.ssl_certfile = query["ssl_certfile"]
     if "ssl_keyfile" in query:
         settings.ssl_keyfile = query["ssl_keyfile"]
+    if "ssl_check_hostname" in query:
+        settings.ssl_check_hostname = query["ssl_check_hostname"].lower() in {"1", "true", "yes"}
     settings.conn_timeout = 5
     return settings
 

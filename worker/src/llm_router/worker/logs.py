@@ -45,7 +45,12 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # Tracebacks from arq/redis records as text, not "<traceback object>".
+                *([structlog.processors.format_exc_info] if use_json else []),
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

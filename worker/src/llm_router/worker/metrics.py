@@ -14,8 +14,9 @@ from collections import Counter
 from typing import Any
 
 import structlog
-from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY, RouteResult
 from redis.asyncio import Redis
+
+from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY, RouteResult
 
 log = structlog.get_logger("llm_router.metrics")
 

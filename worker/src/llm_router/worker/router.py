@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 import structlog
+from redis.asyncio import Redis
+
 from llm_router.client.client import MessagesLike, RouteFailed, build_request
 from llm_router.client.protocol import (
     DEFAULT_CHAIN,
@@ -22,7 +24,6 @@ from llm_router.worker.calls import ModelCallError, call_model, register_local_m
 from llm_router.worker.checks import RefusalDetector, Verdict, judge, validator_for
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.settings import ModelConfig, Settings
-from redis.asyncio import Redis
 
 log = structlog.get_logger("llm_router")
 
@@ -75,6 +76,7 @@ class Router:
         """Walk the chain for a validated request; never raises for a model's failure."""
         bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
         result = await self._walk(request, job_id, bound)
+        result.metadata = request.metadata  # returned as given, so batch callers can match
         extra = {"error": result.error} if result.status == "invalid_request" else {}
         bound.info(
             "routed",

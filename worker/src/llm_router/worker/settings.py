@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from llm_router.client.protocol import DEFAULT_CHAIN, DEFAULT_QUEUE, METRICS_CHANNEL
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -15,6 +14,8 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+
+from llm_router.client.protocol import DEFAULT_CHAIN, DEFAULT_QUEUE, METRICS_CHANNEL
 
 ENV_PREFIX = "LLM_ROUTER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -95,6 +96,13 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
+
     @field_validator("chains")
     @classmethod
     def _chains_are_usable(
@@ -147,7 +155,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     global _config_file
     path = config or os.environ.get(CONFIG_ENV) or None
     unknown = sorted(
-        k for k in os.environ if k.startswith(ENV_PREFIX) and k not in _known_env_names()
+        k
+        for k in os.environ
+        if k.upper().startswith(ENV_PREFIX) and k.upper() not in _known_env_names()
     )
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]} (known: {sorted(_known_env_names())})")
