@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from redis import Redis
+from llm_router.worker.demo import redis_answers
 
 
 def free_port() -> int:
@@ -91,17 +91,11 @@ class RedisServer:
         raise TimeoutError("redis-server did not answer")
 
     def ping(self) -> bool:
-        kwargs: dict[str, object] = {"password": self.password, "socket_connect_timeout": 0.5}
-        if self.tls is not None:
-            kwargs.update(ssl=True, ssl_ca_certs=str(self.tls["ca"]))
-        try:
-            client = Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-        except Exception:
-            return False
+        scheme = "redis" if self.tls is None else "rediss"
+        kwargs = {} if self.tls is None else {"ssl_ca_certs": str(self.tls["ca"])}
+        return redis_answers(
+            f"{scheme}://127.0.0.1:{self.port}/0", password=self.password, **kwargs
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -18,30 +18,12 @@ from llm_router.client.protocol import (
     Attempt,
     RouteRequest,
     RouteResult,
-    encode,
     job_key,
     result_key,
 )
+from tests.unit.blobs import result_blob
 
 SCHEMA: dict[str, Any] = {"type": "object", "required": ["a"]}
-
-
-def _result_blob(result: RouteResult, job_id: str) -> bytes:
-    return encode(
-        {
-            "t": 1,
-            "f": "route",
-            "a": [],
-            "k": {},
-            "et": 1,
-            "s": True,
-            "r": result.model_dump(mode="json"),
-            "st": 2,
-            "ft": 3,
-            "q": DEFAULT_QUEUE,
-            "id": job_id,
-        }
-    )
 
 
 def _failed(job_id: str) -> RouteResult:
@@ -58,7 +40,7 @@ def _failed(job_id: str) -> RouteResult:
 
 async def _write_later(redis: Redis, job_id: str, result: RouteResult, delay: float) -> None:
     await asyncio.sleep(delay)
-    await redis.set(result_key(job_id), _result_blob(result, job_id))
+    await redis.set(result_key(job_id), result_blob(result, job_id))
 
 
 @pytest.fixture
@@ -143,7 +125,7 @@ async def test_enqueue_same_job_id_twice_is_queued_once(client: RouterClient, re
 async def test_enqueue_after_result_exists_is_not_queued(
     client: RouterClient, redis: Redis
 ) -> None:
-    await redis.set(result_key("done"), _result_blob(RouteResult(status="ok"), "done"))
+    await redis.set(result_key("done"), result_blob(RouteResult(status="ok"), "done"))
     await client.enqueue("again", job_id="done")
     assert await redis.zcard(DEFAULT_QUEUE) == 0
     assert await redis.exists(job_key("done")) == 0
@@ -183,7 +165,7 @@ async def test_wait_returns_result_written_concurrently(client: RouterClient, re
 
 
 async def test_wait_returns_existing_result_immediately(client: RouterClient, redis: Redis) -> None:
-    await redis.set(result_key("w0"), _result_blob(RouteResult(status="ok", content=1), "w0"))
+    await redis.set(result_key("w0"), result_blob(RouteResult(status="ok", content=1), "w0"))
     result = await client.wait("w0", timeout=0)
     assert result.content == 1
 
@@ -198,7 +180,7 @@ async def test_wait_times_out(client: RouterClient) -> None:
 
 async def test_handle_result_raises_route_failed(client: RouterClient, redis: Redis) -> None:
     handle = await client.enqueue("x", job_id="f1")
-    await redis.set(result_key("f1"), _result_blob(_failed("f1"), "f1"))
+    await redis.set(result_key("f1"), result_blob(_failed("f1"), "f1"))
     with pytest.raises(RouteFailed) as info:
         await handle.result(timeout=1.0)
     assert info.value.result.status == "failed"
@@ -210,7 +192,7 @@ async def test_handle_result_raises_route_failed(client: RouterClient, redis: Re
 
 async def test_handle_result_without_raising(client: RouterClient, redis: Redis) -> None:
     handle = await client.enqueue("x", job_id="f2")
-    await redis.set(result_key("f2"), _result_blob(_failed("f2"), "f2"))
+    await redis.set(result_key("f2"), result_blob(_failed("f2"), "f2"))
     result = await handle.result(timeout=1.0, raise_on_failure=False)
     assert result.status == "failed"
     assert not result.ok
@@ -221,7 +203,7 @@ async def test_handle_result_without_raising(client: RouterClient, redis: Redis)
 async def test_handle_result_raises_for_invalid_request(client: RouterClient, redis: Redis) -> None:
     handle = await client.enqueue("x", job_id="i1")
     invalid = RouteResult(status="invalid_request", error="unknown chain 'x'", job_id="i1")
-    await redis.set(result_key("i1"), _result_blob(invalid, "i1"))
+    await redis.set(result_key("i1"), result_blob(invalid, "i1"))
     with pytest.raises(RouteFailed, match="unknown chain"):
         await handle.result(timeout=1.0)
 
@@ -242,7 +224,7 @@ async def _fake_worker(redis: Redis, result: RouteResult) -> str:
             assert raw is not None
             RouteRequest.model_validate(json.loads(raw)["a"][0])
             answer = result.model_copy(update={"job_id": job_id})
-            await redis.set(result_key(job_id), _result_blob(answer, job_id))
+            await redis.set(result_key(job_id), result_blob(answer, job_id))
             return job_id
         await asyncio.sleep(0.005)
     raise AssertionError("no job was queued")
@@ -327,7 +309,7 @@ async def test_wait_does_not_time_out_before_the_timeout(
 async def test_wait_returns_a_result_that_arrives_just_before_the_deadline(
     client: RouterClient, clock: _FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blob = _result_blob(RouteResult(status="ok", content="in time", job_id="late"), "late")
+    blob = result_blob(RouteResult(status="ok", content="in time", job_id="late"), "late")
     fake = _ResultAppearsAt(clock, at=0.9995, blob=blob)
     monkeypatch.setattr(client, "redis", fake)
     result = await client.wait("late", timeout=1.0)

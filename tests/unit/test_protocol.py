@@ -25,6 +25,7 @@ from llm_router.client.protocol import (
     result_from_blob,
     result_key,
 )
+from tests.unit.blobs import result_blob
 
 USER = {"role": "user", "content": "hello"}
 SCHEMA: dict[str, Any] = {
@@ -154,24 +155,6 @@ def test_encode_is_compact_utf8() -> None:
     assert decode(blob) == {"a": "zażółć", "b": [1, 2]}
 
 
-def _result_blob(r: Any, job_id: str = "j1") -> bytes:
-    return encode(
-        {
-            "t": 1,
-            "f": "route",
-            "a": [],
-            "k": {},
-            "et": 1,
-            "s": True,
-            "r": r,
-            "st": 2,
-            "ft": 3,
-            "q": "q",
-            "id": job_id,
-        }
-    )
-
-
 def test_result_from_blob_reads_protocol_result() -> None:
     original = RouteResult(
         status="ok",
@@ -184,7 +167,7 @@ def test_result_from_blob_reads_protocol_result() -> None:
         context="c",
         chain="default",
     )
-    result = result_from_blob(_result_blob(original.model_dump(mode="json")))
+    result = result_from_blob(result_blob(original.model_dump(mode="json")))
     assert result == original
     assert result.ok
     assert result.v == PROTOCOL_VERSION
@@ -192,13 +175,13 @@ def test_result_from_blob_reads_protocol_result() -> None:
 
 
 def test_result_from_blob_ignores_unknown_result_fields() -> None:
-    result = result_from_blob(_result_blob({"status": "failed", "future_field": 1}))
+    result = result_from_blob(result_blob({"status": "failed", "future_field": 1}))
     assert result.status == "failed"
     assert not result.ok
 
 
 def test_result_from_blob_non_protocol_result_is_failed() -> None:
-    result = result_from_blob(_result_blob("unable to serialize result", job_id="j9"))
+    result = result_from_blob(result_blob("unable to serialize result", job_id="j9"))
     assert result.status == "failed"
     assert not result.ok
     assert result.job_id == "j9"
@@ -209,7 +192,7 @@ def test_result_from_blob_non_protocol_result_is_failed() -> None:
 
 
 def test_result_from_blob_dict_without_status_is_failed() -> None:
-    result = result_from_blob(_result_blob({"answer": 42}))
+    result = result_from_blob(result_blob({"answer": 42}))
     assert result.status == "failed"
     assert result.error is not None
     assert "answer" in result.error
@@ -253,8 +236,8 @@ def test_compiled_validator_checks_formats() -> None:
 @pytest.mark.parametrize(
     "blob",
     [
-        _result_blob({"status": "done", "content": "x"}),
-        _result_blob(
+        result_blob({"status": "done", "content": "x"}),
+        result_blob(
             {
                 "v": 2,
                 "status": "failed",

@@ -42,9 +42,10 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _redis_answers(url: str) -> bool:
+def redis_answers(url: str, **kwargs: Any) -> bool:
+    """True when a Redis at ``url`` answers PING within a second."""
     try:
-        client = SyncRedis.from_url(url, socket_connect_timeout=1)
+        client = SyncRedis.from_url(url, socket_connect_timeout=1, **kwargs)
         try:
             return bool(client.ping())
         finally:
@@ -75,7 +76,7 @@ def _redis_binary() -> str | None:
 def redis_server(workdir: Path) -> Iterator[str]:
     """Yield a Redis URL: the configured one if it answers, else one started here."""
     url = os.environ.get("LLM_ROUTER_REDIS_URL", "redis://127.0.0.1:6379/0")
-    if _redis_answers(url):
+    if redis_answers(url):
         say("redis:  using the Redis that answers at LLM_ROUTER_REDIS_URL (or 127.0.0.1:6379)")
         yield url
         return
@@ -105,7 +106,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
     try:
         for _ in range(100):
-            if _redis_answers(url):
+            if redis_answers(url):
                 break
             time.sleep(0.05)
         else:

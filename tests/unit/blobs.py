@@ -1,0 +1,16 @@
+"""Result blobs shaped as the worker writes them, for client-side tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_router.client.protocol import DEFAULT_QUEUE, RouteResult, encode
+
+
+def result_blob(r: RouteResult | Any, job_id: str = "j1") -> bytes:
+    """An arq result blob; ``r`` is a RouteResult or any raw value (for malformed cases)."""
+    inner = r.model_dump(mode="json") if isinstance(r, RouteResult) else r
+    return encode(
+        {"t": 1, "f": "route", "a": [], "k": {}, "et": 1, "s": True, "r": inner,
+         "st": 2, "ft": 3, "q": DEFAULT_QUEUE, "id": job_id}
+    )  # fmt: skip
