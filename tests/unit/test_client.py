@@ -15,11 +15,14 @@ from llm_router.client.client import JobHandle, RouteFailed, RouterClient, build
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
     JOB_TTL_MS,
+    REPLY_PREFIX,
+    WAKE_TOKENS_MAX,
     Attempt,
     RouteRequest,
     RouteResult,
     job_key,
     result_key,
+    wake_key,
 )
 from tests.unit.blobs import result_blob
 
@@ -45,7 +48,8 @@ async def _write_later(redis: Redis, job_id: str, result: RouteResult, delay: fl
 
 @pytest.fixture
 def client(redis: Redis) -> RouterClient:
-    return RouterClient(redis=redis)
+    # Tests that write only the result key (a worker that does not push) rely on the sweep.
+    return RouterClient(redis=redis, fallback_poll=0.05)
 
 
 # --- build_request ---------------------------------------------------------------------------
@@ -94,7 +98,9 @@ async def test_enqueue_writes_job_blob_and_queue_entry(client: RouterClient, red
     blob = json.loads(raw)
     assert set(blob) == {"t", "f", "a", "k", "et"}
     assert blob["f"] == "route"
-    assert blob["k"] == {}
+    assert blob["k"] == {"reply_to": client.inbox.key}
+    assert client.inbox.key.startswith(REPLY_PREFIX)
+    assert await redis.lrange(wake_key(DEFAULT_QUEUE), 0, -1) == [b"1"]  # type: ignore[misc]
     request = RouteRequest.model_validate(blob["a"][0])
     assert request.messages[0].content == "hello"
     assert request.json_schema == SCHEMA
@@ -261,57 +267,101 @@ def test_route_failed_without_attempts_uses_error() -> None:
     assert exc.attempts == []
 
 
-class _FakeClock:
-    """A monotonic clock that only moves when the client sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, delay: float) -> None:
-        self.now += delay
-        await asyncio.sleep(0)
+# --- the pushed reply and its safety nets --------------------------------------------------
 
 
-class _ResultAppearsAt:
-    """A Redis stand-in whose result key exists from a given (fake) time on."""
-
-    def __init__(self, clock: _FakeClock, at: float, blob: bytes) -> None:
-        self.clock, self.at, self.blob = clock, at, blob
-        self.gets: list[float] = []
-
-    async def get(self, key: str) -> bytes | None:
-        self.gets.append(self.clock.now)
-        return self.blob if self.clock.now >= self.at else None
+async def test_wake_up_list_is_capped(client: RouterClient, redis: Redis) -> None:
+    for n in range(WAKE_TOKENS_MAX + 20):
+        await client.enqueue("hi", job_id=f"cap-{n}")
+    assert await redis.llen(wake_key(DEFAULT_QUEUE)) == WAKE_TOKENS_MAX  # type: ignore[misc]
+    assert await redis.zcard(DEFAULT_QUEUE) == WAKE_TOKENS_MAX + 20
 
 
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _FakeClock:
-    import llm_router.client.client as client_module
+async def test_pushed_reply_reaches_the_waiting_call(client: RouterClient, redis: Redis) -> None:
+    handle = await client.enqueue("hi", job_id="push-1")
 
-    fake = _FakeClock()
-    monkeypatch.setattr(client_module, "time", fake)
-    monkeypatch.setattr(client_module, "asyncio", fake)
-    return fake
+    async def worker_pushes() -> None:
+        await asyncio.sleep(0.05)
+        blob = result_blob(RouteResult(status="ok", content="pushed", job_id="push-1"), "push-1")
+        await redis.lpush(client.inbox.key, blob)  # type: ignore[misc]
+
+    pusher = asyncio.create_task(worker_pushes())
+    result = await handle.result(timeout=5)
+    await pusher
+    assert result.content == "pushed"
+    assert await redis.get(result_key("push-1")) is None  # it came by push, not by the key
 
 
-async def test_wait_does_not_time_out_before_the_timeout(
-    client: RouterClient, clock: _FakeClock
+async def test_reply_that_arrives_before_the_wait_is_kept(
+    client: RouterClient, redis: Redis
 ) -> None:
-    with pytest.raises(TimeoutError):
-        await client.wait("never", timeout=1.0)
-    # TimeoutError means "no result within 1.0 s": it must not be raised any earlier.
-    assert clock.now >= 1.0
+    first = await client.enqueue("a", job_id="early-1")
+    second = await client.enqueue("b", job_id="early-2")
+    for job_id in ("early-2", "early-1"):
+        blob = result_blob(RouteResult(status="ok", content=job_id, job_id=job_id), job_id)
+        await redis.lpush(client.inbox.key, blob)  # type: ignore[misc]
+    assert (await second.result(timeout=5)).content == "early-2"
+    # The reader took early-1's reply too; it is kept for the later wait.
+    assert (await first.result(timeout=0.01)).content == "early-1"
 
 
-async def test_wait_returns_a_result_that_arrives_just_before_the_deadline(
-    client: RouterClient, clock: _FakeClock, monkeypatch: pytest.MonkeyPatch
+async def test_many_waits_share_one_reader(client: RouterClient, redis: Redis) -> None:
+    handles = [await client.enqueue("x", job_id=f"many-{n}") for n in range(50)]
+    waits = [asyncio.create_task(h.result(timeout=5)) for h in handles]
+    await asyncio.sleep(0.01)
+    for n in reversed(range(50)):
+        r = RouteResult(status="ok", content=n, job_id=f"many-{n}")
+        await redis.lpush(client.inbox.key, result_blob(r, f"many-{n}"))  # type: ignore[misc]
+    results = await asyncio.gather(*waits)
+    assert [r.content for r in results] == list(range(50))
+
+
+async def test_result_key_without_push_is_found_by_the_sweep(redis: Redis) -> None:
+    client = RouterClient(redis=redis, fallback_poll=0.2)
+    handle = await client.enqueue("x", job_id="sweep-1")
+
+    async def foreign_worker() -> None:
+        await asyncio.sleep(0.1)
+        blob = result_blob(RouteResult(status="ok", content="by key", job_id="sweep-1"), "sweep-1")
+        await redis.set(result_key("sweep-1"), blob)
+
+    writer = asyncio.create_task(foreign_worker())
+    started = time.monotonic()
+    result = await handle.result(timeout=10)
+    await writer
+    assert result.content == "by key"
+    assert time.monotonic() - started < 3  # the sweep, not the 10 s timeout
+    await client.aclose()
+
+
+async def test_wait_looks_at_the_key_once_more_before_timing_out(redis: Redis) -> None:
+    client = RouterClient(redis=redis, fallback_poll=60)
+    await client.enqueue("x", job_id="late-1")
+
+    async def late_writer() -> None:
+        await asyncio.sleep(0.2)
+        blob = result_blob(RouteResult(status="ok", content="late", job_id="late-1"), "late-1")
+        await redis.set(result_key("late-1"), blob)
+
+    writer = asyncio.create_task(late_writer())
+    result = await client.wait("late-1", timeout=0.4)
+    await writer
+    assert result.content == "late"
+    await client.aclose()
+
+
+async def test_wait_times_out_no_earlier_than_asked(client: RouterClient) -> None:
+    await client.enqueue("x", job_id="never-1")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="never-1"):
+        await client.wait("never-1", timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+
+
+async def test_wait_for_a_job_of_another_producer_reads_its_key(
+    client: RouterClient, redis: Redis
 ) -> None:
-    blob = result_blob(RouteResult(status="ok", content="in time", job_id="late"), "late")
-    fake = _ResultAppearsAt(clock, at=0.9995, blob=blob)
-    monkeypatch.setattr(client, "redis", fake)
-    result = await client.wait("late", timeout=1.0)
-    assert result.content == "in time"
-    assert fake.gets[-1] <= 1.0
+    blob = result_blob(RouteResult(status="ok", content="theirs", job_id="other-1"), "other-1")
+    await redis.set(result_key("other-1"), blob)
+    result = await client.wait("other-1", timeout=1)
+    assert result.content == "theirs"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
@@ -15,24 +13,28 @@ from redis.asyncio import Redis
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
     JOB_TTL_MS,
+    WAKE_TOKENS_MAX,
     Attempt,
     RouteRequest,
     RouteResult,
     job_blob,
     job_key,
     now_ms,
-    result_from_blob,
     result_key,
+    wake_key,
 )
+from llm_router.client.replies import ReplyInbox
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
-# Job and result key, then the queue; one round trip, and an existing job id
-# (a retried enqueue) is never queued twice.
+# KEYS: job, result, queue, wake-up list. One round trip; an existing job id (a
+# retried enqueue) is never queued twice; the token wakes a waiting worker.
 _ENQUEUE_LUA = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('LPUSH', KEYS[4], '1')
+redis.call('LTRIM', KEYS[4], 0, ARGV[5])
 return 1
 """
 
@@ -100,6 +102,7 @@ class RouterClient:
         *,
         queue_name: str | None = None,
         redis: Redis | None = None,
+        fallback_poll: float = 2.0,
     ) -> None:
         self.redis_url = redis_url or os.environ.get("LLM_ROUTER_REDIS_URL", DEFAULT_REDIS_URL)
         self.queue_name = queue_name or os.environ.get("LLM_ROUTER_QUEUE_NAME", DEFAULT_QUEUE)
@@ -108,6 +111,8 @@ class RouterClient:
             self.redis_url, socket_connect_timeout=5, health_check_interval=30
         )
         self._enqueue_script = self.redis.register_script(_ENQUEUE_LUA)
+        self._wake_key = wake_key(self.queue_name)
+        self.inbox = ReplyInbox(self.redis, fallback_poll=fallback_poll)
 
     async def __aenter__(self) -> Self:
         return self
@@ -121,6 +126,7 @@ class RouterClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self.inbox.aclose()
         if self._owns_redis:
             await self.redis.aclose()
 
@@ -145,28 +151,18 @@ class RouterClient:
     ) -> JobHandle:
         job_id = job_id or uuid.uuid4().hex
         enqueue_ms = now_ms()
-        await self._enqueue_script(
-            keys=[job_key(job_id), result_key(job_id), self.queue_name],
-            args=[job_blob(request, enqueue_ms), JOB_TTL_MS, enqueue_ms, job_id],
+        blob = job_blob(request, enqueue_ms, reply_to=self.inbox.key)
+        added = await self._enqueue_script(
+            keys=[job_key(job_id), result_key(job_id), self.queue_name, self._wake_key],
+            args=[blob, JOB_TTL_MS, enqueue_ms, job_id, WAKE_TOKENS_MAX - 1],
         )
+        if added:
+            self.inbox.expect(job_id)
         return JobHandle(self, job_id)
 
     async def wait(self, job_id: str, *, timeout: float | None = 120.0) -> RouteResult:
-        """Poll the result key with a short, growing interval until it appears."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.002
-        while True:
-            blob = await self.redis.get(result_key(job_id))
-            if blob is not None:
-                return result_from_blob(blob)
-            pause = delay
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no result for job {job_id} within {timeout}s")
-                pause = min(delay, remaining)
-            await asyncio.sleep(pause)
-            delay = min(delay * 1.5, 0.05)
+        """Wait for a job's result; ``TimeoutError`` when it does not come in time."""
+        return await self.inbox.wait(job_id, timeout)
 
     async def route(
         self,

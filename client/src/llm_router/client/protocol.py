@@ -4,11 +4,16 @@ A job is an arq job whose blob is JSON, so that any language can enqueue one:
 
 * ``SET arq:job:<id> <job blob> PX <ttl>`` and ``ZADD <queue> <enqueue ms> <id>``
   (in one MULTI), where the job blob is
-  ``{"t": 1, "f": "route", "a": [<request>], "k": {}, "et": <enqueue ms>}``.
+  ``{"t": 1, "f": "route", "a": [<request>], "k": {...}, "et": <enqueue ms>}``.
+* Optionally ``LPUSH <queue>:wake 1`` (then ``LTRIM <queue>:wake 0 99``): a
+  waiting worker starts the job at once instead of at its next safety poll.
 * The worker stores ``arq:result:<id>`` as the JSON result blob
   ``{"t", "f", "a": [], "k": {}, "et", "s", "r": <result>, "st", "ft", "q", "id"}``;
   ``r`` is a :class:`RouteResult` whatever happened, including a request the
   worker could not read.
+* With ``"k": {"reply_to": "llm_router:reply:<anything>"}`` the worker also
+  ``LPUSH``-es that same result blob to that list (TTL :data:`REPLY_TTL_S`) in
+  the transaction that stores it, so a producer can ``BLPOP`` instead of polling.
 
 Both sides validate the request with :class:`RouteRequest`, so a foreign
 producer's mistake comes back as an ``invalid_request`` result, not a lost job.
@@ -39,6 +44,12 @@ DEFAULT_CHAIN = "default"
 
 #: How long an unclaimed job stays in Redis before it expires (arq's default).
 JOB_TTL_MS = 86_400_000
+#: Reply lists must start with this, so a job cannot make the worker push elsewhere.
+REPLY_PREFIX = "llm_router:reply:"
+#: A reply list nobody reads disappears after this long.
+REPLY_TTL_S = 600
+#: At most this many wake-up tokens wait in a queue's wake-up list.
+WAKE_TOKENS_MAX = 100
 
 Status = Literal["ok", "failed", "invalid_request"]
 Outcome = Literal["success", "rejected", "invalid"]
@@ -145,8 +156,13 @@ def decode(blob: bytes | str) -> Any:
     return json.loads(blob)
 
 
-def job_blob(request: RouteRequest, enqueue_ms: int) -> bytes:
-    return encode({"t": 1, "f": JOB_FUNCTION, "a": [request.wire()], "k": {}, "et": enqueue_ms})
+def job_blob(request: RouteRequest, enqueue_ms: int, reply_to: str | None = None) -> bytes:
+    kwargs = {} if reply_to is None else {"reply_to": reply_to}
+    return encode({"t": 1, "f": JOB_FUNCTION, "a": [request.wire()], "k": kwargs, "et": enqueue_ms})
+
+
+def wake_key(queue_name: str) -> str:
+    return f"{queue_name}:wake"
 
 
 def job_key(job_id: str) -> str:
@@ -167,7 +183,9 @@ def result_from_blob(blob: bytes | str) -> RouteResult:
     job_id = data.get("id") if isinstance(data, dict) else None
     if isinstance(inner, dict) and "status" in inner:
         try:
-            return RouteResult.model_validate(inner)
+            result = RouteResult.model_validate(inner)
+            result.job_id = result.job_id or job_id
+            return result
         except ValidationError as exc:
             error = f"the worker's result does not fit protocol v{PROTOCOL_VERSION}: {exc}"
             return RouteResult(status="failed", error=error[:500], job_id=job_id)

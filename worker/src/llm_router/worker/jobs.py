@@ -14,10 +14,17 @@ from urllib.parse import parse_qs, unquote, urlparse
 import structlog
 from arq.connections import RedisSettings
 from arq.jobs import SerializationError
-from arq.worker import Function, JobExecutionFailed, Worker, func
+from arq.worker import Function, JobExecutionFailed, func
 from pydantic import ValidationError
 
-from llm_router.client.protocol import JOB_FUNCTION, RouteRequest, RouteResult, encode
+from llm_router.client.protocol import (
+    JOB_FUNCTION,
+    REPLY_PREFIX,
+    RouteRequest,
+    RouteResult,
+    encode,
+)
+from llm_router.worker.daemon import RouterWorker
 from llm_router.worker.router import Router, invalid_result
 from llm_router.worker.settings import Settings
 
@@ -75,10 +82,18 @@ def _validation_message(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def register_reply(ctx: dict[str, Any], job_id: str, kwargs: dict[str, Any]) -> None:
+    """Note where the producer waits; only lists under our prefix are accepted."""
+    reply_to = kwargs.pop("reply_to", None)
+    if isinstance(reply_to, str) and reply_to.startswith(REPLY_PREFIX) and len(reply_to) <= 200:
+        ctx.setdefault("replies", {})[job_id] = reply_to
+
+
 async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
     """The arq job: decode, route, and return the result as a JSON object."""
     job_id: str = ctx["job_id"]
     router: Router = ctx["router"]
+    register_reply(ctx, job_id, kwargs)
     try:
         request = parse_request(args, kwargs)
     except ValidationError as exc:
@@ -151,5 +166,5 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_worker(settings: Settings, **overrides: Any) -> Worker:
-    return Worker(**{**worker_settings(settings), **overrides})
+def create_worker(settings: Settings, **overrides: Any) -> RouterWorker:
+    return RouterWorker(**{**worker_settings(settings), **overrides})

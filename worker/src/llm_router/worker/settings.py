@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     queue_name: str = Field(default=DEFAULT_QUEUE, min_length=1)
     max_jobs: int = Field(default=10, ge=1, le=10_000)
     keep_result: int = Field(default=3600, ge=1, description="seconds a result stays in Redis")
-    poll_delay: float = Field(default=0.1, gt=0, le=10)
+    poll_delay: float = Field(
+        default=0.5, gt=0, le=60, description="safety-net poll for producers that do not wake"
+    )
     chains: dict[str, list[ModelConfig]] = Field(default_factory=default_chains)
     refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
     anthropic_max_tokens: int = Field(default=4096, ge=1, le=64_000)
