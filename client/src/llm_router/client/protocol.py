@@ -108,6 +108,8 @@ class RouteResult(BaseModel):
     model_used: str = "none"
     attempts: list[Attempt] = Field(default_factory=list)
     latency_ms: int = 0
+    #: The same time, unrounded (for measuring what the queue adds around the chain).
+    chain_ms: float = 0.0
     error: str | None = None
     job_id: str | None = None
     context: str | None = None

@@ -75,7 +75,9 @@ class Router:
     async def run(self, request: RouteRequest, *, job_id: str | None = None) -> RouteResult:
         """Walk the chain for a validated request; never raises for a model's failure."""
         bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
+        start = time.perf_counter()
         result = await self._walk(request, job_id, bound)
+        result.chain_ms = round((time.perf_counter() - start) * 1000, 3)
         result.metadata = request.metadata  # returned as given, so batch callers can match
         extra = {"error": result.error} if result.status == "invalid_request" else {}
         bound.info(
