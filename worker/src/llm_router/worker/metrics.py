@@ -24,12 +24,29 @@ OUTCOMES = ("success", "fallback", "error")
 COUNTED_KEY_PREFIX = "llm_router:metrics:counted:"
 COUNTED_TTL_S = 86_400
 
-# KEYS: counters hash, per-job marker. ARGV: marker ttl, then the fields to add 1 to.
+# One round trip per job: count (once per job id), snapshot, publish.
+# KEYS: counters hash, per-job marker. ARGV: marker ttl, channel, the event's JSON
+# without its closing brace, then the "<model>|<outcome>" fields to add 1 to.
+# Returns the snapshot's JSON, which is spliced into the published event.
 _RECORD_LUA = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
-  for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
+  for i = 4, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
 end
-return redis.call('HGETALL', KEYS[1])
+local flat = redis.call('HGETALL', KEYS[1])
+local snap = {}
+for i = 1, #flat, 2 do
+  local field = flat[i]
+  local cut = string.find(field, '|[^|]*$')
+  if cut then
+    local model, outcome = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
+    snap[model] = snap[model] or {success = 0, fallback = 0, error = 0}
+    snap[model][outcome] = tonumber(flat[i + 1])
+  end
+end
+local snapshot = '{}'
+if next(snap) ~= nil then snapshot = cjson.encode(snap) end
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ',"metrics_snapshot":' .. snapshot .. '}')
+return snapshot
 """
 
 Snapshot = dict[str, dict[str, int]]
@@ -85,15 +102,17 @@ class Metrics:
             if self.redis is None:
                 self._local.update(fields)
                 return event_payload(result, _snapshot(self._local))
-            raw = await self._record_script(
+            event = event_payload(result, {})
+            del event["metrics_snapshot"]
+            head = json.dumps(event, ensure_ascii=False)[:-1]
+            snapshot = await self._record_script(
                 keys=[
                     METRICS_COUNTERS_KEY,
                     COUNTED_KEY_PREFIX + (result.job_id or uuid.uuid4().hex),
                 ],
-                args=[COUNTED_TTL_S, *(f"{m}|{o}" for m, o in fields)],
+                args=[COUNTED_TTL_S, self.channel, head, *(f"{m}|{o}" for m, o in fields)],
             )
-            event = event_payload(result, _parse_hash(raw))
-            await self.redis.publish(self.channel, json.dumps(event, ensure_ascii=False))
+            event["metrics_snapshot"] = json.loads(snapshot)
             return event
         except Exception as exc:
             log.warning(
