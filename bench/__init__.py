@@ -1,0 +1,1 @@
+"""Benchmarks of the fast path: queue overhead, throughput, idle cost (see bench/README.md)."""
