@@ -348,7 +348,12 @@ def test_worker_settings_use_the_json_codec() -> None:
     settings = Settings(queue_name="q-unit", max_jobs=3)
     ws = worker_settings(settings)
     assert ws["job_serializer"] is serialize
-    assert ws["job_deserializer"] is deserialize
+    decode = ws["job_deserializer"]
+    assert decode.func is deserialize
+    assert decode.keywords == {"max_bytes": settings.max_request_bytes}
+    assert ws["max_tries"] == settings.max_tries
+    assert ws["job_completion_wait"] == settings.shutdown_grace
+    assert ws["lease_seconds"] == settings.lease_seconds
     assert ws["queue_name"] == "q-unit"
     assert ws["max_jobs"] == 3
     assert ws["job_timeout"] == settings.job_timeout
@@ -368,3 +373,63 @@ def test_redis_settings_unquotes_credentials_and_reads_tls() -> None:
     assert rs.password == "p@ss/word"
     assert rs.ssl_cert_reqs == "none"
     assert rs.ssl_ca_certs == "/ca.pem"
+
+
+# --- hostile and broken input ----------------------------------------------------------------
+
+
+def _job(**fields: Any) -> dict[str, Any]:
+    return {"t": 1, "f": "route", "a": [{"messages": [{"role": "user", "content": "x"}]}],
+            "k": {}, "et": 1, **fields}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "complaint"),
+    [
+        ({"f": 7}, "'f'"),
+        ({"a": "text"}, "'a'"),
+        ({"k": [1]}, "'k'"),
+        ({"et": "yesterday"}, "'et'"),
+        ({"et": -5}, "'et'"),
+        ({"et": True}, "'et'"),
+        ({"t": 999}, "'t'"),
+        ({"t": "1"}, "'t'"),
+    ],
+)
+def test_job_blobs_arq_would_choke_on_are_refused(fields: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        deserialize(json.dumps(_job(**fields)).encode())
+
+
+def test_a_well_formed_job_blob_passes() -> None:
+    assert deserialize(json.dumps(_job(t=None)).encode())["f"] == "route"
+
+
+def test_oversized_job_is_refused_before_parsing() -> None:
+    blob = json.dumps(_job(a=[{"messages": [{"role": "user", "content": "x" * 5000}]}])).encode()
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        deserialize(blob, max_bytes=4096)
+    assert deserialize(blob, max_bytes=len(blob))["f"] == "route"
+
+
+async def test_too_many_messages_and_too_big_schema_are_invalid_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(max_messages=2, max_schema_bytes=100)
+    router = Router(settings)
+    ctx: dict[str, Any] = {"job_id": "lim-1", "router": router}
+    msgs = [{"role": "user", "content": str(n)} for n in range(3)]
+    out = await route(ctx, {"messages": msgs})
+    assert out["status"] == "invalid_request"
+    assert "max_messages" in out["error"]
+    big = {"type": "object", "properties": {f"p{n}": {"type": "string"} for n in range(20)}}
+    out = await route(ctx, {"messages": msgs[:1], "schema": big})
+    assert out["status"] == "invalid_request"
+    assert "max_schema_bytes" in out["error"]
+
+
+def test_a_poison_job_gets_a_clear_failed_result() -> None:
+    result = exception_result(JobExecutionFailed("max 3 retries exceeded"), "p1")
+    assert result.status == "failed"
+    assert result.error is not None
+    assert "not tried again" in result.error

@@ -1,42 +1,63 @@
-"""arq's Worker with a push-driven fast path.
+"""arq's Worker, made fast and made not to lose jobs.
 
-arq polls the queue every ``poll_delay`` and claims each job with a WATCH
-transaction of four round trips; its producers poll for results. Here:
+Fast path (arq polls the queue and claims each job with four round trips):
 
 * the worker blocks on the queue's wake-up list (``BLPOP <queue>:wake``), which
-  our producers push to in the same script that enqueues, and polls only as a
-  slow safety net for producers that write arq's keys alone;
-* a worker with no free slot does not take wake-up tokens, so an idle worker
-  gets them instead;
-* one Lua script finds and claims a batch of due jobs (one round trip);
-* the result is pushed to the producer's reply list (``reply_to``) in the same
-  transaction that stores it, so the producer blocks instead of polling.
+  our producers push to in the enqueue script, and polls only as a slow
+  safety net for producers that write arq's keys alone; a worker with no free
+  slot does not take tokens, so an idle worker gets them;
+* one Lua script finds and claims a batch of due jobs;
+* the result is pushed to the producer's reply list in the script that
+  stores it, so the producer blocks instead of polling.
+
+Never losing a job (arq re-runs a dead worker's job only after ~310 s, exits
+when Redis goes away, and overwrites results on a second run):
+
+* a claim is a short lease (``in-progress`` key holding this worker's token)
+  that a renewal task extends while the job runs; when the worker dies the
+  lease lapses within ``lease_seconds`` and another worker takes the job;
+* finishing is one script that stores the first result only: a job that ran
+  twice leaves one result and one reply; a job that is started more than
+  ``max_tries`` times (its workers keep dying) gets a ``failed`` result;
+* on SIGTERM the worker stops taking jobs, lets running ones finish within the
+  grace period and hands back the rest at once (lease dropped, wake-up sent);
+* Redis errors never end the worker: it logs one line, backs off and goes on,
+  and a result it could not store is retried until Redis is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
-from arq.connections import create_pool
+from arq.connections import ArqRedis, create_pool
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.constants import result_key_prefix as arq_result_prefix
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llm_router.client.protocol import REPLY_TTL_S, wake_key
+from llm_router.client.protocol import REPLY_TTL_S, WAKE_TOKENS_MAX, wake_key
 
 log = structlog.get_logger("llm_router.worker")
 
-# KEYS[1] queue. ARGV: now ms, in-progress ttl ms, most jobs to claim, in-progress prefix.
-# Returns id, score, id, score ... for the jobs this worker now owns.
+T = TypeVar("T")
+
+# KEYS[1] queue. ARGV: now ms, lease ms, most jobs to claim, in-progress prefix, token.
+# Returns id, score, id, score ... for the jobs this worker now holds a lease on.
 _CLAIM_LUA = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, id in ipairs(ids) do
-  if redis.call('SET', ARGV[4] .. id, '1', 'NX', 'PX', ARGV[2]) then
+  if redis.call('SET', ARGV[4] .. id, ARGV[5], 'NX', 'PX', ARGV[2]) then
     out[#out + 1] = id
     out[#out + 1] = redis.call('ZSCORE', KEYS[1], id)
   end
@@ -44,48 +65,149 @@ end
 return out
 """
 
+# KEYS: in-progress keys. ARGV: token, lease ms. Returns the keys no longer ours.
+_RENEW_LUA = """
+local lost = {}
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    lost[#lost + 1] = key
+  end
+end
+return lost
+"""
+
+# KEYS: result, in-progress, retry, job, queue, abort set, reply list ('' for none), wake.
+# ARGV: job id, token, result blob ('' = hand the job back), result ttl ms ('' = forever),
+#       reply ttl s, wake-up cap.
+# Returns 1 when this call stored the result, 0 when a result was already there.
+_FINISH_LUA = """
+local function release()
+  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+end
+if ARGV[3] == '' then
+  release()
+  redis.call('DECR', KEYS[3])
+  redis.call('LPUSH', KEYS[8], '1')
+  redis.call('LTRIM', KEYS[8], 0, tonumber(ARGV[6]) - 1)
+  return 1
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  release()
+  return 0
+end
+if ARGV[4] == '' then
+  redis.call('SET', KEYS[1], ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+end
+if KEYS[7] ~= '' then
+  redis.call('LPUSH', KEYS[7], ARGV[3])
+  redis.call('EXPIRE', KEYS[7], ARGV[5])
+end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+release()
+return 1
+"""
+
 WAKE_BLOCK_S = 5
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class RedisOutage:
+    """One log line when Redis goes away and one when it is back, with backoff between."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> float:
+        self.failures += 1
+        if self.failures == 1:
+            log.warning("redis_unavailable", during=self.what, error=f"{type(exc).__name__}: {exc}")
+        backoff: float = min(0.2 * 2.0 ** (self.failures - 1), 5.0)
+        return backoff
+
+    def ok(self) -> None:
+        if self.failures:
+            log.info("redis_back", during=self.what, failed_tries=self.failures)
+        self.failures = 0
+
+
+async def until_redis_answers(
+    what: str, call: Callable[[], Awaitable[T]], *, give_up_after: float | None = None
+) -> T:
+    """Retry ``call`` through a Redis outage, with backoff, until it succeeds."""
+    outage = RedisOutage(what)
+    deadline = None if give_up_after is None else time.monotonic() + give_up_after
+    while True:
+        try:
+            value = await call()
+        except (RedisError, OSError) as exc:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(outage.failed(exc))
+        else:
+            outage.ok()
+            return value
 
 
 class RouterWorker(Worker):
-    """An arq Worker woken by pushes, claiming in batches, answering by push."""
+    """An arq Worker woken by pushes, holding renewable leases, answering by push."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lease_seconds: float = 10.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.lease_ms = int(lease_seconds * 1000)
+        self.token = uuid.uuid4().hex
         self.wake_key = wake_key(self.queue_name)
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._helpers: list[asyncio.Task[None]] = []
         # job id -> the producer's reply list, filled by the job function
         self.replies: dict[str, str] = self.ctx.setdefault("replies", {})
 
     async def main(self) -> None:
         if self._pool is None:
-            self._pool = await create_pool(
-                self.redis_settings,
-                job_deserializer=self.job_deserializer,
-                job_serializer=self.job_serializer,
-                default_queue_name=self.queue_name,
-                expires_extra_ms=self.expires_extra_ms,
-            )
+            self._pool = await until_redis_answers("start-up", self._connect)
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
         self._claim = self.pool.register_script(_CLAIM_LUA)
-        listener = asyncio.create_task(self._listen_for_wake_ups(), name="wake-up listener")
-        try:
-            while True:
-                self._wake.clear()
+        self._renew = self.pool.register_script(_RENEW_LUA)
+        self._finish = self.pool.register_script(_FINISH_LUA)
+        self._helpers = [
+            asyncio.create_task(self._listen_for_wake_ups(), name="wake-up listener"),
+            asyncio.create_task(self._renew_leases(), name="lease renewal"),
+        ]
+        outage = RedisOutage("polling the queue")
+        while True:
+            self._wake.clear()
+            try:
                 await self._poll_iteration()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_delay_s):
-                        await self._wake.wait()
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            except (RedisError, OSError) as exc:
+                await asyncio.sleep(outage.failed(exc))
+                continue
+            outage.ok()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_delay_s):
+                    await self._wake.wait()
+
+    async def _connect(self) -> ArqRedis:
+        return await create_pool(
+            self.redis_settings,
+            job_deserializer=self.job_deserializer,
+            job_serializer=self.job_serializer,
+            default_queue_name=self.queue_name,
+            expires_extra_ms=self.expires_extra_ms,
+            retry=self.redis_settings.conn_retries if self.redis_settings else 0,
+        )
 
     async def _listen_for_wake_ups(self) -> None:
         """Take a wake-up token only while a slot is free, then poll at once."""
+        outage = RedisOutage("waiting for wake-ups")
         while True:
             if self.job_counter >= self.max_jobs or not self.allow_pick_jobs:
                 self._slot_freed.clear()
@@ -93,33 +215,51 @@ class RouterWorker(Worker):
                 continue
             try:
                 token = await self.pool.blpop([self.wake_key], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("wake_up_listener_error", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
+            except (RedisError, OSError) as exc:
+                await asyncio.sleep(outage.failed(exc))
                 continue
+            outage.ok()
             if token is not None:
                 self._wake.set()
 
+    async def _renew_leases(self) -> None:
+        """Extend the lease of every running job, three times per lease."""
+        outage = RedisOutage("renewing leases")
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            if not running:
+                continue
+            try:
+                lost = await self._renew(
+                    keys=[in_progress_key_prefix + j for j in running],
+                    args=[self.token, self.lease_ms],
+                )
+            except (RedisError, OSError) as exc:
+                await asyncio.sleep(outage.failed(exc))
+                continue
+            outage.ok()
+            for key in lost:
+                log.warning("lease_lost", job_id=key.decode()[len(in_progress_key_prefix) :])
+
     async def _poll_iteration(self) -> None:
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
         free = self.max_jobs - self.job_counter
         if self.allow_pick_jobs and free > 0:
             claimed = await self._claim(
                 keys=[self.queue_name],
                 args=[
                     timestamp_ms(),
-                    int(self.in_progress_timeout_s * 1000),
+                    self.lease_ms,
                     min(free, self.queue_read_limit),
                     in_progress_key_prefix,
+                    self.token,
                 ],
             )
             for raw_id, raw_score in zip(claimed[::2], claimed[1::2], strict=True):
                 await self._start(raw_id.decode(), int(float(raw_score)))
-        for job_id, task in list(self.tasks.items()):
-            if task.done():
-                del self.tasks[job_id]
-                task.result()  # surface errors in run_job itself
         await self.heart_beat()
 
     async def _start(self, job_id: str, score: int) -> None:
@@ -134,6 +274,23 @@ class RouterWorker(Worker):
         self._slot_freed.set()
         self._wake.set()  # a slot is free: look for queued jobs now
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job, but nothing it raises may stop the worker."""
+        try:
+            await super().run_job(job_id, score)
+        except asyncio.CancelledError:
+            raise
+        except _TRANSIENT as exc:
+            # Redis went away before the job started; the lease lapses and it runs later.
+            log.warning("job_not_started", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("job_crashed", job_id=job_id)
+
+    async def _sleep_until_tasks_complete(self) -> None:
+        running = [task for task in self.tasks.values() if not task.done()]
+        if running:
+            await asyncio.wait(running)
+
     async def finish_job(
         self,
         job_id: str,
@@ -144,27 +301,67 @@ class RouterWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """arq's finish_job, plus the push to the producer's reply list."""
+        """Store the first result only, push it to the producer, release the lease."""
         reply_to = self.replies.pop(job_id, None)
-        async with self.pool.pipeline(transaction=True) as tr:
-            delete_keys = []
-            in_progress_key = in_progress_key_prefix + job_id
-            if keep_in_progress is None:
-                delete_keys.append(in_progress_key)
-            else:
-                tr.pexpire(in_progress_key, to_ms(keep_in_progress))
-            if finish:
-                if result_data:
-                    expire = None if keep_result_forever else result_timeout_s
-                    tr.set(arq_result_prefix + job_id, result_data, px=to_ms(expire))
-                    if reply_to is not None:
-                        tr.lpush(reply_to, result_data)
-                        tr.expire(reply_to, REPLY_TTL_S)
-                delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
-                tr.zrem(abort_jobs_ss, job_id)
-                tr.zrem(self.queue_name, job_id)
-            elif incr_score:
-                tr.zincrby(self.queue_name, incr_score, job_id)
-            if delete_keys:
-                tr.delete(*delete_keys)
-            await tr.execute()
+        if not finish or not result_data:
+            # Cancelled (shutdown) or retried: hand the job back for another worker now.
+            await self._finish_script(job_id, b"", None, None)
+            return
+        ttl = None if keep_result_forever else result_timeout_s
+        await self._finish_script(job_id, result_data, ttl, reply_to)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq's path for jobs it could not start: same rules, first result wins."""
+        reply_to = self.replies.pop(job_id, None)
+        ttl = None if self.keep_result_forever else self.keep_result_s
+        blob = result_data or self.job_serializer(  # type: ignore[misc]
+            {"id": job_id, "r": RuntimeError("the job's result could not be serialized")}
+        )
+        await self._finish_script(job_id, blob, ttl, reply_to)
+
+    async def _finish_script(
+        self, job_id: str, blob: bytes, ttl_s: float | None, reply_to: str | None
+    ) -> None:
+        keys = [
+            arq_result_prefix + job_id,
+            in_progress_key_prefix + job_id,
+            retry_key_prefix + job_id,
+            job_key_prefix + job_id,
+            self.queue_name,
+            abort_jobs_ss,
+            reply_to or "",
+            self.wake_key,
+        ]
+        args = [job_id, self.token, blob, "" if ttl_s is None else to_ms(ttl_s) or "", REPLY_TTL_S]
+        args.append(WAKE_TOKENS_MAX)
+
+        async def finish() -> Any:
+            return await self._finish(keys=keys, args=args)
+
+        # While stopping, do not wait for Redis for ever: the job's lease lapses and
+        # another worker runs it again.
+        give_up = None if self.allow_pick_jobs else 10.0
+        try:
+            stored = await until_redis_answers("storing a result", finish, give_up_after=give_up)
+        except (RedisError, OSError):
+            log.warning("result_not_stored", job_id=job_id)
+            return
+        if blob and not stored:
+            log.info("duplicate_run", job_id=job_id)
+
+    async def close(self) -> None:
+        """Stop helpers and let running jobs hand themselves back; survive a dead Redis."""
+        for task in self._helpers:
+            task.cancel()
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        with contextlib.suppress(RedisError, OSError):
+            await self.pool.close(close_connection_pool=True)
+        self._pool = None

@@ -7,6 +7,7 @@ exception raised by an arq job reaches the producer only as a lost string.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -44,11 +45,33 @@ def serialize(data: dict[str, Any]) -> bytes:
     return encode(data)
 
 
-def deserialize(blob: bytes) -> Any:
+def deserialize(blob: bytes, max_bytes: int | None = None) -> Any:
     """arq's deserializer hook: JSON only; a pickle is refused without being loaded."""
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise ValueError(
+            f"the job is {len(blob)} bytes, more than the limit of {max_bytes} (max_request_bytes)"
+        )
     if blob[:1] == _PICKLE_MAGIC:
         raise ValueError("pickle payloads are refused; jobs must be JSON")
-    return json.loads(blob)
+    data = json.loads(blob)
+    if isinstance(data, dict) and "r" not in data:
+        check_job_shape(data)
+    return data
+
+
+def check_job_shape(data: dict[str, Any]) -> None:
+    """arq trusts these fields; a wrong type would crash it outside its own error handling."""
+    if not isinstance(data.get("f"), str):
+        raise ValueError("'f' (the function name) must be a string")
+    if not isinstance(data.get("a"), list):
+        raise ValueError("'a' (the arguments) must be a list")
+    if not isinstance(data.get("k"), dict):
+        raise ValueError("'k' (the keyword arguments) must be an object")
+    et, t = data.get("et"), data.get("t")
+    if not isinstance(et, int) or isinstance(et, bool) or not 0 <= et < 2**53:
+        raise ValueError("'et' (the enqueue time in ms) must be a non-negative integer")
+    if t is not None and (not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 1):
+        raise ValueError("'t' (the try number) must be null, 0 or 1")
 
 
 def exception_result(exc: BaseException, job_id: str | None) -> RouteResult:
@@ -58,6 +81,12 @@ def exception_result(exc: BaseException, job_id: str | None) -> RouteResult:
         return invalid_result(f"job payload is not a JSON arq job: {cause}", job_id=job_id)
     if isinstance(exc, JobExecutionFailed) and "not found" in str(exc):
         return invalid_result(f"unknown job function: {exc}", job_id=job_id)
+    if isinstance(exc, JobExecutionFailed) and "retries exceeded" in str(exc):
+        error = (
+            f"the job was started too often without finishing ({exc}): its workers died "
+            "or were killed while running it, so it is not tried again"
+        )
+        return RouteResult(status="failed", error=error, job_id=job_id)
     return RouteResult(status="failed", error=f"{type(exc).__name__}: {exc}", job_id=job_id)
 
 
@@ -72,6 +101,22 @@ def parse_request(args: tuple[Any, ...], kwargs: dict[str, Any]) -> RouteRequest
     if not isinstance(payload, dict):
         raise ValueError(f"the request must be a JSON object, not {type(payload).__name__}")
     return RouteRequest.model_validate(payload)
+
+
+def check_limits(request: RouteRequest, settings: Settings) -> None:
+    """Size limits the worker enforces whoever produced the job."""
+    if len(request.messages) > settings.max_messages:
+        raise ValueError(
+            f"{len(request.messages)} messages, more than the limit of "
+            f"{settings.max_messages} (max_messages)"
+        )
+    if request.json_schema is not None:
+        size = len(encode(request.json_schema))
+        if size > settings.max_schema_bytes:
+            raise ValueError(
+                f"the schema is {size} bytes, more than the limit of "
+                f"{settings.max_schema_bytes} (max_schema_bytes)"
+            )
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -96,6 +141,7 @@ async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any
     register_reply(ctx, job_id, kwargs)
     try:
         request = parse_request(args, kwargs)
+        check_limits(request, router.settings)
     except ValidationError as exc:
         result = invalid_result(_validation_message(exc), job_id=job_id)
         log.warning("invalid_request", job_id=job_id, error=result.error)
@@ -158,7 +204,10 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "keep_result": settings.keep_result,
         "poll_delay": settings.poll_delay,
         "job_serializer": serialize,
-        "job_deserializer": deserialize,
+        "job_deserializer": functools.partial(deserialize, max_bytes=settings.max_request_bytes),
+        "max_tries": settings.max_tries,
+        "job_completion_wait": settings.shutdown_grace,
+        "lease_seconds": settings.lease_seconds,
         "on_startup": _startup,
         "ctx": {"settings": settings},
         "log_results": False,

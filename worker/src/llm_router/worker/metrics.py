@@ -27,9 +27,11 @@ COUNTED_TTL_S = 86_400
 # One round trip per job: count (once per job id), snapshot, publish.
 # KEYS: counters hash, per-job marker. ARGV: marker ttl, channel, the event's JSON
 # without its closing brace, then the "<model>|<outcome>" fields to add 1 to.
-# Returns the snapshot's JSON, which is spliced into the published event.
+# Returns the snapshot's JSON, which is spliced into the published event. A job
+# that ran twice (at-least-once delivery) is counted and announced once.
 _RECORD_LUA = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+local fresh = redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1])
+if fresh then
   for i = 4, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
 end
 local flat = redis.call('HGETALL', KEYS[1])
@@ -45,7 +47,9 @@ for i = 1, #flat, 2 do
 end
 local snapshot = '{}'
 if next(snap) ~= nil then snapshot = cjson.encode(snap) end
-redis.call('PUBLISH', ARGV[2], ARGV[3] .. ',"metrics_snapshot":' .. snapshot .. '}')
+if fresh then
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. ',"metrics_snapshot":' .. snapshot .. '}')
+end
 return snapshot
 """
 

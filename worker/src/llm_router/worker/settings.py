@@ -95,6 +95,18 @@ class Settings(BaseSettings):
     refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
     anthropic_max_tokens: int = Field(default=4096, ge=1, le=64_000)
     metrics_channel: str = Field(default=METRICS_CHANNEL, min_length=1)
+    lease_seconds: float = Field(
+        default=10.0, ge=2, le=300, description="a dead worker's job is taken over after this"
+    )
+    max_tries: int = Field(
+        default=3, ge=1, le=100, description="starts of one job before it fails as a poison job"
+    )
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, le=3600, description="on SIGTERM, how long running jobs may finish"
+    )
+    max_request_bytes: int = Field(default=1_000_000, ge=1024, description="a job blob's size")
+    max_messages: int = Field(default=1000, ge=1)
+    max_schema_bytes: int = Field(default=65_536, ge=64)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

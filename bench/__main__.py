@@ -1,0 +1,148 @@
+"""Run the fast-path benchmarks: ``.venv/bin/python -m bench [--quick] [names...]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import sys
+from importlib.metadata import version
+from types import FrameType
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bench import idle, queue_overhead, throughput
+from bench.common import DEFAULT_REDIS_URL, emit, new_run_id, note, say
+from bench.procs import start_stub, stop_all
+
+NAMES = ("queue_overhead", "throughput", "idle")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(NAMES)} (all)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (small counts)")
+    p.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="default: %(default)s")
+    g = p.add_argument_group("queue_overhead")
+    g.add_argument("--jobs", type=int, help="sequential jobs for ours and arq_10ms (1000)")
+    g.add_argument("--jobs-arq-default", type=int, help="jobs for arq at defaults (200)")
+    g.add_argument("--warmup-jobs", type=int, help="warm-up jobs per variant (20)")
+    g.add_argument("--overhead-rounds", type=int, help="interleaved rounds (5)")
+    g = p.add_argument_group("throughput")
+    g.add_argument("-n", "--concurrency", type=int, default=50, help="producers N (%(default)s)")
+    g.add_argument("--producers", type=int, default=1, help="producer processes (%(default)s)")
+    g.add_argument("--max-jobs", type=int, default=50, help="worker max_jobs (%(default)s)")
+    g.add_argument("--duration", type=float, help="measuring window per variant, s (10)")
+    g.add_argument("--tput-warmup", type=float, help="warm-up before each window, s (2)")
+    g.add_argument("--tput-rounds", type=int, help="interleaved rounds (3)")
+    g = p.add_argument_group("idle")
+    g.add_argument("--idle-seconds", type=float, help="idle window, s (60)")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in NAMES]
+    if unknown:
+        p.error(f"unknown benchmark {unknown[0]!r} (choose from {', '.join(NAMES)})")
+    quick = args.quick
+
+    def pick(value: Any, full: Any, short: Any) -> Any:
+        return value if value is not None else (short if quick else full)
+
+    args.jobs = pick(args.jobs, 1000, 200)
+    args.jobs_arq_default = pick(args.jobs_arq_default, 200, 10)
+    args.warmup_jobs = pick(args.warmup_jobs, 20, 10)
+    args.overhead_rounds = pick(args.overhead_rounds, 5, 2)
+    args.duration = pick(args.duration, 10.0, 3.0)
+    args.tput_warmup = pick(args.tput_warmup, 2.0, 1.0)
+    args.tput_rounds = pick(args.tput_rounds, 3, 1)
+    args.idle_seconds = pick(args.idle_seconds, 60.0, 10.0)
+    if min(args.jobs, args.jobs_arq_default, args.overhead_rounds, args.concurrency) < 1:
+        p.error("counts must be at least 1")
+    if args.producers < 1 or args.producers > args.concurrency:
+        p.error("--producers must be between 1 and N")
+    return args
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "litellm": version("litellm"),
+        "arq": version("arq"),
+        "redis_py": version("redis"),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    names = args.names or list(NAMES)
+    run_id = new_run_id()
+    redis = Redis.from_url(args.redis_url, socket_connect_timeout=3)
+    try:
+        info = await redis.info("server")
+    finally:
+        await redis.aclose()
+    env = {**_environment(), "redis_server": info.get("redis_version")}
+    note(f"run {run_id}: {', '.join(names)} against {args.redis_url} ({env})")
+    stub, stub_url = start_stub()
+    floors: dict[str, Any] = {}
+    try:
+        for name in names:
+            say()
+            data: dict[str, Any]
+            if name == "queue_overhead":
+                cfg_o = queue_overhead.OverheadConfig(
+                    args.redis_url,
+                    jobs=args.jobs,
+                    jobs_arq_default=args.jobs_arq_default,
+                    warmup=args.warmup_jobs,
+                    rounds=args.overhead_rounds,
+                )
+                data = await queue_overhead.run(cfg_o, stub_url, run_id)
+            elif name == "throughput":
+                cfg_t = throughput.ThroughputConfig(
+                    args.redis_url,
+                    concurrency=args.concurrency,
+                    producers=args.producers,
+                    max_jobs=args.max_jobs,
+                    duration=args.duration,
+                    warmup=args.tput_warmup,
+                    rounds=args.tput_rounds,
+                )
+                data = await throughput.run(cfg_t, stub_url, stub.pid, run_id)
+            else:
+                cfg_i = idle.IdleConfig(args.redis_url, seconds=args.idle_seconds)
+                data = await idle.run(cfg_i, stub_url, run_id)
+            data |= {"run_id": run_id, "quick": args.quick, "environment": env}
+            emit(name, data)
+            floors[name] = data["floors"]
+    finally:
+        stub.stop()
+    if len(names) > 1:
+        say()
+        emit(
+            "summary",
+            {"benchmark": "summary", "run_id": run_id, "quick": args.quick, "floors": floors},
+        )
+    return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        note("interrupted: stopping every process this run started")
+        return 130
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

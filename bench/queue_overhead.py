@@ -1,0 +1,235 @@
+"""Queue overhead: enqueue -> result in the producer's hands, minus the chain's own time.
+
+One producer, one job at a time, an instantly answering model. Three workers run side by
+side against the same Redis, each a process on a queue of its own:
+
+* ``ours``        our worker (push wake-up, one-script claim, pushed replies), RouterClient;
+* ``arq_10ms``    plain arq, pickle, worker poll 10 ms, ``job.result(poll_delay=0.01)``;
+* ``arq_default`` plain arq at its defaults: worker poll 0.5 s, ``job.result()`` poll 0.5 s.
+
+Jobs are measured in interleaved rounds (a block of each variant per round), so a noisy
+neighbour on the shared machine hits all variants alike. overhead = total - chain_ms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis
+
+from bench.common import (
+    JOB_TIMEOUT_S,
+    PROMPT,
+    chains_json,
+    forget_jobs,
+    forget_keys,
+    note,
+    queue_keys,
+    ratio,
+    say,
+    summary,
+    table,
+)
+from bench.procs import (
+    Managed,
+    probe_arq,
+    probe_ours,
+    run_job_arq,
+    start_arq,
+    start_ours,
+    wait_listening,
+)
+from llm_router.client import RouterClient
+
+VARIANTS = ("ours", "arq_10ms", "arq_default")
+ARQ_POLL = {"arq_10ms": 0.01, "arq_default": None}
+FLOOR_P50_MS = 2.0
+FLOOR_P99_MS = 10.0
+
+#: One timed job: returns (job id, total ms, chain ms).
+Measure = Callable[[], Awaitable[tuple[str, float, float]]]
+
+
+@dataclass
+class OverheadConfig:
+    redis_url: str
+    jobs: int = 1000
+    jobs_arq_default: int = 200
+    warmup: int = 20
+    rounds: int = 5
+
+
+@dataclass
+class Samples:
+    total: list[float] = field(default_factory=list)
+    chain: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    truncated: bool = False
+
+
+def _ours(client: RouterClient) -> Measure:
+    async def measure() -> tuple[str, float, float]:
+        t0 = time.perf_counter()
+        result = await client.route(PROMPT, timeout=JOB_TIMEOUT_S)
+        total = (time.perf_counter() - t0) * 1000
+        return result.job_id or "", total, result.chain_ms
+
+    return measure
+
+
+def _arq(pool: ArqRedis, queue: str, poll: float | None) -> Measure:
+    async def measure() -> tuple[str, float, float]:
+        t0 = time.perf_counter()
+        job_id, result = await run_job_arq(pool, queue, poll)
+        total = (time.perf_counter() - t0) * 1000
+        if result.get("status") != "ok":
+            raise RuntimeError(f"job failed: {result.get('error')}")
+        return job_id, total, float(result["chain_ms"])
+
+    return measure
+
+
+async def _block(measure: Measure, count: int, into: Samples, *, record: bool) -> None:
+    """``count`` sequential jobs, bounded in time as well as in count."""
+    deadline = time.monotonic() + count * 3.0 + 60
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            into.truncated = True
+            return
+        try:
+            job_id, total, chain = await measure()
+        except Exception as exc:
+            into.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        into.job_ids.append(job_id)
+        if record:
+            into.total.append(total)
+            into.chain.append(chain)
+            into.overhead.append(total - chain)
+
+
+def _shares(total: int, rounds: int) -> list[int]:
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
+
+
+async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]:
+    chains = chains_json(stub_url)
+    channel = f"bench:{run_id}:metrics"
+    queues = {v: f"bench:{run_id}:overhead:{v}" for v in VARIANTS}
+    redis = Redis.from_url(cfg.redis_url)
+    pool = await create_pool(RedisSettings.from_dsn(cfg.redis_url))
+    client = RouterClient(cfg.redis_url, queue_name=queues["ours"])
+    warm = Samples()  # probes and warm-up jobs: cleaned up, not reported
+    samples = {v: Samples() for v in VARIANTS}
+    workers: dict[str, Managed] = {}
+    try:
+        common: dict[str, Any] = {
+            "redis_url": cfg.redis_url,
+            "chains": chains,
+            "metrics_channel": channel,
+        }
+        workers["ours"] = start_ours("overhead-ours", queue=queues["ours"], **common)
+        for v in ("arq_10ms", "arq_default"):
+            workers[v] = start_arq(
+                f"overhead-{v}", queue=queues[v], poll_delay=ARQ_POLL[v], **common
+            )
+        note("queue_overhead: waiting for 3 workers (litellm import)...")
+        waited = await wait_listening(workers["ours"], redis)
+        probe = await probe_ours(workers["ours"], client)
+        warm.job_ids.append(probe.job_id or "")
+        for v in ("arq_10ms", "arq_default"):
+            warm.job_ids.append(str((await probe_arq(workers[v], pool, queues[v]))["job_id"]))
+        note(f"queue_overhead: workers ready (ours listening after {waited:.1f}s); warming up")
+        measures: dict[str, Measure] = {"ours": _ours(client)}
+        for v in ("arq_10ms", "arq_default"):
+            measures[v] = _arq(pool, queues[v], ARQ_POLL[v])
+        for v in VARIANTS:
+            n = cfg.warmup if v != "arq_default" else max(2, cfg.warmup // 4)
+            await _block(measures[v], n, warm, record=False)
+        counts = {
+            "ours": _shares(cfg.jobs, cfg.rounds),
+            "arq_10ms": _shares(cfg.jobs, cfg.rounds),
+            "arq_default": _shares(cfg.jobs_arq_default, cfg.rounds),
+        }
+        for r in range(cfg.rounds):
+            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+            for v in order:
+                await _block(measures[v], counts[v][r], samples[v], record=True)
+            note(
+                f"queue_overhead: round {r + 1}/{cfg.rounds} done "
+                + ", ".join(f"{v}={len(samples[v].overhead)}" for v in VARIANTS)
+            )
+    finally:
+        for worker in workers.values():
+            worker.stop()
+        every = [j for s in [warm, *samples.values()] for j in s.job_ids if j]
+        await forget_jobs(redis, every, len(every))
+        await forget_keys(redis, [k for q in queues.values() for k in queue_keys(q)])
+        await client.aclose()
+        await pool.aclose()
+        await redis.aclose()
+    return _report(cfg, samples)
+
+
+def _report(cfg: OverheadConfig, samples: dict[str, Samples]) -> dict[str, Any]:
+    variants: dict[str, Any] = {}
+    for v in VARIANTS:
+        s = samples[v]
+        variants[v] = {
+            "jobs": len(s.overhead),
+            "errors": len(s.errors),
+            "first_error": s.errors[0] if s.errors else None,
+            "truncated": s.truncated,
+            "overhead_ms": summary(s.overhead),
+            "total_ms": summary(s.total),
+            "chain_ms": summary(s.chain),
+        }
+    ours = variants["ours"]["overhead_ms"]
+    floors = {
+        "p50_le_2ms": bool(ours.get("p50", 1e9) <= FLOOR_P50_MS),
+        "p99_le_10ms": bool(ours.get("p99", 1e9) <= FLOOR_P99_MS),
+        "no_errors": all(variants[v]["errors"] == 0 for v in VARIANTS),
+    }
+    ratios = {
+        f"{v}_p50_over_ours": ratio(variants[v]["overhead_ms"].get("p50", 0.0), ours.get("p50", 0))
+        for v in ("arq_10ms", "arq_default")
+    }
+    rows = []
+    for v in VARIANTS:
+        o, t, c = (variants[v][k] for k in ("overhead_ms", "total_ms", "chain_ms"))
+        rows.append(
+            [
+                v,
+                variants[v]["jobs"],
+                variants[v]["errors"],
+                *(o.get(k, float("nan")) for k in ("p50", "p95", "p99", "mean", "max")),
+                t.get("p50", float("nan")),
+                c.get("p50", float("nan")),
+            ]
+        )
+    say("Queue overhead (ms): enqueue -> result in hand, minus chain_ms; sequential jobs")
+    headers = ["variant", "jobs", "err", "p50", "p95", "p99", "mean", "max"]
+    say(table([*headers, "total p50", "chain p50"], rows))
+    say(
+        f"floor ours p50 <= {FLOOR_P50_MS} ms: {'MET' if floors['p50_le_2ms'] else 'MISSED'}; "
+        f"p99 <= {FLOOR_P99_MS} ms: {'MET' if floors['p99_le_10ms'] else 'MISSED'}; "
+        + "; ".join(f"{k} = {x}" for k, x in ratios.items())
+    )
+    return {
+        "benchmark": "queue_overhead",
+        "config": {
+            "jobs": cfg.jobs,
+            "jobs_arq_default": cfg.jobs_arq_default,
+            "warmup": cfg.warmup,
+            "rounds": cfg.rounds,
+        },
+        "variants": variants,
+        "ratios": ratios,
+        "floors": floors,
+    }
