@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import io
 import json
 import pstats
 import sys
@@ -38,6 +37,7 @@ from bench.common import (
     set_offline_env,
     table,
 )
+from bench.profstats import by_package, package_table, thread_cpu, thread_delta, top_functions
 
 Stamps = dict[str, dict[str, float]]  # job id -> step -> monotonic time
 
@@ -93,8 +93,17 @@ async def produce(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- worker side
 
 
-def instrument(stamps: Stamps, tokens: list[float]) -> None:
-    """Wrap the worker's steps so each notes when it began or ended, per job id."""
+_STAMPS: Stamps = defaultdict(dict)
+_TOKENS: list[float] = []
+_INSTRUMENTED: list[bool] = []
+
+
+def instrument() -> None:
+    """Wrap the worker's steps (once) so each notes when it began or ended, per job id."""
+    if _INSTRUMENTED:
+        return
+    _INSTRUMENTED.append(True)
+    stamps = _STAMPS
     from llm_router.worker import jobs
     from llm_router.worker.daemon import RouterWorker
     from llm_router.worker.metrics import Metrics
@@ -158,16 +167,25 @@ def instrument(stamps: Stamps, tokens: list[float]) -> None:
     jobs.route = route_wrapped
 
 
-async def work(args: argparse.Namespace, stub_url: str) -> tuple[list[dict[str, Any]], str]:
-    """One pass: the worker in this process, the producer in another."""
-    from arq.connections import create_pool
+class Pass:
+    """What one pass measured: per-job rows, the profile, CPU per thread, jobs run."""
 
-    from llm_router.worker import calls, jobs
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.stats: pstats.Stats | None = None
+        self.threads: dict[str, float] = {}
+        self.jobs = 0
+        self.wall = 0.0
+
+
+def _settings(args: argparse.Namespace, stub_url: str, queue: str) -> Any:
+    from llm_router.worker import calls
     from llm_router.worker.logs import configure_logging
     from llm_router.worker.settings import Settings
 
-    queue = f"bench:{new_run_id()}:profile"
-    settings = Settings(
+    configure_logging("WARNING", "json")  # as the benchmark runs our worker
+    calls.warm_up()
+    return Settings(
         redis_url=args.redis_url,
         queue_name=queue,
         chains=json.loads(chains_json(stub_url)),
@@ -175,11 +193,20 @@ async def work(args: argparse.Namespace, stub_url: str) -> tuple[list[dict[str, 
         max_jobs=args.max_jobs,
         log_level="WARNING",
     )
-    configure_logging("WARNING", "json")
-    calls.warm_up()
-    stamps: Stamps = defaultdict(dict)
-    tokens: list[float] = []
-    instrument(stamps, tokens)
+
+
+async def work(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pass:
+    """The worker in this process (as ``create_worker`` builds it), the producer in another."""
+    from arq.connections import create_pool
+
+    from llm_router.worker import jobs
+
+    queue = f"bench:{new_run_id()}:profile"
+    settings = _settings(args, stub_url, queue)
+    _STAMPS.clear()
+    _TOKENS.clear()
+    stamps, tokens = _STAMPS, _TOKENS
+    instrument()
     worker = jobs.create_worker(settings, handle_signals=False)
     worker._pool = await create_pool(
         worker.redis_settings,
@@ -198,20 +225,25 @@ async def work(args: argparse.Namespace, stub_url: str) -> tuple[list[dict[str, 
 
     pool.blpop = blpop_noted  # type: ignore[method-assign]
     running = asyncio.create_task(worker.async_run())
-    profiler = cProfile.Profile() if args.cprofile_pass else None
     argv = [PYTHON, "-m", "bench.profile_worker", "producer", "--redis-url", args.redis_url]
     argv += ["--queue", queue, "--jobs", str(args.jobs), "--concurrency", str(args.concurrency)]
     argv += ["--warmup", str(args.warmup)]
+    result = Pass()
     producer = await asyncio.create_subprocess_exec(
         *argv, env=base_env(), cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE
     )
+    profiler = cProfile.Profile(time.thread_time) if profile else None
+    out = b""
     try:
+        before, t0 = thread_cpu(), time.monotonic()
         if profiler is not None:
             profiler.enable()
         async with asyncio.timeout(args.jobs * 2 + 180):
             out, _ = await producer.communicate()
         if profiler is not None:
             profiler.disable()
+        result.wall = time.monotonic() - t0
+        result.threads = thread_delta(before, thread_cpu())
     finally:
         if producer.returncode is None:
             producer.terminate()
@@ -220,21 +252,47 @@ async def work(args: argparse.Namespace, stub_url: str) -> tuple[list[dict[str, 
         await asyncio.gather(running, return_exceptions=True)
         rows = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
         ids = [r["job_id"] for r in rows]
-        await forget_jobs(pool, ids, len(ids))
+        await forget_jobs(pool, ids, len(ids) + args.warmup)
         await forget_keys(pool, queue_keys(queue))
         await worker.close()
     for row in rows:
         row.update(stamps.get(row["job_id"], {}))
         earlier = [t for t in tokens if t <= row.get("poll_began", 0.0)]
         row["token"] = earlier[-1] if earlier else row.get("poll_began", row["enqueued"])
-    text = ""
+    result.rows, result.jobs = rows, args.jobs + args.warmup
     if profiler is not None:
-        buffer = io.StringIO()
-        stats = pstats.Stats(profiler, stream=buffer)
-        stats.sort_stats("tottime").print_stats(args.top)
-        stats.sort_stats("cumulative").print_stats(args.top)
-        text = buffer.getvalue()
-    return rows, text
+        result.stats = pstats.Stats(profiler)
+    return result
+
+
+async def ceiling(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pass:
+    """The same chain in-process, no queue: ``Router.run`` from N concurrent tasks."""
+    from llm_router.client import build_request
+    from llm_router.worker.router import Router
+
+    router = Router(_settings(args, stub_url, "unused"))
+    remaining = args.jobs + args.warmup
+
+    async def loop() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await router.run(build_request(PROMPT))
+
+    result = Pass()
+    profiler = cProfile.Profile(time.thread_time) if profile else None
+    before, t0 = thread_cpu(), time.monotonic()
+    if profiler is not None:
+        profiler.enable()
+    async with asyncio.timeout(args.jobs * 2 + 120):
+        await asyncio.gather(*(loop() for _ in range(args.concurrency)))
+    if profiler is not None:
+        profiler.disable()
+        result.stats = pstats.Stats(profiler)
+    result.wall = time.monotonic() - t0
+    result.threads = thread_delta(before, thread_cpu())
+    result.jobs = args.jobs + args.warmup
+    return result
 
 
 STEPS: list[tuple[str, str, str]] = [
@@ -272,22 +330,56 @@ def breakdown(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return table(["step (ms)", "n", "p50", "p95", "p99"], lines), out
 
 
+def cpu_table(passes: dict[str, Pass]) -> str:
+    rows: list[list[object]] = []
+    names = sorted({t for p in passes.values() for t in p.threads})
+    for t in names:
+        rows.append(
+            [f"thread {t}", *(p.threads.get(t, 0.0) / p.jobs * 1000 for p in passes.values())]
+        )
+    rows.append(
+        ["TOTAL process", *(sum(p.threads.values()) / p.jobs * 1000 for p in passes.values())]
+    )
+    rows.append(["jobs/s (this pass)", *(p.jobs / p.wall for p in passes.values())])
+    return table(["CPU ms per job", *passes], rows)
+
+
 async def main_async(args: argparse.Namespace) -> None:
     from bench.procs import start_stub, stop_all
 
     stub, url = start_stub()
     try:
-        args.cprofile_pass = False
-        rows, _ = await work(args, url)
-        text, data = breakdown(rows)
-        print(f"Per-step time of a job, {len(rows)} jobs, concurrency {args.concurrency}")
+        timed = await work(args, url, profile=False)
+        text, data = breakdown(timed.rows)
+        print(f"Per-step time of a job, {len(timed.rows)} jobs, concurrency {args.concurrency}")
         print(text)
-        print(json.dumps({"benchmark": "profile_worker", "steps": data}), flush=True)
+        passes = {"worker": timed}
+        if args.ceiling:
+            passes["in-process"] = await ceiling(args, url, profile=False)
+        print("\nCPU of this process (all threads, no profiler)")
+        print(cpu_table(passes))
+        summary: dict[str, Any] = {"steps": data}
+        summary["cpu_ms_per_job"] = {
+            k: round(sum(p.threads.values()) / p.jobs * 1000, 3) for k, p in passes.items()
+        }
         if args.cprofile:
-            args.cprofile_pass = True
-            _, prof = await work(args, url)
-            print(f"\ncProfile of the worker process during {args.jobs} jobs")
-            print(prof)
+            profiled = {"worker": await work(args, url, profile=True)}
+            if args.ceiling:
+                profiled["in-process"] = await ceiling(args, url, profile=True)
+            columns = {
+                k: (by_package(p.stats), p.jobs) for k, p in profiled.items() if p.stats is not None
+            }
+            print(f"\ncProfile, main thread: CPU ms per job by package ({args.jobs} jobs)")
+            print(package_table(columns, args.top))
+            stats = profiled["worker"].stats
+            if stats is not None:
+                print(f"\ncProfile of the worker, top {args.top} functions by own time")
+                print(top_functions(stats, args.top))
+            summary["cprofile_ms_per_job"] = {
+                k: {p: round(v / n * 1000, 3) for p, v in totals.items()}
+                for k, (totals, n) in columns.items()
+            }
+        print(json.dumps({"benchmark": "profile_worker", **summary}), flush=True)
     finally:
         stub.stop()
         stop_all()
@@ -303,7 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-jobs", type=int, default=50)
     parser.add_argument("--cprofile", action="store_true", help="a second pass under cProfile")
-    parser.add_argument("--top", type=int, default=30, help="functions listed by cProfile")
+    parser.add_argument("--top", type=int, default=25, help="rows listed from cProfile")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="also the chain in-process, for comparison"
+    )
     args = parser.parse_args(argv)
     if args.role == "producer":
         asyncio.run(produce(args))

@@ -57,7 +57,11 @@ class WorkerProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready_timeout: float = 60.0) -> WorkerProcess:
+    def start(self, ready_timeout: float = 90.0) -> WorkerProcess:
+        return self.launch().wait_ready(ready_timeout)
+
+    def launch(self) -> WorkerProcess:
+        """Start the process without waiting (start several, then wait for each)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm_router.worker.cli"],
@@ -66,6 +70,10 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        return self
+
+    def wait_ready(self, ready_timeout: float = 90.0) -> WorkerProcess:
+        assert self.proc is not None
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if "worker_ready" in self.log_text():
@@ -74,6 +82,27 @@ class WorkerProcess:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log_text()}")
             time.sleep(0.05)
         raise TimeoutError(f"worker not ready in {ready_timeout}s:\n{self.log_text()}")
+
+    @property
+    def worker_id(self) -> str | None:
+        """The token this worker writes into its leases (from its worker_ready line)."""
+        for record in self.log_records():
+            if record.get("event") == "worker_ready":
+                return str(record.get("worker_id"))
+        return None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.log_records() if r.get("event") == name]
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, as in a power loss or the OOM killer."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
@@ -103,6 +107,7 @@ class RouterClient:
         queue_name: str | None = None,
         redis: Redis | None = None,
         fallback_poll: float = 2.0,
+        reconnect_for: float = 30.0,
     ) -> None:
         self.redis_url = redis_url or os.environ.get("LLM_ROUTER_REDIS_URL", DEFAULT_REDIS_URL)
         self.queue_name = queue_name or os.environ.get("LLM_ROUTER_QUEUE_NAME", DEFAULT_QUEUE)
@@ -110,6 +115,7 @@ class RouterClient:
         self.redis: Redis = redis or Redis.from_url(
             self.redis_url, socket_connect_timeout=5, health_check_interval=30
         )
+        self.reconnect_for = reconnect_for
         self._enqueue_script = self.redis.register_script(_ENQUEUE_LUA)
         self._wake_key = wake_key(self.queue_name)
         self.inbox = ReplyInbox(self.redis, fallback_poll=fallback_poll)
@@ -152,10 +158,20 @@ class RouterClient:
         job_id = job_id or uuid.uuid4().hex
         enqueue_ms = now_ms()
         blob = job_blob(request, enqueue_ms, reply_to=self.inbox.key)
-        added = await self._enqueue_script(
-            keys=[job_key(job_id), result_key(job_id), self.queue_name, self._wake_key],
-            args=[blob, JOB_TTL_MS, enqueue_ms, job_id, WAKE_TOKENS_MAX - 1],
-        )
+        keys = [job_key(job_id), result_key(job_id), self.queue_name, self._wake_key]
+        args: list[bytes | str | int] = [blob, JOB_TTL_MS, enqueue_ms, job_id, WAKE_TOKENS_MAX - 1]
+        # Safe to repeat: the script does nothing for a job id that is already there.
+        deadline = time.monotonic() + self.reconnect_for
+        delay = 0.1
+        while True:
+            try:
+                added = await self._enqueue_script(keys=keys, args=args)
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         if added:
             self.inbox.expect(job_id)
         return JobHandle(self, job_id)

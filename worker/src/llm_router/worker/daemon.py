@@ -168,6 +168,8 @@ class RouterWorker(Worker):
         self._helpers: list[asyncio.Task[None]] = []
         # job id -> the producer's reply list, filled by the job function
         self.replies: dict[str, str] = self.ctx.setdefault("replies", {})
+        # The value of this worker's leases (arq:in-progress:<id>), also in its logs.
+        self.ctx["worker_id"] = self.token
 
     async def main(self) -> None:
         if self._pool is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -183,6 +184,8 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["router"] = Router(settings, redis=ctx["redis"])
     log.info(
         "worker_ready",
+        worker_id=ctx.get("worker_id"),
+        pid=os.getpid(),
         queue=settings.queue_name,
         max_jobs=settings.max_jobs,
         chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
