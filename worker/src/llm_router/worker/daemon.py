@@ -308,6 +308,7 @@ class RouterWorker(Worker):
         if not finish or not result_data:
             # Cancelled (shutdown) or retried: hand the job back for another worker now.
             await self._finish_script(job_id, b"", None, None)
+            log.info("job_handed_back", job_id=job_id)
             return
         ttl = None if keep_result_forever else result_timeout_s
         await self._finish_script(job_id, result_data, ttl, reply_to)
