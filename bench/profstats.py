@@ -70,6 +70,7 @@ def top_functions(stats: pstats.Stats, top: int) -> str:
     buffer = io.StringIO()
     stats.stream = buffer  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
     return buffer.getvalue()
 
 

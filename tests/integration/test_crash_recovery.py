@@ -189,7 +189,7 @@ async def test_stalled_worker_runs_the_job_twice_but_leaves_one_result(
             stalled.signal(signal.SIGCONT)
         # The stalled worker now finishes its own run of the same job.
         deadline = time.monotonic() + 20
-        while not stalled.events("duplicate_run") and time.monotonic() < deadline:  # noqa: ASYNC110
+        while not stalled.events("duplicate_run") and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         stored = await redis.get(f"arq:result:{handle.job_id}")
         leftover = await redis.llen(client.inbox.key)  # type: ignore[misc]
