@@ -7,6 +7,7 @@ import asyncio
 import os
 import platform
 import signal
+import subprocess
 import sys
 from importlib.metadata import version
 from types import FrameType
@@ -15,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bench import idle, queue_overhead, throughput
-from bench.common import DEFAULT_REDIS_URL, emit, new_run_id, note, say
+from bench.common import DEFAULT_REDIS_URL, REPO_ROOT, emit, new_run_id, note, say
 from bench.procs import start_stub, stop_all
 
 NAMES = ("queue_overhead", "throughput", "idle")
@@ -64,8 +65,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _git() -> dict[str, Any]:
+    """The commit measured, and whether the measured sources differ from it (read-only git)."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(
+            ["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--", "client", "worker")
+        return {"commit": git("rev-parse", "--short", "HEAD"), "sources_dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "sources_dirty": None}
+
+
 def _environment() -> dict[str, Any]:
     return {
+        **_git(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],

@@ -75,6 +75,7 @@ async def produce(args: argparse.Namespace) -> None:
                 t_res = time.monotonic()
                 rows.append(
                     {
+                        "warmup": len(rows) < args.warmup,
                         "job_id": handle.job_id,
                         "t0": t0,
                         "enqueued": t_enq,
@@ -86,7 +87,7 @@ async def produce(args: argparse.Namespace) -> None:
 
         async with asyncio.timeout(args.jobs * 2 + 120):
             await asyncio.gather(*(loop() for _ in range(args.concurrency)))
-    for row in rows[args.warmup :]:
+    for row in rows:
         print(json.dumps(row), flush=True)
 
 
@@ -95,6 +96,8 @@ async def produce(args: argparse.Namespace) -> None:
 
 _STAMPS: Stamps = defaultdict(dict)
 _TOKENS: list[float] = []
+#: Wall ms of each litellm ``async_success_handler`` (its logging, run after the call returns).
+_LITELLM_LOGGING: list[float] = []
 _INSTRUMENTED: list[bool] = []
 
 
@@ -159,6 +162,18 @@ def instrument() -> None:
         await finish(self, job_id, *a, **k)
         note(job_id, "finish_ended")
 
+    from litellm.litellm_core_utils.litellm_logging import Logging
+
+    success = Logging.async_success_handler
+
+    async def async_success_handler(self: Any, *a: Any, **k: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return await success(self, *a, **k)
+        finally:
+            _LITELLM_LOGGING.append((time.monotonic() - t0) * 1000)
+
+    Logging.async_success_handler = async_success_handler  # type: ignore[method-assign]
     RouterWorker._poll_iteration = _poll_iteration  # type: ignore[method-assign]
     RouterWorker._start = _start  # type: ignore[method-assign]
     RouterWorker.finish_job = finish_job  # type: ignore[method-assign]
@@ -205,6 +220,7 @@ async def work(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pas
     settings = _settings(args, stub_url, queue)
     _STAMPS.clear()
     _TOKENS.clear()
+    _LITELLM_LOGGING.clear()
     stamps, tokens = _STAMPS, _TOKENS
     instrument()
     worker = jobs.create_worker(settings, handle_signals=False)
@@ -252,7 +268,8 @@ async def work(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pas
         await asyncio.gather(running, return_exceptions=True)
         rows = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
         ids = [r["job_id"] for r in rows]
-        await forget_jobs(pool, ids, len(ids) + args.warmup)
+        await forget_jobs(pool, ids, len(ids))
+        rows = [r for r in rows if not r["warmup"]]
         await forget_keys(pool, queue_keys(queue))
         await worker.close()
     for row in rows:
@@ -315,12 +332,18 @@ STEPS: list[tuple[str, str, str]] = [
 
 def breakdown(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     out: dict[str, Any] = {}
-    lines = []
+    lines: list[list[Any]] = []
     for label, a, b in STEPS:
         values = [(r[b] - r[a]) * 1000 for r in rows if a in r and b in r]
         qs = [quantile(values, q) for q in (0.5, 0.95, 0.99)]
         out[label] = {"n": len(values), "p50": qs[0], "p95": qs[1], "p99": qs[2]}
         lines.append([label, len(values), *qs])
+    logging_ms = _LITELLM_LOGGING[-len(rows) :]
+    qs = [quantile(logging_ms, q) for q in (0.5, 0.95, 0.99)]
+    label = "  of which litellm success logging"
+    out[label] = {"n": len(logging_ms), "p50": qs[0], "p95": qs[1], "p99": qs[2]}
+    at = next(i for i, line in enumerate(lines) if str(line[0]).startswith("metrics record"))
+    lines.insert(at + 1, [label, len(logging_ms), *qs])
     total = [(r["in_hand"] - r["t0"]) * 1000 for r in rows]
     overhead = [t - r["chain_ms"] for t, r in zip(total, rows, strict=True)]
     for label, values in (("TOTAL", total), ("TOTAL - chain_ms", overhead)):

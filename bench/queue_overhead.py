@@ -49,6 +49,7 @@ VARIANTS = ("ours", "arq_10ms", "arq_default")
 ARQ_POLL = {"arq_10ms": 0.01, "arq_default": None}
 FLOOR_P50_MS = 2.0
 FLOOR_P99_MS = 10.0
+PINGS_PER_ROUND = 100
 
 #: One timed job: returns (job id, total ms, chain ms).
 Measure = Callable[[], Awaitable[tuple[str, float, float]]]
@@ -127,6 +128,7 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
     client = RouterClient(cfg.redis_url, queue_name=queues["ours"])
     warm = Samples()  # probes and warm-up jobs: cleaned up, not reported
     samples = {v: Samples() for v in VARIANTS}
+    pings: list[float] = []
     workers: dict[str, Managed] = {}
     try:
         common: dict[str, Any] = {
@@ -161,6 +163,10 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
             order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
             for v in order:
                 await _block(measures[v], counts[v][r], samples[v], record=True)
+            for _ in range(PINGS_PER_ROUND):  # the unit everything above is made of
+                t0 = time.perf_counter()
+                await redis.ping()
+                pings.append((time.perf_counter() - t0) * 1000)
             note(
                 f"queue_overhead: round {r + 1}/{cfg.rounds} done "
                 + ", ".join(f"{v}={len(samples[v].overhead)}" for v in VARIANTS)
@@ -174,10 +180,10 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
         await client.aclose()
         await pool.aclose()
         await redis.aclose()
-    return _report(cfg, samples)
+    return _report(cfg, samples, pings)
 
 
-def _report(cfg: OverheadConfig, samples: dict[str, Samples]) -> dict[str, Any]:
+def _report(cfg: OverheadConfig, samples: dict[str, Samples], pings: list[float]) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     for v in VARIANTS:
         s = samples[v]
@@ -213,6 +219,10 @@ def _report(cfg: OverheadConfig, samples: dict[str, Samples]) -> dict[str, Any]:
                 c.get("p50", float("nan")),
             ]
         )
+    ping = summary(pings)
+    nan = float("nan")
+    stats = [ping.get(k, nan) for k in ("p50", "p95", "p99", "mean", "max")]
+    rows.append(["(redis PING rtt)", len(pings), 0, *stats, nan, nan])
     say("Queue overhead (ms): enqueue -> result in hand, minus chain_ms; sequential jobs")
     headers = ["variant", "jobs", "err", "p50", "p95", "p99", "mean", "max"]
     say(table([*headers, "total p50", "chain p50"], rows))
@@ -230,6 +240,7 @@ def _report(cfg: OverheadConfig, samples: dict[str, Samples]) -> dict[str, Any]:
             "rounds": cfg.rounds,
         },
         "variants": variants,
+        "redis_ping_ms": ping,
         "ratios": ratios,
         "floors": floors,
     }

@@ -200,6 +200,9 @@ def _report(cfg: ThroughputConfig, rounds: list[dict[str, Any]]) -> dict[str, An
         "ours_1_over_ceiling_1": ratio(med["ours_1"]["jobs_per_s"], med["ceiling_1"]["jobs_per_s"]),
         "ours_2_over_ceiling_2": ratio(med["ours_2"]["jobs_per_s"], med["ceiling_2"]["jobs_per_s"]),
         "ours_2_over_ours_1": ratio(med["ours_2"]["jobs_per_s"], med["ours_1"]["jobs_per_s"]),
+        "cpu_ms_per_job_ceiling_1_over_ours_1": ratio(
+            med["ceiling_1"]["busy_cpu_ms_per_job"], med["ours_1"]["busy_cpu_ms_per_job"]
+        ),
         "ceiling_2_over_ceiling_1": ratio(
             med["ceiling_2"]["jobs_per_s"], med["ceiling_1"]["jobs_per_s"]
         ),

@@ -52,7 +52,8 @@ async def _route(args: argparse.Namespace) -> int:
             schema = json.loads(args.schema.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             return _fail(EXIT_USAGE, f"cannot read schema {args.schema}: {exc}")
-    async with RouterClient(args.redis_url, queue_name=args.queue) as client:
+    # A shell user wants to hear at once that Redis is down, not after 30 s of retries.
+    async with RouterClient(args.redis_url, queue_name=args.queue, reconnect_for=2.0) as client:
         try:
             handle = await client.enqueue(
                 messages, schema=schema, context=args.context, chain=args.chain
