@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -13,7 +12,8 @@ from redis.asyncio import Redis
 from llm_router.client import RouterClient
 from llm_router.client.protocol import RouteResult, wake_key
 from llm_router.worker.stubs import StubServer
-from tests.integration.conftest import REDIS_URL, WorkerProcess, chain_env, worker_env
+from tests.integration.conftest import REDIS_URL, chain_env
+from tests.integration.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 
@@ -25,25 +25,20 @@ JOBS_PER_PRODUCER = 75
 @pytest.fixture(scope="module")
 def fleet(
     redis_available: str, stub: StubServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, list[WorkerProcess]]]:
-    queue = f"llm_router:test:fleet:{uuid.uuid4().hex[:6]}"
-    env = worker_env(
-        redis_url=redis_available,
-        queue_name=queue,
+) -> Iterator[Fleet]:
+    fleet = Fleet(
+        tmp_path_factory.mktemp("fleet"),
+        redis_available,
         chains=chain_env(stub.url),
         max_jobs="8",
         # A slow safety net, so that the wake-up path is what serves the jobs.
         poll_delay="5",
     )
-    directory = tmp_path_factory.mktemp("fleet")
-    workers = [WorkerProcess(env, directory / f"worker-{n}.log") for n in range(WORKERS)]
     try:
-        for worker in workers:
-            worker.start()
-        yield queue, workers
+        fleet.spawn(WORKERS)
+        yield fleet
     finally:
-        for worker in workers:
-            worker.stop()
+        fleet.stop()
 
 
 async def produce(queue: str, producer: int) -> list[tuple[str, RouteResult]]:
@@ -61,10 +56,8 @@ async def produce(queue: str, producer: int) -> list[tuple[str, RouteResult]]:
         return [(h.job_id, r) for h, r in zip(handles, results, strict=True)]
 
 
-async def test_every_job_gets_exactly_one_result(
-    fleet: tuple[str, list[WorkerProcess]], redis: Redis
-) -> None:
-    queue, workers = fleet
+async def test_every_job_gets_exactly_one_result(fleet: Fleet, redis: Redis) -> None:
+    queue, workers = fleet.queue, fleet.workers
     batches = await asyncio.gather(*(produce(queue, p) for p in range(PRODUCERS)))
     pairs = [pair for batch in batches for pair in batch]
     assert len(pairs) == PRODUCERS * JOBS_PER_PRODUCER
