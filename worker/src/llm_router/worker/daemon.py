@@ -221,8 +221,14 @@ class RouterWorker(Worker):
                 await asyncio.sleep(outage.failed(exc))
                 continue
             outage.ok()
-            if token is not None:
+            if token is None:
+                continue
+            if self.allow_pick_jobs:
                 self._wake.set()
+            else:
+                # Stopping since the BLPOP began: the token belongs to another worker.
+                with contextlib.suppress(RedisError, OSError):
+                    await self.pool.lpush(self.wake_key, "1")
 
     async def _renew_leases(self) -> None:
         """Extend the lease of every running job, three times per lease."""
