@@ -18,12 +18,21 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.common import JOB_TIMEOUT_S, PROMPT, cpu_sample, forget_jobs, set_offline_env, summary
+from bench.common import (
+    JOB_TIMEOUT_S,
+    PROMPT,
+    cpu_sample,
+    forget_jobs,
+    forget_keys,
+    set_offline_env,
+    summary,
+)
 from llm_router.client import RouteFailed, RouterClient, RouteResult, build_request
 
 Call = Callable[[], Awaitable[RouteResult]]
@@ -123,9 +132,16 @@ async def serve(args: argparse.Namespace) -> None:
         client = RouterClient(args.redis_url, queue_name=args.queue)
 
         async def call() -> RouteResult:
+            # What client.route() does, with the id kept for clean-up as soon as it exists.
             assert client is not None
-            return await client.route(PROMPT, timeout=JOB_TIMEOUT_S)
+            handle = await client.enqueue(PROMPT)
+            pending.append(handle.job_id)
+            return await handle.result(timeout=JOB_TIMEOUT_S)
 
+    pending: list[str] = []  # job ids whose keys are not deleted yet
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     reply({"ready": True})
     try:
         for _ in range(10_000):
@@ -135,13 +151,18 @@ async def serve(args: argparse.Namespace) -> None:
             cmd = json.loads(line)
             if cmd.get("cmd") != "run":
                 break
-            out, results = await run_load(call, cmd)
+            out, _ = await run_load(call, cmd)
             if client is not None:
-                ids = [r.job_id for r in results if r.job_id]
-                await forget_jobs(client.redis, ids, sum(r.ok for r in results))
+                await forget_jobs(client.redis, pending)
+                pending.clear()
             reply(out)
     finally:
         if client is not None:
+            if pending:  # stopped mid-run: let jobs in flight land, then delete their keys
+                await asyncio.sleep(2.0)
+                async with asyncio.timeout(10):
+                    await forget_jobs(client.redis, pending)
+            await forget_keys(client.redis, [client.inbox.key])
             await client.aclose()
 
 

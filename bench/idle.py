@@ -63,9 +63,9 @@ async def run(cfg: IdleConfig, stub_url: str, run_id: str) -> dict[str, Any]:
             workers[v] = start_arq(f"idle-{v}", queue=queues[v], poll_delay=ARQ_POLL[v], **common)
         note("idle: waiting for 3 workers (litellm import)...")
         await wait_listening(workers["ours"], redis)
-        job_ids.append((await probe_ours(workers["ours"], client)).job_id or "")
+        await probe_ours(workers["ours"], client, job_ids)
         for v in ("arq_default", "arq_10ms"):
-            job_ids.append(str((await probe_arq(workers[v], pool, queues[v]))["job_id"]))
+            await probe_arq(workers[v], pool, queues[v], job_ids)
         await client.aclose()  # its reply reader would be one more BLPOP on Redis
         await asyncio.sleep(cfg.settle)
         pids = {v: w.pid for v, w in workers.items()}
@@ -83,8 +83,9 @@ async def run(cfg: IdleConfig, stub_url: str, run_id: str) -> dict[str, Any]:
     finally:
         for worker in workers.values():
             worker.stop()
-        await forget_jobs(redis, [j for j in job_ids if j], len(job_ids))
+        await forget_jobs(redis, [j for j in job_ids if j])
         await forget_keys(redis, [k for q in queues.values() for k in queue_keys(q)])
+        await forget_keys(redis, [client.inbox.key])
         await client.aclose()
         await pool.aclose()
         await redis.aclose()

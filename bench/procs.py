@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -94,6 +95,9 @@ class Managed:
         """SIGTERM this pid, then SIGKILL it when it does not exit in time."""
         if self in _STARTED:
             _STARTED.remove(self)
+        if self.proc.stdin is not None:  # a driver reads end of input as "stop"
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
@@ -242,9 +246,12 @@ async def wait_listening(worker: Managed, redis: Redis, timeout: float = 120.0) 
     raise TimeoutError(f"{worker.name} not listening within {timeout}s:\n{worker.log_tail()}")
 
 
-async def probe_ours(worker: Managed, client: RouterClient, timeout: float = 120.0) -> RouteResult:
-    """Ready = a job went through: enqueue one and wait, while the process lives."""
+async def probe_ours(
+    worker: Managed, client: RouterClient, ids: list[str], timeout: float = 120.0
+) -> RouteResult:
+    """One job through, waiting while the process lives; its id goes to ``ids`` at once."""
     handle = await client.enqueue(PROMPT)
+    ids.append(handle.job_id)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         worker.check_alive()
@@ -256,32 +263,34 @@ async def probe_ours(worker: Managed, client: RouterClient, timeout: float = 120
 
 
 async def probe_arq(
-    worker: Managed, pool: ArqRedis, queue: str, timeout: float = 120.0
+    worker: Managed, pool: ArqRedis, queue: str, ids: list[str], timeout: float = 120.0
 ) -> dict[str, Any]:
     """The same for a plain arq worker (whose result comes back pickled)."""
     job = await pool.enqueue_job("route", build_request(PROMPT).wire(), _queue_name=queue)
     if job is None:
         raise RuntimeError("arq refused the probe job")
+    ids.append(job.job_id)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         worker.check_alive()
         try:
             result: dict[str, Any] = await job.result(timeout=0.5, poll_delay=0.05)
-            return {**result, "job_id": job.job_id}
+            return result
         except TimeoutError:
             continue
     raise TimeoutError(f"{worker.name} answered no job within {timeout}s:\n{worker.log_tail()}")
 
 
 async def run_job_arq(
-    pool: ArqRedis, queue: str, poll_delay: float | None
-) -> tuple[str, dict[str, Any]]:
+    pool: ArqRedis, queue: str, poll_delay: float | None, ids: list[str]
+) -> dict[str, Any]:
     """Enqueue one job on a plain arq queue and wait for it at the given (or default) poll."""
     job = await pool.enqueue_job("route", build_request(PROMPT).wire(), _queue_name=queue)
     if job is None:
         raise RuntimeError("arq refused the job")
+    ids.append(job.job_id)
     if poll_delay is None:
         result: dict[str, Any] = await job.result(timeout=JOB_TIMEOUT_S)
     else:
         result = await job.result(timeout=JOB_TIMEOUT_S, poll_delay=poll_delay)
-    return job.job_id, result
+    return result

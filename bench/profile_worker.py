@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import hashlib
 import json
 import pstats
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from bench.common import (
@@ -98,6 +99,8 @@ _STAMPS: Stamps = defaultdict(dict)
 _TOKENS: list[float] = []
 #: Wall ms of each litellm ``async_success_handler`` (its logging, run after the call returns).
 _LITELLM_LOGGING: list[float] = []
+#: Round trips the worker makes to Redis, by command (a script by its name, a pipeline whole).
+_REDIS_CALLS: Counter[str] = Counter()
 _INSTRUMENTED: list[bool] = []
 
 
@@ -174,6 +177,7 @@ def instrument() -> None:
             _LITELLM_LOGGING.append((time.monotonic() - t0) * 1000)
 
     Logging.async_success_handler = async_success_handler  # type: ignore[method-assign]
+    count_redis_round_trips()
     RouterWorker._poll_iteration = _poll_iteration  # type: ignore[method-assign]
     RouterWorker._start = _start  # type: ignore[method-assign]
     RouterWorker.finish_job = finish_job  # type: ignore[method-assign]
@@ -191,6 +195,7 @@ class Pass:
         self.threads: dict[str, float] = {}
         self.jobs = 0
         self.wall = 0.0
+        self.redis_calls: Counter[str] = Counter()
 
 
 def _settings(args: argparse.Namespace, stub_url: str, queue: str) -> Any:
@@ -210,6 +215,40 @@ def _settings(args: argparse.Namespace, stub_url: str, queue: str) -> Any:
     )
 
 
+def count_redis_round_trips() -> None:
+    """Count each command (scripts named) and each pipeline the worker process sends."""
+    from redis.asyncio.client import Pipeline, Redis
+
+    from llm_router.worker import daemon, metrics
+
+    scripts = {
+        hashlib.sha1(text.encode()).hexdigest(): name
+        for name, text in (
+            ("claim", daemon._CLAIM_LUA),
+            ("renew", daemon._RENEW_LUA),
+            ("finish", daemon._FINISH_LUA),
+            ("metrics", metrics._RECORD_LUA),
+        )
+    }
+    execute_command = Redis.execute_command
+    execute = Pipeline.execute
+
+    async def counted(self: Redis, *args: Any, **options: Any) -> Any:
+        name = str(args[0]).upper()
+        if name == "EVALSHA" and len(args) > 1:
+            name = "EVALSHA " + scripts.get(str(args[1]), "?")
+        _REDIS_CALLS[name] += 1
+        return await execute_command(self, *args, **options)  # type: ignore[no-untyped-call]
+
+    async def counted_pipeline(self: Pipeline, raise_on_error: bool = True) -> Any:
+        names = ",".join(str(c[0][0]).upper() for c in self.command_stack)
+        _REDIS_CALLS[f"PIPELINE {names}"] += 1
+        return await execute(self, raise_on_error)
+
+    Redis.execute_command = counted  # type: ignore[method-assign]
+    Pipeline.execute = counted_pipeline  # type: ignore[method-assign]
+
+
 async def work(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pass:
     """The worker in this process (as ``create_worker`` builds it), the producer in another."""
     from arq.connections import create_pool
@@ -221,6 +260,7 @@ async def work(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pas
     _STAMPS.clear()
     _TOKENS.clear()
     _LITELLM_LOGGING.clear()
+    _REDIS_CALLS.clear()
     stamps, tokens = _STAMPS, _TOKENS
     instrument()
     worker = jobs.create_worker(settings, handle_signals=False)
@@ -260,6 +300,7 @@ async def work(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pas
             profiler.disable()
         result.wall = time.monotonic() - t0
         result.threads = thread_delta(before, thread_cpu())
+        result.redis_calls = Counter(_REDIS_CALLS)
     finally:
         if producer.returncode is None:
             producer.terminate()
@@ -268,7 +309,7 @@ async def work(args: argparse.Namespace, stub_url: str, *, profile: bool) -> Pas
         await asyncio.gather(running, return_exceptions=True)
         rows = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
         ids = [r["job_id"] for r in rows]
-        await forget_jobs(pool, ids, len(ids))
+        await forget_jobs(pool, ids)
         rows = [r for r in rows if not r["warmup"]]
         await forget_keys(pool, queue_keys(queue))
         await worker.close()
@@ -381,6 +422,10 @@ async def main_async(args: argparse.Namespace) -> None:
             passes["in-process"] = await ceiling(args, url, profile=False)
         print("\nCPU of this process (all threads, no profiler)")
         print(cpu_table(passes))
+        jobs = timed.jobs
+        calls = sorted(timed.redis_calls.items(), key=lambda kv: -kv[1])
+        print(f"\nRedis round trips of the worker per job ({jobs} jobs, warm-up included)")
+        print(table(["command", "per job"], [[k, v / jobs] for k, v in calls]))
         summary: dict[str, Any] = {"steps": data}
         summary["cpu_ms_per_job"] = {
             k: round(sum(p.threads.values()) / p.jobs * 1000, 3) for k, p in passes.items()

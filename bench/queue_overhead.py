@@ -51,8 +51,8 @@ FLOOR_P50_MS = 2.0
 FLOOR_P99_MS = 10.0
 PINGS_PER_ROUND = 100
 
-#: One timed job: returns (job id, total ms, chain ms).
-Measure = Callable[[], Awaitable[tuple[str, float, float]]]
+#: One timed job: notes its id in the list as soon as it is enqueued; returns (total, chain) ms.
+Measure = Callable[[list[str]], Awaitable[tuple[float, float]]]
 
 
 @dataclass
@@ -75,23 +75,25 @@ class Samples:
 
 
 def _ours(client: RouterClient) -> Measure:
-    async def measure() -> tuple[str, float, float]:
+    async def measure(ids: list[str]) -> tuple[float, float]:
         t0 = time.perf_counter()
-        result = await client.route(PROMPT, timeout=JOB_TIMEOUT_S)
+        handle = await client.enqueue(PROMPT)  # what client.route() does, id kept for clean-up
+        ids.append(handle.job_id)
+        result = await handle.result(timeout=JOB_TIMEOUT_S)
         total = (time.perf_counter() - t0) * 1000
-        return result.job_id or "", total, result.chain_ms
+        return total, result.chain_ms
 
     return measure
 
 
 def _arq(pool: ArqRedis, queue: str, poll: float | None) -> Measure:
-    async def measure() -> tuple[str, float, float]:
+    async def measure(ids: list[str]) -> tuple[float, float]:
         t0 = time.perf_counter()
-        job_id, result = await run_job_arq(pool, queue, poll)
+        result = await run_job_arq(pool, queue, poll, ids)
         total = (time.perf_counter() - t0) * 1000
         if result.get("status") != "ok":
             raise RuntimeError(f"job failed: {result.get('error')}")
-        return job_id, total, float(result["chain_ms"])
+        return total, float(result["chain_ms"])
 
     return measure
 
@@ -104,11 +106,10 @@ async def _block(measure: Measure, count: int, into: Samples, *, record: bool) -
             into.truncated = True
             return
         try:
-            job_id, total, chain = await measure()
+            total, chain = await measure(into.job_ids)
         except Exception as exc:
             into.errors.append(f"{type(exc).__name__}: {exc}"[:300])
             continue
-        into.job_ids.append(job_id)
         if record:
             into.total.append(total)
             into.chain.append(chain)
@@ -143,10 +144,9 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
             )
         note("queue_overhead: waiting for 3 workers (litellm import)...")
         waited = await wait_listening(workers["ours"], redis)
-        probe = await probe_ours(workers["ours"], client)
-        warm.job_ids.append(probe.job_id or "")
+        await probe_ours(workers["ours"], client, warm.job_ids)
         for v in ("arq_10ms", "arq_default"):
-            warm.job_ids.append(str((await probe_arq(workers[v], pool, queues[v]))["job_id"]))
+            await probe_arq(workers[v], pool, queues[v], warm.job_ids)
         note(f"queue_overhead: workers ready (ours listening after {waited:.1f}s); warming up")
         measures: dict[str, Measure] = {"ours": _ours(client)}
         for v in ("arq_10ms", "arq_default"):
@@ -175,8 +175,9 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
         for worker in workers.values():
             worker.stop()
         every = [j for s in [warm, *samples.values()] for j in s.job_ids if j]
-        await forget_jobs(redis, every, len(every))
+        await forget_jobs(redis, every)
         await forget_keys(redis, [k for q in queues.values() for k in queue_keys(q)])
+        await forget_keys(redis, [client.inbox.key])
         await client.aclose()
         await pool.aclose()
         await redis.aclose()

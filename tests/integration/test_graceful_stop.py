@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
@@ -52,7 +53,9 @@ async def test_sigterm_lets_the_running_job_finish(
             await wait_for_hits(stub3, tag, 1)
             stopped_at = time.monotonic()
             worker.signal(signal.SIGTERM)
-            # Enqueued after the signal: the stopping worker must not take it.
+            while not worker.events("worker_stopping"):
+                await asyncio.sleep(0.02)
+            # Enqueued once the worker is stopping: it must not take it.
             late = await client.enqueue(f"late {tag}")
             result = await handle.result(timeout=30)
             assert worker.proc is not None

@@ -401,6 +401,20 @@ def test_job_blobs_arq_would_choke_on_are_refused(fields: dict[str, Any], compla
         deserialize(json.dumps(_job(**fields)).encode())
 
 
+@pytest.mark.parametrize(
+    ("blob", "complaint"),
+    [
+        ({"t": "x", "f": "route", "a": [], "k": {}, "et": 1, "r": None}, "'t'"),
+        ({"f": "route", "a": [], "k": {}, "et": 1}, "has no 't'"),
+        ([1, 2, 3], "JSON object, not list"),
+        ("text", "JSON object, not str"),
+    ],
+)
+def test_job_shape_errors_say_what_is_wrong(blob: Any, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        deserialize(json.dumps(blob).encode())
+
+
 def test_a_well_formed_job_blob_passes() -> None:
     assert deserialize(json.dumps(_job(t=None)).encode())["f"] == "route"
 

@@ -163,6 +163,13 @@ def job_blob(request: RouteRequest, enqueue_ms: int, reply_to: str | None = None
     return encode({"t": 1, "f": JOB_FUNCTION, "a": [request.wire()], "k": kwargs, "et": enqueue_ms})
 
 
+def valid_reply_to(value: Any) -> str | None:
+    """Only lists under our prefix: a job must not make the worker push elsewhere."""
+    if isinstance(value, str) and value.startswith(REPLY_PREFIX) and len(value) <= 200:
+        return value
+    return None
+
+
 def wake_key(queue_name: str) -> str:
     return f"{queue_name}:wake"
 

@@ -58,13 +58,15 @@ class ReplyInbox:
         try:
             if job_id not in self._expected:
                 # Not ours (or evicted from memory): no reply will come, so look first.
-                await self._check_keys([job_id])
+                with contextlib.suppress(RedisError):  # the reader retries through an outage
+                    await self._check_keys([job_id])
             self._ensure_reader()
             try:
                 async with asyncio.timeout(timeout):
                     return await asyncio.shield(future)
             except TimeoutError:
-                await self._check_keys([job_id])  # a reply lost on the way: the key has it
+                with contextlib.suppress(RedisError):
+                    await self._check_keys([job_id])  # a reply lost on the way: the key has it
                 if future.done():
                     return future.result()
                 raise TimeoutError(f"no result for job {job_id} within {timeout}s") from None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 import uuid
@@ -45,21 +46,27 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llm_router.client.protocol import REPLY_TTL_S, WAKE_TOKENS_MAX, wake_key
+from llm_router.client.protocol import REPLY_TTL_S, WAKE_TOKENS_MAX, valid_reply_to, wake_key
 
 log = structlog.get_logger("llm_router.worker")
 
 T = TypeVar("T")
 
-# KEYS[1] queue. ARGV: now ms, lease ms, most jobs to claim, in-progress prefix, token.
-# Returns id, score, id, score ... for the jobs this worker now holds a lease on.
+# KEYS[1] queue. ARGV: now ms, lease ms, most jobs to claim, in-progress prefix, token,
+# most queue entries to look at. Jobs being run stay in the queue, so the script pages
+# past them. Returns id, score, id, score ... for the jobs this worker now holds.
 _CLAIM_LUA = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for _, id in ipairs(ids) do
-  if redis.call('SET', ARGV[4] .. id, ARGV[5], 'NX', 'PX', ARGV[2]) then
-    out[#out + 1] = id
-    out[#out + 1] = redis.call('ZSCORE', KEYS[1], id)
+local want, scan_max = tonumber(ARGV[3]), tonumber(ARGV[6])
+local out, seen = {}, 0
+while #out < 2 * want and seen < scan_max do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', seen, 100)
+  if #ids == 0 then break end
+  seen = seen + #ids
+  for _, id in ipairs(ids) do
+    if #out < 2 * want and redis.call('SET', ARGV[4] .. id, ARGV[5], 'NX', 'PX', ARGV[2]) then
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('ZSCORE', KEYS[1], id)
+    end
   end
 end
 return out
@@ -87,8 +94,9 @@ local function release()
   if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 end
 if ARGV[3] == '' then
-  release()
-  redis.call('DECR', KEYS[3])
+  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+  redis.call('DEL', KEYS[2])
+  if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
   redis.call('LPUSH', KEYS[8], '1')
   redis.call('LTRIM', KEYS[8], 0, tonumber(ARGV[6]) - 1)
   return 1
@@ -114,45 +122,57 @@ return 1
 """
 
 WAKE_BLOCK_S = 5
+# Past the running jobs at the head of the queue (they stay in it while leased),
+# the claim script looks this far for jobs it can take.
+CLAIM_SCAN_MAX = 2000
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class RedisOutage:
-    """One log line when Redis goes away and one when it is back, with backoff between."""
+    """Shared by everything a worker does with Redis: one log line when Redis goes
+    away, one when it is back, and the backoff in between."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+    def __init__(self) -> None:
         self.failures = 0
+        self.since = 0.0
 
-    def failed(self, exc: BaseException) -> float:
+    def failed(self, exc: BaseException, during: str) -> float:
         self.failures += 1
         if self.failures == 1:
-            log.warning("redis_unavailable", during=self.what, error=f"{type(exc).__name__}: {exc}")
-        backoff: float = min(0.2 * 2.0 ** (self.failures - 1), 5.0)
+            self.since = time.monotonic()
+            log.warning("redis_unavailable", during=during, error=f"{type(exc).__name__}: {exc}")
+        backoff: float = min(0.2 * 2.0 ** min(self.failures - 1, 10), 5.0)
         return backoff
 
     def ok(self) -> None:
         if self.failures:
-            log.info("redis_back", during=self.what, failed_tries=self.failures)
+            down_s = round(time.monotonic() - self.since, 1)
+            log.info("redis_back", down_s=down_s, failed_calls=self.failures)
         self.failures = 0
 
+    async def retry(
+        self, during: str, call: Callable[[], Awaitable[T]], *, give_up_after: float | None = None
+    ) -> T:
+        """Retry ``call`` through an outage, with backoff, until it succeeds."""
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
+        while True:
+            try:
+                value = await call()
+            except (RedisError, OSError) as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(self.failed(exc, during))
+            else:
+                self.ok()
+                return value
 
-async def until_redis_answers(
-    what: str, call: Callable[[], Awaitable[T]], *, give_up_after: float | None = None
-) -> T:
-    """Retry ``call`` through a Redis outage, with backoff, until it succeeds."""
-    outage = RedisOutage(what)
-    deadline = None if give_up_after is None else time.monotonic() + give_up_after
-    while True:
-        try:
-            value = await call()
-        except (RedisError, OSError) as exc:
-            if deadline is not None and time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(outage.failed(exc))
-        else:
-            outage.ok()
-            return value
+
+def reply_to_of(job_blob: bytes | None) -> str | None:
+    """The reply list a raw job blob names, if the blob can be read at all."""
+    try:
+        return valid_reply_to(json.loads(job_blob or b"null")["k"].get("reply_to"))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 class RouterWorker(Worker):
@@ -166,6 +186,7 @@ class RouterWorker(Worker):
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._helpers: list[asyncio.Task[None]] = []
+        self.outage = RedisOutage()
         # job id -> the producer's reply list, filled by the job function
         self.replies: dict[str, str] = self.ctx.setdefault("replies", {})
         # The value of this worker's leases (arq:in-progress:<id>), also in its logs.
@@ -173,7 +194,7 @@ class RouterWorker(Worker):
 
     async def main(self) -> None:
         if self._pool is None:
-            self._pool = await until_redis_answers("start-up", self._connect)
+            self._pool = await self.outage.retry("start-up", self._connect)
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
@@ -184,15 +205,14 @@ class RouterWorker(Worker):
             asyncio.create_task(self._listen_for_wake_ups(), name="wake-up listener"),
             asyncio.create_task(self._renew_leases(), name="lease renewal"),
         ]
-        outage = RedisOutage("polling the queue")
         while True:
             self._wake.clear()
             try:
                 await self._poll_iteration()
             except (RedisError, OSError) as exc:
-                await asyncio.sleep(outage.failed(exc))
+                await asyncio.sleep(self.outage.failed(exc, "polling the queue"))
                 continue
-            outage.ok()
+            self.outage.ok()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_delay_s):
                     await self._wake.wait()
@@ -209,7 +229,6 @@ class RouterWorker(Worker):
 
     async def _listen_for_wake_ups(self) -> None:
         """Take a wake-up token only while a slot is free, then poll at once."""
-        outage = RedisOutage("waiting for wake-ups")
         while True:
             if self.job_counter >= self.max_jobs or not self.allow_pick_jobs:
                 self._slot_freed.clear()
@@ -218,9 +237,9 @@ class RouterWorker(Worker):
             try:
                 token = await self.pool.blpop([self.wake_key], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
             except (RedisError, OSError) as exc:
-                await asyncio.sleep(outage.failed(exc))
+                await asyncio.sleep(self.outage.failed(exc, "waiting for wake-ups"))
                 continue
-            outage.ok()
+            self.outage.ok()
             if token is None:
                 continue
             if self.allow_pick_jobs:
@@ -232,7 +251,6 @@ class RouterWorker(Worker):
 
     async def _renew_leases(self) -> None:
         """Extend the lease of every running job, three times per lease."""
-        outage = RedisOutage("renewing leases")
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             running = [job_id for job_id, task in self.tasks.items() if not task.done()]
@@ -244,9 +262,9 @@ class RouterWorker(Worker):
                     args=[self.token, self.lease_ms],
                 )
             except (RedisError, OSError) as exc:
-                await asyncio.sleep(outage.failed(exc))
+                await asyncio.sleep(self.outage.failed(exc, "renewing leases"))
                 continue
-            outage.ok()
+            self.outage.ok()
             for key in lost:
                 log.warning("lease_lost", job_id=key.decode()[len(in_progress_key_prefix) :])
 
@@ -264,6 +282,7 @@ class RouterWorker(Worker):
                     min(free, self.queue_read_limit),
                     in_progress_key_prefix,
                     self.token,
+                    CLAIM_SCAN_MAX,
                 ],
             )
             for raw_id, raw_score in zip(claimed[::2], claimed[1::2], strict=True):
@@ -294,6 +313,16 @@ class RouterWorker(Worker):
         except Exception:
             log.exception("job_crashed", job_id=job_id)
 
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        running = sum(not task.done() for task in self.tasks.values())
+        log.info(
+            "worker_stopping",
+            signal=signal.Signals(signum).name,
+            running=running,
+            grace_s=self._job_completion_wait,
+        )
+        super().handle_sig_wait_for_completion(signum)
+
     async def _sleep_until_tasks_complete(self) -> None:
         running = [task for task in self.tasks.values() if not task.done()]
         if running:
@@ -313,8 +342,8 @@ class RouterWorker(Worker):
         reply_to = self.replies.pop(job_id, None)
         if not finish or not result_data:
             # Cancelled (shutdown) or retried: hand the job back for another worker now.
-            await self._finish_script(job_id, b"", None, None)
-            log.info("job_handed_back", job_id=job_id)
+            if await self._finish_script(job_id, b"", None, None):
+                log.info("job_handed_back", job_id=job_id)
             return
         ttl = None if keep_result_forever else result_timeout_s
         await self._finish_script(job_id, result_data, ttl, reply_to)
@@ -322,6 +351,11 @@ class RouterWorker(Worker):
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq's path for jobs it could not start: same rules, first result wins."""
         reply_to = self.replies.pop(job_id, None)
+        if reply_to is None:
+            # The job function never ran (poison job, unknown function...): the producer
+            # still waits on its reply list, if the blob names one.
+            with contextlib.suppress(RedisError, OSError):
+                reply_to = reply_to_of(await self.pool.get(job_key_prefix + job_id))
         ttl = None if self.keep_result_forever else self.keep_result_s
         blob = result_data or self.job_serializer(  # type: ignore[misc]
             {"id": job_id, "r": RuntimeError("the job's result could not be serialized")}
@@ -330,7 +364,8 @@ class RouterWorker(Worker):
 
     async def _finish_script(
         self, job_id: str, blob: bytes, ttl_s: float | None, reply_to: str | None
-    ) -> None:
+    ) -> bool:
+        """Run the finish script; True when it stored the result (or handed the job back)."""
         keys = [
             arq_result_prefix + job_id,
             in_progress_key_prefix + job_id,
@@ -351,12 +386,13 @@ class RouterWorker(Worker):
         # another worker runs it again.
         give_up = None if self.allow_pick_jobs else 10.0
         try:
-            stored = await until_redis_answers("storing a result", finish, give_up_after=give_up)
+            stored = await self.outage.retry("storing a result", finish, give_up_after=give_up)
         except (RedisError, OSError):
             log.warning("result_not_stored", job_id=job_id)
-            return
+            return False
         if blob and not stored:
             log.info("duplicate_run", job_id=job_id)
+        return bool(stored)
 
     async def close(self) -> None:
         """Stop helpers and let running jobs hand themselves back; survive a dead Redis."""

@@ -21,10 +21,10 @@ from pydantic import ValidationError
 
 from llm_router.client.protocol import (
     JOB_FUNCTION,
-    REPLY_PREFIX,
     RouteRequest,
     RouteResult,
     encode,
+    valid_reply_to,
 )
 from llm_router.worker.daemon import RouterWorker
 from llm_router.worker.router import Router, invalid_result
@@ -55,13 +55,17 @@ def deserialize(blob: bytes, max_bytes: int | None = None) -> Any:
     if blob[:1] == _PICKLE_MAGIC:
         raise ValueError("pickle payloads are refused; jobs must be JSON")
     data = json.loads(blob)
-    if isinstance(data, dict) and "r" not in data:
-        check_job_shape(data)
+    check_job_shape(data)
     return data
 
 
-def check_job_shape(data: dict[str, Any]) -> None:
+def check_job_shape(data: Any) -> None:
     """arq trusts these fields; a wrong type would crash it outside its own error handling."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a job must be a JSON object, not {type(data).__name__}")
+    missing = [key for key in ("t", "f", "a", "k", "et") if key not in data]
+    if missing:
+        raise ValueError(f"the job has no {', '.join(repr(m) for m in missing)}")
     if not isinstance(data.get("f"), str):
         raise ValueError("'f' (the function name) must be a string")
     if not isinstance(data.get("a"), list):
@@ -129,9 +133,9 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 def register_reply(ctx: dict[str, Any], job_id: str, kwargs: dict[str, Any]) -> None:
-    """Note where the producer waits; only lists under our prefix are accepted."""
-    reply_to = kwargs.pop("reply_to", None)
-    if isinstance(reply_to, str) and reply_to.startswith(REPLY_PREFIX) and len(reply_to) <= 200:
+    """Note where the producer waits, for the script that stores the result."""
+    reply_to = valid_reply_to(kwargs.pop("reply_to", None))
+    if reply_to is not None:
         ctx.setdefault("replies", {})[job_id] = reply_to
 
 
@@ -192,6 +196,13 @@ async def _startup(ctx: dict[str, Any]) -> None:
     )
 
 
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    router: Router | None = ctx.get("router")
+    if router is not None:
+        await router.metrics.aclose()
+    log.info("worker_stopped", worker_id=ctx.get("worker_id"))
+
+
 def route_function(settings: Settings) -> Function:
     return func(route, name=JOB_FUNCTION, timeout=settings.job_timeout)
 
@@ -212,6 +223,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "job_completion_wait": settings.shutdown_grace,
         "lease_seconds": settings.lease_seconds,
         "on_startup": _startup,
+        "on_shutdown": _shutdown,
         "ctx": {"settings": settings},
         "log_results": False,
         "allow_abort_jobs": False,

@@ -7,6 +7,7 @@ marker key per job id), so a job that runs twice is not counted twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -15,12 +16,14 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY, RouteResult
 
 log = structlog.get_logger("llm_router.metrics")
 
 OUTCOMES = ("success", "fallback", "error")
+RETRY_FOR_S = 600.0
 COUNTED_KEY_PREFIX = "llm_router:metrics:counted:"
 COUNTED_TTL_S = 86_400
 
@@ -92,37 +95,75 @@ def event_payload(result: RouteResult, snapshot: Snapshot) -> dict[str, Any]:
 class Metrics:
     """Records each routed result; with no Redis it counts in memory, as the seed did."""
 
-    def __init__(self, redis: Redis | None = None, channel: str = METRICS_CHANNEL) -> None:
+    def __init__(
+        self,
+        redis: Redis | None = None,
+        channel: str = METRICS_CHANNEL,
+        *,
+        retry_for: float = RETRY_FOR_S,
+    ) -> None:
         self.redis = redis
         self.channel = channel
+        self.retry_for = retry_for
         self._local: Counter[tuple[str, str]] = Counter()
+        self._retries: set[asyncio.Task[None]] = set()
         if redis is not None:
             self._record_script = redis.register_script(_RECORD_LUA)
 
     async def record(self, result: RouteResult) -> dict[str, Any] | None:
-        """Count and publish; return the event sent. Never raises."""
+        """Count and publish; return the event sent. Never raises.
+
+        With Redis away, the counts are retried in the background (the script
+        counts a job once however often it runs), so an outage does not make
+        the counters lose the jobs that were served during it.
+        """
         fields = counter_fields(result)
+        if self.redis is None:
+            self._local.update(fields)
+            return event_payload(result, _snapshot(self._local))
+        event = event_payload(result, {})
+        del event["metrics_snapshot"]
+        head = json.dumps(event, ensure_ascii=False)[:-1]
+        keys = [METRICS_COUNTERS_KEY, COUNTED_KEY_PREFIX + (result.job_id or uuid.uuid4().hex)]
+        args: list[str | int] = [COUNTED_TTL_S, self.channel, head]
+        args += [f"{m}|{o}" for m, o in fields]
         try:
-            if self.redis is None:
-                self._local.update(fields)
-                return event_payload(result, _snapshot(self._local))
-            event = event_payload(result, {})
-            del event["metrics_snapshot"]
-            head = json.dumps(event, ensure_ascii=False)[:-1]
-            snapshot = await self._record_script(
-                keys=[
-                    METRICS_COUNTERS_KEY,
-                    COUNTED_KEY_PREFIX + (result.job_id or uuid.uuid4().hex),
-                ],
-                args=[COUNTED_TTL_S, self.channel, head, *(f"{m}|{o}" for m, o in fields)],
-            )
-            event["metrics_snapshot"] = json.loads(snapshot)
-            return event
+            snapshot = await self._record_script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            log.warning("metrics_delayed", job_id=result.job_id, error=f"{type(exc).__name__}")
+            task = asyncio.create_task(self._retry(keys, args, result.job_id))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+            return None
         except Exception as exc:
             log.warning(
                 "metrics_failed", job_id=result.job_id, error=f"{type(exc).__name__}: {exc}"
             )
             return None
+        event["metrics_snapshot"] = json.loads(snapshot)
+        return event
+
+    async def _retry(self, keys: list[str], args: list[str | int], job_id: str | None) -> None:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.5
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self._record_script(keys=keys, args=args)
+            except (RedisError, OSError):
+                delay = min(delay * 2, 10.0)
+                continue
+            except Exception as exc:
+                log.warning("metrics_failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+            return
+        log.warning("metrics_failed", job_id=job_id, error="Redis did not come back in time")
+
+    async def aclose(self) -> None:
+        """Give pending background counts a last chance, then drop them."""
+        if self._retries:
+            await asyncio.wait(self._retries, timeout=5)
+        for task in self._retries:
+            task.cancel()
 
     async def snapshot(self) -> Snapshot:
         if self.redis is None:
