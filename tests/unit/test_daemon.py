@@ -11,15 +11,10 @@ import pytest
 from arq.worker import func
 
 from llm_router.client.protocol import wake_key
-from llm_router.worker.daemon import (
-    _CLAIM_LUA,
-    _FINISH_LUA,
-    _RENEW_LUA,
-    RedisOutage,
-    RouterWorker,
-    reply_to_of,
-)
-from llm_router.worker.jobs import serialize
+from llm_router.worker.daemon import RouterWorker, reply_to_of
+from llm_router.worker.jobs import deserialize, serialize
+from llm_router.worker.outage import RedisOutage
+from llm_router.worker.scripts import CLAIM, FINISH, RENEW
 
 Q = "q-daemon"
 IP = "arq:in-progress:"
@@ -44,16 +39,26 @@ def worker(redis: fakeredis.FakeAsyncRedis) -> RouterWorker:
         queue_name=Q,
         handle_signals=False,
         job_serializer=serialize,
+        job_deserializer=deserialize,
+        max_tries=3,
     )
-    w._finish = redis.register_script(_FINISH_LUA)
+    w._finish = redis.register_script(FINISH)
     return w
+
+
+async def claim_raw(
+    redis: fakeredis.FakeAsyncRedis, token: str, want: int, scan: int = 2000
+) -> list[Any]:
+    args = [10**13, 10_000, want, token, scan, 3600]
+    out: list[Any] = await redis.eval(CLAIM, 1, Q, *args)  # type: ignore[misc, arg-type]
+    return out
 
 
 async def claim(
     redis: fakeredis.FakeAsyncRedis, token: str, want: int, scan: int = 2000
 ) -> list[str]:
-    out = await redis.eval(_CLAIM_LUA, 1, Q, 10**13, 10_000, want, IP, token, scan)  # type: ignore[misc, arg-type]
-    return [out[i].decode() for i in range(0, len(out), 2)]
+    out = await claim_raw(redis, token, want, scan)
+    return [out[i].decode() for i in range(0, len(out), 4)]
 
 
 async def test_claim_skips_jobs_others_are_running(redis: fakeredis.FakeAsyncRedis) -> None:
@@ -63,6 +68,15 @@ async def test_claim_skips_jobs_others_are_running(redis: fakeredis.FakeAsyncRed
     assert await claim(redis, "me", 2) == ["j3", "j4"]
     assert await redis.get(f"{IP}j3") == b"me"
     assert await claim(redis, "you", 2) == []  # nothing left to take
+
+
+async def test_claim_reads_the_job_and_counts_the_try(redis: fakeredis.FakeAsyncRedis) -> None:
+    await redis.zadd(Q, {"j1": 5, "gone": 6})
+    await redis.set("arq:job:j1", "blob")
+    await redis.set("arq:retry:j1", 1)  # started once before
+    out = await claim_raw(redis, "me", 5)
+    assert out == [b"j1", b"5", b"blob", 2, b"gone", b"6", None, 1]
+    assert 0 < await redis.ttl("arq:retry:j1") <= 3600
 
 
 async def test_claim_pages_past_a_long_head_of_running_jobs(
@@ -78,7 +92,7 @@ async def test_claim_pages_past_a_long_head_of_running_jobs(
 async def test_renew_extends_only_own_leases(redis: fakeredis.FakeAsyncRedis) -> None:
     await redis.set(f"{IP}a", "me", px=1000)
     await redis.set(f"{IP}b", "other", px=1000)
-    lost = await redis.eval(_RENEW_LUA, 3, f"{IP}a", f"{IP}b", f"{IP}c", "me", 60_000)  # type: ignore[misc, arg-type]
+    lost = await redis.eval(RENEW, 3, f"{IP}a", f"{IP}b", f"{IP}c", "me", 60_000)  # type: ignore[misc, arg-type]
     assert sorted(lost) == [f"{IP}b".encode(), f"{IP}c".encode()]
     assert await redis.pttl(f"{IP}a") > 50_000
     assert await redis.pttl(f"{IP}b") <= 1000
@@ -86,13 +100,13 @@ async def test_renew_extends_only_own_leases(redis: fakeredis.FakeAsyncRedis) ->
 
 def finish_keys(job_id: str, reply_to: str = "") -> list[str]:
     return [f"arq:result:{job_id}", f"{IP}{job_id}", f"arq:retry:{job_id}",
-            f"arq:job:{job_id}", Q, "arq:abort", reply_to, wake_key(Q)]  # fmt: skip
+            f"arq:job:{job_id}", Q, reply_to, wake_key(Q)]  # fmt: skip
 
 
 async def finish(redis: fakeredis.FakeAsyncRedis, job_id: str, token: str, blob: str,
                  reply_to: str = "") -> int:  # fmt: skip
     args = [job_id, token, blob, 60_000, 600, 100]
-    return int(await redis.eval(_FINISH_LUA, 8, *finish_keys(job_id, reply_to), *args))  # type: ignore[misc, arg-type]
+    return int(await redis.eval(FINISH, 7, *finish_keys(job_id, reply_to), *args))  # type: ignore[misc, arg-type]
 
 
 async def test_first_result_wins_and_is_pushed_once(redis: fakeredis.FakeAsyncRedis) -> None:
@@ -135,23 +149,37 @@ async def test_failed_job_reply_goes_to_the_list_its_blob_names(
     worker: RouterWorker, redis: fakeredis.FakeAsyncRedis
 ) -> None:
     blob = {"t": 1, "f": "nope", "a": [], "k": {"reply_to": "llm_router:reply:p"}, "et": 1}
-    await redis.set("arq:job:p1", json.dumps(blob))
+    raw = json.dumps(blob).encode()
+    await redis.set("arq:job:p1", raw)
     await redis.set(f"{IP}p1", worker.token)
-    result = serialize({"id": "p1", "r": RuntimeError("boom")})
-    await worker.finish_failed_job("p1", result)
+    await worker._run("p1", 1, raw, 1)  # unknown function: it cannot run
     pushed = await redis.lrange("llm_router:reply:p", 0, -1)  # type: ignore[misc]
     assert len(pushed) == 1
-    assert json.loads(pushed[0])["r"]["status"] == "failed"
+    result = json.loads(pushed[0])["r"]
+    assert result["status"] == "invalid_request"
+    assert "nope" in result["error"]
+    assert await redis.exists("arq:job:p1", f"{IP}p1") == 0
 
 
-async def test_failed_job_without_a_serializable_result_still_gets_one(
+async def test_a_job_over_max_tries_fails_without_running(
     worker: RouterWorker, redis: fakeredis.FakeAsyncRedis
 ) -> None:
-    await redis.set(f"{IP}p2", worker.token)
-    await worker.finish_failed_job("p2", None)
+    raw = json.dumps({"t": 1, "f": "route", "a": [], "k": {}, "et": 1}).encode()
+    await worker._run("p2", 1, raw, worker.max_tries + 1)
     stored = await redis.get("arq:result:p2")
     assert stored is not None
-    assert json.loads(stored)["r"]["status"] == "failed"
+    result = json.loads(stored)["r"]
+    assert result["status"] == "failed"
+    assert "not tried again" in result["error"]
+
+
+async def test_an_expired_job_gets_a_failed_result(
+    worker: RouterWorker, redis: fakeredis.FakeAsyncRedis
+) -> None:
+    await worker._run("p3", 1, None, 1)
+    stored = await redis.get("arq:result:p3")
+    assert stored is not None
+    assert "expired" in json.loads(stored)["r"]["error"]
 
 
 @pytest.mark.parametrize(

@@ -324,17 +324,22 @@ async def test_route_job_malformed_request_is_invalid_request(
     assert out["error"].startswith("invalid request")
 
 
-async def test_route_job_invalid_request_publishes_event(redis: Redis) -> None:
+async def test_route_job_invalid_request_publishes_event_after_finish(redis: Redis) -> None:
     router = Router(Settings(), redis=redis)
     pubsub: Any = redis.pubsub()
     await pubsub.subscribe(METRICS_CHANNEL)
     try:
         assert await pubsub.get_message(timeout=1.0) is not None
-        out = await route({"job_id": "bad-3", "router": router}, {"messages": []})
+        ctx: dict[str, Any] = {"job_id": "bad-3", "router": router}
+        out = await route(ctx, {"messages": []})
+        # Nothing yet: the daemon records metrics once the result is stored.
+        early = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+        await ctx["after_finish"].pop("bad-3")()
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
     finally:
         await pubsub.aclose()
     assert out["status"] == "invalid_request"
+    assert early is None
     assert message is not None
     event = json.loads(message["data"])
     assert event["job_id"] == "bad-3"

@@ -122,10 +122,9 @@ class ReplyInbox:
                     timeout=min(_BLOCK_MAX_S, self.fallback_poll),  # type: ignore[arg-type]
                 )  # type: ignore[misc]
                 if item is not None:
-                    blobs = [item[1]]
+                    self._deliver(result_from_blob(item[1]))  # before any other round trip
                     more = await self._redis.lpop(self.key, _DRAIN)  # type: ignore[misc]
-                    blobs += more or []
-                    for blob in blobs:
+                    for blob in more or []:
                         self._deliver(result_from_blob(blob))
                 if time.monotonic() - last_sweep >= self.fallback_poll:
                     last_sweep = time.monotonic()

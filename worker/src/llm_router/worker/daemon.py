@@ -1,28 +1,25 @@
 """arq's Worker, made fast and made not to lose jobs.
 
-Fast path (arq polls the queue and claims each job with four round trips):
+arq polls the queue, claims each job with a WATCH transaction and reads it
+with another round trip; its producers poll for results; a dead worker's job
+waits ~310 s for its in-progress key to expire; Redis going away ends the
+worker; a second run of a job overwrites the first result. Here:
 
 * the worker blocks on the queue's wake-up list (``BLPOP <queue>:wake``), which
-  our producers push to in the enqueue script, and polls only as a slow
-  safety net for producers that write arq's keys alone; a worker with no free
-  slot does not take tokens, so an idle worker gets them;
-* one Lua script finds and claims a batch of due jobs;
-* the result is pushed to the producer's reply list in the script that
-  stores it, so the producer blocks instead of polling.
-
-Never losing a job (arq re-runs a dead worker's job only after ~310 s, exits
-when Redis goes away, and overwrites results on a second run):
-
-* a claim is a short lease (``in-progress`` key holding this worker's token)
-  that a renewal task extends while the job runs; when the worker dies the
-  lease lapses within ``lease_seconds`` and another worker takes the job;
-* finishing is one script that stores the first result only: a job that ran
-  twice leaves one result and one reply; a job that is started more than
-  ``max_tries`` times (its workers keep dying) gets a ``failed`` result;
+  our producers push to when they enqueue; it polls only as a slow safety net
+  for producers that write arq's keys alone, and takes no token while it has
+  no free slot, so tokens reach idle workers;
+* one script (:mod:`~llm_router.worker.scripts`) finds due jobs, leases and reads
+  them; another stores the first result, pushes it to the producer's reply list
+  and releases the lease: two round trips around the job;
+* a lease (``arq:in-progress:<id>`` = this worker's token) is renewed while the
+  job runs; when the worker dies it lapses within ``lease_seconds`` and another
+  worker takes the job; a job started more than ``max_tries`` times fails;
 * on SIGTERM the worker stops taking jobs, lets running ones finish within the
-  grace period and hands back the rest at once (lease dropped, wake-up sent);
-* Redis errors never end the worker: it logs one line, backs off and goes on,
-  and a result it could not store is retried until Redis is back.
+  grace period and hands the rest back at once;
+* Redis errors never end the worker (:mod:`~llm_router.worker.outage`).
+
+Jobs keep arq's data model, so arq producers and tools still work with it.
 """
 
 from __future__ import annotations
@@ -31,140 +28,34 @@ import asyncio
 import contextlib
 import json
 import signal
-import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from arq.connections import ArqRedis, create_pool
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.constants import result_key_prefix as arq_result_prefix
-from arq.utils import timestamp_ms, to_ms
-from arq.worker import Worker
-from redis.exceptions import ConnectionError as RedisConnectionError
+from arq.jobs import SerializationError, deserialize_job_raw
+from arq.utils import ms_to_datetime, timestamp_ms, to_ms
+from arq.worker import JobExecutionFailed, Worker
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.protocol import REPLY_TTL_S, WAKE_TOKENS_MAX, valid_reply_to, wake_key
+from llm_router.worker import scripts
+from llm_router.worker.outage import RedisOutage
 
 log = structlog.get_logger("llm_router.worker")
-
-T = TypeVar("T")
-
-# KEYS[1] queue. ARGV: now ms, lease ms, most jobs to claim, in-progress prefix, token,
-# most queue entries to look at. Jobs being run stay in the queue, so the script pages
-# past them. Returns id, score, id, score ... for the jobs this worker now holds.
-_CLAIM_LUA = """
-local want, scan_max = tonumber(ARGV[3]), tonumber(ARGV[6])
-local out, seen = {}, 0
-while #out < 2 * want and seen < scan_max do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', seen, 100)
-  if #ids == 0 then break end
-  seen = seen + #ids
-  for _, id in ipairs(ids) do
-    if #out < 2 * want and redis.call('SET', ARGV[4] .. id, ARGV[5], 'NX', 'PX', ARGV[2]) then
-      out[#out + 1] = id
-      out[#out + 1] = redis.call('ZSCORE', KEYS[1], id)
-    end
-  end
-end
-return out
-"""
-
-# KEYS: in-progress keys. ARGV: token, lease ms. Returns the keys no longer ours.
-_RENEW_LUA = """
-local lost = {}
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('PEXPIRE', key, ARGV[2])
-  else
-    lost[#lost + 1] = key
-  end
-end
-return lost
-"""
-
-# KEYS: result, in-progress, retry, job, queue, abort set, reply list ('' for none), wake.
-# ARGV: job id, token, result blob ('' = hand the job back), result ttl ms ('' = forever),
-#       reply ttl s, wake-up cap.
-# Returns 1 when this call stored the result, 0 when a result was already there.
-_FINISH_LUA = """
-local function release()
-  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-end
-if ARGV[3] == '' then
-  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
-  redis.call('DEL', KEYS[2])
-  if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
-  redis.call('LPUSH', KEYS[8], '1')
-  redis.call('LTRIM', KEYS[8], 0, tonumber(ARGV[6]) - 1)
-  return 1
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  release()
-  return 0
-end
-if ARGV[4] == '' then
-  redis.call('SET', KEYS[1], ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-end
-if KEYS[7] ~= '' then
-  redis.call('LPUSH', KEYS[7], ARGV[3])
-  redis.call('EXPIRE', KEYS[7], ARGV[5])
-end
-redis.call('DEL', KEYS[3], KEYS[4])
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
-release()
-return 1
-"""
 
 WAKE_BLOCK_S = 5
 # Past the running jobs at the head of the queue (they stay in it while leased),
 # the claim script looks this far for jobs it can take.
 CLAIM_SCAN_MAX = 2000
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+RETRY_KEY_TTL_S = 88_400  # arq's
 
-
-class RedisOutage:
-    """Shared by everything a worker does with Redis: one log line when Redis goes
-    away, one when it is back, and the backoff in between."""
-
-    def __init__(self) -> None:
-        self.failures = 0
-        self.since = 0.0
-
-    def failed(self, exc: BaseException, during: str) -> float:
-        self.failures += 1
-        if self.failures == 1:
-            self.since = time.monotonic()
-            log.warning("redis_unavailable", during=during, error=f"{type(exc).__name__}: {exc}")
-        backoff: float = min(0.2 * 2.0 ** min(self.failures - 1, 10), 5.0)
-        return backoff
-
-    def ok(self) -> None:
-        if self.failures:
-            down_s = round(time.monotonic() - self.since, 1)
-            log.info("redis_back", down_s=down_s, failed_calls=self.failures)
-        self.failures = 0
-
-    async def retry(
-        self, during: str, call: Callable[[], Awaitable[T]], *, give_up_after: float | None = None
-    ) -> T:
-        """Retry ``call`` through an outage, with backoff, until it succeeds."""
-        deadline = None if give_up_after is None else time.monotonic() + give_up_after
-        while True:
-            try:
-                value = await call()
-            except (RedisError, OSError) as exc:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(self.failed(exc, during))
-            else:
-                self.ok()
-                return value
+#: Work to do once a job's result is stored (metrics): registered by the job
+#: function under ``ctx["after_finish"][job_id]``, run off the producer's clock.
+AfterFinish = Callable[[], Awaitable[Any]]
 
 
 def reply_to_of(job_blob: bytes | None) -> str | None:
@@ -183,14 +74,20 @@ class RouterWorker(Worker):
         self.lease_ms = int(lease_seconds * 1000)
         self.token = uuid.uuid4().hex
         self.wake_key = wake_key(self.queue_name)
+        self.outage = RedisOutage()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._helpers: list[asyncio.Task[None]] = []
-        self.outage = RedisOutage()
-        # job id -> the producer's reply list, filled by the job function
+        self._background: set[asyncio.Task[Any]] = set()
+        # Jobs whose lease this worker holds and renews (until their finish script runs).
+        self._leased: set[str] = set()
+        # Shared with job functions through ctx (arq copies ctx shallowly per job).
         self.replies: dict[str, str] = self.ctx.setdefault("replies", {})
+        self.after_finish: dict[str, AfterFinish] = self.ctx.setdefault("after_finish", {})
         # The value of this worker's leases (arq:in-progress:<id>), also in its logs.
         self.ctx["worker_id"] = self.token
+
+    # -- the loop ---------------------------------------------------------------------------
 
     async def main(self) -> None:
         if self._pool is None:
@@ -198,9 +95,9 @@ class RouterWorker(Worker):
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
-        self._claim = self.pool.register_script(_CLAIM_LUA)
-        self._renew = self.pool.register_script(_RENEW_LUA)
-        self._finish = self.pool.register_script(_FINISH_LUA)
+        self._claim = self.pool.register_script(scripts.CLAIM)
+        self._renew = self.pool.register_script(scripts.RENEW)
+        self._finish = self.pool.register_script(scripts.FINISH)
         self._helpers = [
             asyncio.create_task(self._listen_for_wake_ups(), name="wake-up listener"),
             asyncio.create_task(self._renew_leases(), name="lease renewal"),
@@ -224,6 +121,7 @@ class RouterWorker(Worker):
             job_serializer=self.job_serializer,
             default_queue_name=self.queue_name,
             expires_extra_ms=self.expires_extra_ms,
+            # No retries of arq's own (with a log line each): ours back off quietly.
             retry=self.redis_settings.conn_retries if self.redis_settings else 0,
         )
 
@@ -253,7 +151,7 @@ class RouterWorker(Worker):
         """Extend the lease of every running job, three times per lease."""
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
-            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            running = list(self._leased)
             if not running:
                 continue
             try:
@@ -280,38 +178,152 @@ class RouterWorker(Worker):
                     timestamp_ms(),
                     self.lease_ms,
                     min(free, self.queue_read_limit),
-                    in_progress_key_prefix,
                     self.token,
                     CLAIM_SCAN_MAX,
+                    RETRY_KEY_TTL_S,
                 ],
             )
-            for raw_id, raw_score in zip(claimed[::2], claimed[1::2], strict=True):
-                await self._start(raw_id.decode(), int(float(raw_score)))
+            for i in range(0, len(claimed), 4):
+                job_id, score, blob, tries = claimed[i : i + 4]
+                self._start(job_id.decode(), int(float(score)), blob or None, int(tries))
         await self.heart_beat()
 
-    async def _start(self, job_id: str, score: int) -> None:
-        await self.sem.acquire()  # never blocks: at most `free` jobs were claimed
+    def _start(self, job_id: str, score: int, blob: bytes | None, job_try: int) -> None:
         self.job_counter += 1
-        task = self.loop.create_task(self.run_job(job_id, score))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self._leased.add(job_id)
+        task = self.loop.create_task(self._run(job_id, score, blob, job_try))
+        task.add_done_callback(lambda _: self._job_done())
         self.tasks[job_id] = task
 
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
+    def _job_done(self) -> None:
+        was_full = self.job_counter >= self.max_jobs
+        self.job_counter -= 1
         self._slot_freed.set()
-        self._wake.set()  # a slot is free: look for queued jobs now
+        if was_full:
+            # While full, this worker took no wake-up tokens: look for queued jobs now.
+            self._wake.set()
 
-    async def run_job(self, job_id: str, score: int) -> None:
-        """arq's run_job, but nothing it raises may stop the worker."""
+    # -- one job ----------------------------------------------------------------------------
+
+    async def _run(self, job_id: str, score: int, blob: bytes | None, job_try: int) -> None:
+        """Run one leased job to a stored result, or hand it back; never raises."""
         try:
-            await super().run_job(job_id, score)
+            await self._run_job(job_id, score, blob, job_try)
         except asyncio.CancelledError:
             raise
-        except _TRANSIENT as exc:
-            # Redis went away before the job started; the lease lapses and it runs later.
-            log.warning("job_not_started", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
         except Exception:
             log.exception("job_crashed", job_id=job_id)
+        finally:
+            self._leased.discard(job_id)
+            self.replies.pop(job_id, None)
+            after = self.after_finish.pop(job_id, None)
+            if after is not None:
+                self._in_background(after())
+
+    async def _run_job(self, job_id: str, score: int, blob: bytes | None, job_try: int) -> None:
+        started_ms = timestamp_ms()
+        if blob is None:
+            return await self._fail(job_id, blob, JobExecutionFailed("job expired"))
+        try:
+            name, args, kwargs, _, enqueued_ms = deserialize_job_raw(
+                blob, deserializer=self.job_deserializer
+            )
+        except SerializationError as exc:
+            return await self._fail(job_id, blob, exc)
+        function = self.functions.get(name)
+        if function is None:
+            return await self._fail(
+                job_id, blob, JobExecutionFailed(f"function {name!r} not found")
+            )
+        if job_try > self.max_tries:
+            return await self._fail(
+                job_id, blob, JobExecutionFailed(f"max {self.max_tries} retries exceeded")
+            )
+        ctx = {
+            **self.ctx,
+            "job_id": job_id,
+            "job_try": job_try,
+            "enqueue_time": ms_to_datetime(enqueued_ms),
+            "score": score,
+        }
+        timeout = function.timeout_s or self.job_timeout_s
+        success = True
+        try:
+            result: Any = await asyncio.wait_for(function.coroutine(ctx, *args, **kwargs), timeout)
+        except asyncio.CancelledError:
+            # Stopping and out of grace: hand the job back for another worker now.
+            self.jobs_retried += 1
+            if await self._store(job_id, b"", None):
+                log.info("job_handed_back", job_id=job_id)
+            return
+        except Exception as exc:  # the job function catches its own; this is a bug or timeout
+            result, success = exc, False
+        self.jobs_complete += success
+        self.jobs_failed += not success
+        encoded = self._result_blob(job_id, result, success, started_ms, job_try, name, enqueued_ms)
+        await self._store(job_id, encoded, self.replies.get(job_id))
+
+    async def _fail(self, job_id: str, blob: bytes | None, exc: BaseException) -> None:
+        """A job that cannot run gets a result too, pushed to the reply list its blob names."""
+        self.jobs_failed += 1
+        log.warning("job_failed_to_start", job_id=job_id, error=str(exc)[:200])
+        encoded = self._result_blob(job_id, exc, False, timestamp_ms())
+        await self._store(job_id, encoded, reply_to_of(blob))
+
+    def _result_blob(
+        self,
+        job_id: str,
+        result: Any,
+        success: bool,
+        started_ms: int,
+        job_try: int = 0,
+        function: str = "",
+        enqueued_ms: int = 0,
+    ) -> bytes:
+        """arq's result blob (the request is not copied back: ``a`` and ``k`` empty)."""
+        assert self.job_serializer is not None
+        return self.job_serializer(
+            {"t": job_try, "f": function, "a": [], "k": {}, "et": enqueued_ms, "s": success,
+             "r": result, "st": started_ms, "ft": timestamp_ms(), "q": self.queue_name,
+             "id": job_id}
+        )  # fmt: skip
+
+    async def _store(self, job_id: str, blob: bytes, reply_to: str | None) -> bool:
+        """Run the finish script (an empty blob hands the job back); True when it did."""
+        self._leased.discard(job_id)  # the script releases it; renewing now would find it gone
+        ttl_ms = None if self.keep_result_forever else to_ms(self.keep_result_s)
+        keys = [
+            arq_result_prefix + job_id,
+            in_progress_key_prefix + job_id,
+            retry_key_prefix + job_id,
+            job_key_prefix + job_id,
+            self.queue_name,
+            reply_to or "",
+            self.wake_key,
+        ]
+        args = [job_id, self.token, blob, ttl_ms or "", REPLY_TTL_S, WAKE_TOKENS_MAX]
+
+        async def finish() -> Any:
+            return await self._finish(keys=keys, args=args)
+
+        # While stopping, do not wait for Redis for ever: the lease lapses and
+        # another worker runs the job again.
+        give_up = None if self.allow_pick_jobs else 10.0
+        try:
+            done = await self.outage.retry("storing a result", finish, give_up_after=give_up)
+        except (RedisError, OSError):
+            log.warning("result_not_stored", job_id=job_id)
+            return False
+        if blob and not done:
+            log.info("duplicate_run", job_id=job_id)
+        return bool(done)
+
+    def _in_background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- stopping ---------------------------------------------------------------------------
 
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
         running = sum(not task.done() for task in self.tasks.values())
@@ -328,72 +340,6 @@ class RouterWorker(Worker):
         if running:
             await asyncio.wait(running)
 
-    async def finish_job(
-        self,
-        job_id: str,
-        finish: bool,
-        result_data: bytes | None,
-        result_timeout_s: float | None,
-        keep_result_forever: bool,
-        incr_score: int | None,
-        keep_in_progress: float | None,
-    ) -> None:
-        """Store the first result only, push it to the producer, release the lease."""
-        reply_to = self.replies.pop(job_id, None)
-        if not finish or not result_data:
-            # Cancelled (shutdown) or retried: hand the job back for another worker now.
-            if await self._finish_script(job_id, b"", None, None):
-                log.info("job_handed_back", job_id=job_id)
-            return
-        ttl = None if keep_result_forever else result_timeout_s
-        await self._finish_script(job_id, result_data, ttl, reply_to)
-
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        """arq's path for jobs it could not start: same rules, first result wins."""
-        reply_to = self.replies.pop(job_id, None)
-        if reply_to is None:
-            # The job function never ran (poison job, unknown function...): the producer
-            # still waits on its reply list, if the blob names one.
-            with contextlib.suppress(RedisError, OSError):
-                reply_to = reply_to_of(await self.pool.get(job_key_prefix + job_id))
-        ttl = None if self.keep_result_forever else self.keep_result_s
-        blob = result_data or self.job_serializer(  # type: ignore[misc]
-            {"id": job_id, "r": RuntimeError("the job's result could not be serialized")}
-        )
-        await self._finish_script(job_id, blob, ttl, reply_to)
-
-    async def _finish_script(
-        self, job_id: str, blob: bytes, ttl_s: float | None, reply_to: str | None
-    ) -> bool:
-        """Run the finish script; True when it stored the result (or handed the job back)."""
-        keys = [
-            arq_result_prefix + job_id,
-            in_progress_key_prefix + job_id,
-            retry_key_prefix + job_id,
-            job_key_prefix + job_id,
-            self.queue_name,
-            abort_jobs_ss,
-            reply_to or "",
-            self.wake_key,
-        ]
-        args = [job_id, self.token, blob, "" if ttl_s is None else to_ms(ttl_s) or "", REPLY_TTL_S]
-        args.append(WAKE_TOKENS_MAX)
-
-        async def finish() -> Any:
-            return await self._finish(keys=keys, args=args)
-
-        # While stopping, do not wait for Redis for ever: the job's lease lapses and
-        # another worker runs it again.
-        give_up = None if self.allow_pick_jobs else 10.0
-        try:
-            stored = await self.outage.retry("storing a result", finish, give_up_after=give_up)
-        except (RedisError, OSError):
-            log.warning("result_not_stored", job_id=job_id)
-            return False
-        if blob and not stored:
-            log.info("duplicate_run", job_id=job_id)
-        return bool(stored)
-
     async def close(self) -> None:
         """Stop helpers and let running jobs hand themselves back; survive a dead Redis."""
         for task in self._helpers:
@@ -403,6 +349,8 @@ class RouterWorker(Worker):
         if not self._pool:
             return
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
         with contextlib.suppress(RedisError, OSError):
             await self.pool.delete(self.health_check_key)
         if self.on_shutdown:

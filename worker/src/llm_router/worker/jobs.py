@@ -147,17 +147,18 @@ async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any
     try:
         request = parse_request(args, kwargs)
         check_limits(request, router.settings)
-    except ValidationError as exc:
-        result = invalid_result(_validation_message(exc), job_id=job_id)
+    except (ValidationError, ValueError) as exc:
+        error = (
+            _validation_message(exc)
+            if isinstance(exc, ValidationError)
+            else f"invalid request: {exc}"
+        )
+        result = invalid_result(error, job_id=job_id)
         log.warning("invalid_request", job_id=job_id, error=result.error)
-        await router.metrics.record(result)
-        return result.model_dump(mode="json")
-    except ValueError as exc:
-        result = invalid_result(f"invalid request: {exc}", job_id=job_id)
-        log.warning("invalid_request", job_id=job_id, error=result.error)
-        await router.metrics.record(result)
-        return result.model_dump(mode="json")
-    result = await router.run(request, job_id=job_id)
+    else:
+        result = await router.run(request, job_id=job_id, record=False)
+    # Counted and announced once the result is stored, off the producer's clock.
+    ctx.setdefault("after_finish", {})[job_id] = functools.partial(router.metrics.record, result)
     return result.model_dump(mode="json")
 
 

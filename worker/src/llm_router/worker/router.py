@@ -72,8 +72,14 @@ class Router:
             raise RouteFailed(result)
         return result
 
-    async def run(self, request: RouteRequest, *, job_id: str | None = None) -> RouteResult:
-        """Walk the chain for a validated request; never raises for a model's failure."""
+    async def run(
+        self, request: RouteRequest, *, job_id: str | None = None, record: bool = True
+    ) -> RouteResult:
+        """Walk the chain for a validated request; never raises for a model's failure.
+
+        ``record=False`` leaves the metrics to the caller (``self.metrics.record``):
+        the daemon records them once the result is on its way to the producer.
+        """
         bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
         start = time.perf_counter()
         result = await self._walk(request, job_id, bound)
@@ -88,7 +94,8 @@ class Router:
             latency_ms=result.latency_ms,
             **extra,
         )
-        await self.metrics.record(result)
+        if record:
+            await self.metrics.record(result)
         return result
 
     async def _walk(
