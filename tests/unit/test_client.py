@@ -20,6 +20,8 @@ from llm_router.client.protocol import (
     Attempt,
     RouteRequest,
     RouteResult,
+    idle_key,
+    inbox_key,
     job_key,
     result_key,
     wake_key,
@@ -365,3 +367,33 @@ async def test_wait_for_a_job_of_another_producer_reads_its_key(
     await redis.set(result_key("other-1"), blob)
     result = await client.wait("other-1", timeout=1)
     assert result.content == "theirs"
+
+
+async def test_a_waiting_worker_is_handed_the_job_at_enqueue(
+    client: RouterClient, redis: Redis
+) -> None:
+    now_ms = int(time.time() * 1000)
+    await redis.zadd(idle_key(DEFAULT_QUEUE), {"tok1|10000": now_ms + 5000})
+    await client.enqueue("hi", job_id="hand-1")
+    inbox = await redis.lrange(inbox_key(DEFAULT_QUEUE, "tok1"), 0, -1)  # type: ignore[misc]
+    assert len(inbox) == 1
+    job_id, tries, score, blob = inbox[0].split(b" ", 3)
+    assert (job_id, tries) == (b"hand-1", b"1")
+    assert json.loads(blob) == json.loads(await redis.get(job_key("hand-1")))
+    assert int(score) == await redis.zscore(DEFAULT_QUEUE, "hand-1")  # still queued (recovery)
+    assert await redis.get("arq:in-progress:hand-1") == b"tok1"
+    assert 0 < await redis.pttl("arq:in-progress:hand-1") <= 10_000
+    assert await redis.zcard(idle_key(DEFAULT_QUEUE)) == 0  # the offer is used up
+    assert await redis.llen(wake_key(DEFAULT_QUEUE)) == 0  # type: ignore[misc]
+    # The next job finds no waiting worker: it wakes one instead.
+    await client.enqueue("hi", job_id="hand-2")
+    assert await redis.llen(wake_key(DEFAULT_QUEUE)) == 1  # type: ignore[misc]
+
+
+async def test_an_expired_offer_is_not_used(client: RouterClient, redis: Redis) -> None:
+    now_ms = int(time.time() * 1000)
+    await redis.zadd(idle_key(DEFAULT_QUEUE), {"dead|10000": now_ms - 1000})
+    await client.enqueue("hi", job_id="hand-3")
+    assert await redis.exists(inbox_key(DEFAULT_QUEUE, "dead")) == 0
+    assert await redis.get("arq:in-progress:hand-3") is None
+    assert await redis.llen(wake_key(DEFAULT_QUEUE)) == 1  # type: ignore[misc]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -204,3 +205,30 @@ def test_outage_logs_once_and_backs_off(capsys: pytest.CaptureFixture[str]) -> N
     assert delays[-1] == 5.0
     outage.ok()
     assert outage.failures == 0
+
+
+async def test_a_handed_job_starts_at_once(
+    worker: RouterWorker, redis: fakeredis.FakeAsyncRedis
+) -> None:
+    raw = json.dumps({"t": 1, "f": "route", "a": [], "k": {}, "et": 1}).encode()
+    worker._take_handed_job(b"h1 1 5 " + raw)
+    assert "h1" in worker.tasks
+    assert "h1" in worker._leased
+    await worker.tasks["h1"]
+    assert await redis.get("arq:result:h1") is not None
+
+
+async def test_a_stopping_worker_hands_a_handed_job_back(
+    worker: RouterWorker, redis: fakeredis.FakeAsyncRedis
+) -> None:
+    await redis.zadd(Q, {"h2": 5})
+    await redis.set(f"{IP}h2", worker.token)
+    await redis.set("arq:retry:h2", 1)
+    worker.allow_pick_jobs = False
+    worker._take_handed_job(b"h2 1 5 {}")
+    await asyncio.gather(*worker._background)
+    assert "h2" not in worker.tasks
+    assert await redis.exists(f"{IP}h2") == 0
+    assert await redis.get("arq:retry:h2") == b"0"
+    assert await redis.llen(wake_key(Q)) == 1  # type: ignore[misc]
+    assert await redis.zscore(Q, "h2") == 5

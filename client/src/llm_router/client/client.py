@@ -21,6 +21,7 @@ from llm_router.client.protocol import (
     Attempt,
     RouteRequest,
     RouteResult,
+    idle_key,
     job_blob,
     job_key,
     now_ms,
@@ -31,12 +32,31 @@ from llm_router.client.replies import ReplyInbox
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
-# KEYS: job, result, queue, wake-up list. One round trip; an existing job id (a
-# retried enqueue) is never queued twice; the token wakes a waiting worker.
+# KEYS: job, result, queue, wake-up list, idle workers. ARGV: job blob, job ttl ms,
+# score, job id, wake-up cap. One round trip; an existing job id (a retried enqueue)
+# is never queued twice. When a worker is waiting, the job is handed to it here:
+# leased to it, its try counted, pushed to its inbox (2); otherwise a wake-up token
+# calls the next worker with a free slot (1).
 _ENQUEUE_LUA = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local idle = redis.call('ZRANGEBYSCORE', KEYS[5], now, '+inf', 'LIMIT', 0, 1)
+if #idle > 0 then
+  local member = idle[1]
+  redis.call('ZREM', KEYS[5], member)
+  local cut = string.find(member, '|', 1, true)
+  local token, lease = string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
+  redis.call('SET', 'arq:in-progress:' .. ARGV[4], token, 'PX', lease)
+  local tries = redis.call('INCR', 'arq:retry:' .. ARGV[4])
+  redis.call('EXPIRE', 'arq:retry:' .. ARGV[4], 88400)
+  local inbox = KEYS[3] .. ':inbox:' .. token
+  redis.call('LPUSH', inbox, ARGV[4] .. ' ' .. tries .. ' ' .. ARGV[3] .. ' ' .. ARGV[1])
+  redis.call('EXPIRE', inbox, 60)
+  return 2
+end
 redis.call('LPUSH', KEYS[4], '1')
 redis.call('LTRIM', KEYS[4], 0, ARGV[5])
 return 1
@@ -118,6 +138,7 @@ class RouterClient:
         self.reconnect_for = reconnect_for
         self._enqueue_script = self.redis.register_script(_ENQUEUE_LUA)
         self._wake_key = wake_key(self.queue_name)
+        self._idle_key = idle_key(self.queue_name)
         self.inbox = ReplyInbox(self.redis, fallback_poll=fallback_poll)
 
     async def __aenter__(self) -> Self:
@@ -159,6 +180,7 @@ class RouterClient:
         enqueue_ms = now_ms()
         blob = job_blob(request, enqueue_ms, reply_to=self.inbox.key)
         keys = [job_key(job_id), result_key(job_id), self.queue_name, self._wake_key]
+        keys.append(self._idle_key)
         args: list[bytes | str | int] = [blob, JOB_TTL_MS, enqueue_ms, job_id, WAKE_TOKENS_MAX - 1]
         # Safe to repeat: the script does nothing for a job id that is already there.
         deadline = time.monotonic() + self.reconnect_for

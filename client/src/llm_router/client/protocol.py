@@ -174,6 +174,16 @@ def wake_key(queue_name: str) -> str:
     return f"{queue_name}:wake"
 
 
+def idle_key(queue_name: str) -> str:
+    """Sorted set of waiting workers (member ``<token>|<lease ms>``, score = expiry ms)."""
+    return f"{queue_name}:idle"
+
+
+def inbox_key(queue_name: str, worker_token: str) -> str:
+    """The list a waiting worker blocks on for jobs handed to it at enqueue."""
+    return f"{queue_name}:inbox:{worker_token}"
+
+
 def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 

@@ -63,12 +63,14 @@ class ReplyInbox:
             self._ensure_reader()
             try:
                 async with asyncio.timeout(timeout):
-                    return await asyncio.shield(future)
+                    return await future  # this call's own future: cancelling it is fine
             except TimeoutError:
-                with contextlib.suppress(RedisError):
-                    await self._check_keys([job_id])  # a reply lost on the way: the key has it
-                if future.done():
-                    return future.result()
+                blob = None
+                with contextlib.suppress(RedisError):  # a reply lost on the way: the key has it
+                    blob = await self._redis.get(result_key(job_id))
+                if blob is not None:
+                    self._expected.discard(job_id)
+                    return result_from_blob(blob)
                 raise TimeoutError(f"no result for job {job_id} within {timeout}s") from None
         finally:
             self._forget(job_id, future)

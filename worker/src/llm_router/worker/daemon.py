@@ -41,7 +41,14 @@ from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import JobExecutionFailed, Worker
 from redis.exceptions import RedisError
 
-from llm_router.client.protocol import REPLY_TTL_S, WAKE_TOKENS_MAX, valid_reply_to, wake_key
+from llm_router.client.protocol import (
+    REPLY_TTL_S,
+    WAKE_TOKENS_MAX,
+    idle_key,
+    inbox_key,
+    valid_reply_to,
+    wake_key,
+)
 from llm_router.worker import scripts
 from llm_router.worker.outage import RedisOutage
 
@@ -74,6 +81,9 @@ class RouterWorker(Worker):
         self.lease_ms = int(lease_seconds * 1000)
         self.token = uuid.uuid4().hex
         self.wake_key = wake_key(self.queue_name)
+        self.idle_key = idle_key(self.queue_name)
+        self.inbox_key = inbox_key(self.queue_name, self.token)
+        self._idle_member = f"{self.token}|{self.lease_ms}"
         self.outage = RedisOutage()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -98,6 +108,7 @@ class RouterWorker(Worker):
         self._claim = self.pool.register_script(scripts.CLAIM)
         self._renew = self.pool.register_script(scripts.RENEW)
         self._finish = self.pool.register_script(scripts.FINISH)
+        self._register = self.pool.register_script(scripts.REGISTER)
         self._helpers = [
             asyncio.create_task(self._listen_for_wake_ups(), name="wake-up listener"),
             asyncio.create_task(self._renew_leases(), name="lease renewal"),
@@ -126,26 +137,52 @@ class RouterWorker(Worker):
         )
 
     async def _listen_for_wake_ups(self) -> None:
-        """Take a wake-up token only while a slot is free, then poll at once."""
+        """While a slot is free, wait for a job handed over at enqueue (start it at
+        once) or a wake-up token (poll at once); while full or stopping, take neither."""
         while True:
             if self.job_counter >= self.max_jobs or not self.allow_pick_jobs:
+                await self._withdraw()
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
             try:
-                token = await self.pool.blpop([self.wake_key], timeout=WAKE_BLOCK_S)  # type: ignore[misc]
+                await self._register(
+                    keys=[self.idle_key], args=[self._idle_member, (WAKE_BLOCK_S + 2) * 1000]
+                )
+                popped = await self.pool.blpop(  # type: ignore[misc]
+                    [self.inbox_key, self.wake_key], timeout=WAKE_BLOCK_S
+                )
             except (RedisError, OSError) as exc:
                 await asyncio.sleep(self.outage.failed(exc, "waiting for wake-ups"))
                 continue
             self.outage.ok()
-            if token is None:
+            if popped is None:
                 continue
-            if self.allow_pick_jobs:
+            key, value = popped
+            if key.decode() == self.inbox_key:
+                self._take_handed_job(value)
+            elif self.allow_pick_jobs:
                 self._wake.set()
             else:
                 # Stopping since the BLPOP began: the token belongs to another worker.
                 with contextlib.suppress(RedisError, OSError):
                     await self.pool.lpush(self.wake_key, "1")
+
+    def _take_handed_job(self, message: bytes) -> None:
+        """A producer leased this job to us in its enqueue script: run it (or hand it back)."""
+        job_id, tries, score, blob = message.split(b" ", 3)
+        if self.allow_pick_jobs:
+            self._start(job_id.decode(), int(float(score)), blob, int(tries))
+        else:
+            self._leased.add(job_id.decode())
+            self._in_background(self._store(job_id.decode(), b"", None))
+
+    async def _withdraw(self) -> None:
+        """Stop being offered jobs; hand back any that were handed over meanwhile."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.pool.zrem(self.idle_key, self._idle_member)
+            while (message := await self.pool.lpop(self.inbox_key)) is not None:  # type: ignore[misc]
+                self._take_handed_job(message)
 
     async def _renew_leases(self) -> None:
         """Extend the lease of every running job, three times per lease."""
@@ -249,7 +286,9 @@ class RouterWorker(Worker):
         timeout = function.timeout_s or self.job_timeout_s
         success = True
         try:
-            result: Any = await asyncio.wait_for(function.coroutine(ctx, *args, **kwargs), timeout)
+            # asyncio.timeout, not wait_for: no extra task, so no extra turn of the loop.
+            async with asyncio.timeout(timeout):
+                result: Any = await function.coroutine(ctx, *args, **kwargs)
         except asyncio.CancelledError:
             # Stopping and out of grace: hand the job back for another worker now.
             self.jobs_retried += 1

@@ -84,3 +84,13 @@ redis.call('ZREM', KEYS[5], ARGV[1])
 release()
 return 1
 """
+
+#: A waiting worker offers itself to producers, whose enqueue script then hands it a
+#: job directly (lease, try count and job in its inbox: no claim round trip). Expires
+#: unless renewed. KEYS[1] idle set. ARGV: member ``<token>|<lease ms>``, ttl ms.
+REGISTER = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
