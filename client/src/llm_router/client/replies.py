@@ -124,7 +124,8 @@ class ReplyInbox:
                     timeout=min(_BLOCK_MAX_S, self.fallback_poll),  # type: ignore[arg-type]
                 )  # type: ignore[misc]
                 if item is not None:
-                    self._deliver(result_from_blob(item[1]))  # before any other round trip
+                    self._deliver(result_from_blob(item[1]))
+                    await asyncio.sleep(0)  # the waiting call resumes before our next round trip
                     more = await self._redis.lpop(self.key, _DRAIN)  # type: ignore[misc]
                     for blob in more or []:
                         self._deliver(result_from_blob(blob))

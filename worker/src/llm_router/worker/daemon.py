@@ -161,6 +161,7 @@ class RouterWorker(Worker):
             key, value = popped
             if key.decode() == self.inbox_key:
                 self._take_handed_job(value)
+                await asyncio.sleep(0)  # let the job start before this loop's next round trip
             elif self.allow_pick_jobs:
                 self._wake.set()
             else:
