@@ -25,6 +25,8 @@ MODEL = "ollama_chat/qwen2.5:7b"
 MODEL_TIMEOUT_S = 5.0
 PROMPT = "Say hello to the benchmark."
 JOB_TIMEOUT_S = 10.0
+#: The plain-arq variants: poll delays of both the worker and Job.result() (None = arq's default).
+ARQ_POLL: dict[str, float | None] = {"arq_10ms": 0.01, "arq_default": None}
 
 # Keys the worker side writes per job (arq and our metrics), deleted after each benchmark.
 _PER_JOB_PREFIXES = (

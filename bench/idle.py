@@ -17,6 +17,7 @@ from arq.connections import RedisSettings, create_pool
 from redis.asyncio import Redis
 
 from bench.common import (
+    ARQ_POLL,
     chains_json,
     cpu_sample,
     forget_jobs,
@@ -32,7 +33,6 @@ from bench.procs import Managed, probe_arq, probe_ours, start_arq, start_ours, w
 from llm_router.client import RouterClient
 
 VARIANTS = ("ours", "arq_default", "arq_10ms")
-ARQ_POLL = {"arq_10ms": 0.01, "arq_default": None}
 FLOOR_PCT = 0.5
 
 

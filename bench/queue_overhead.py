@@ -22,6 +22,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 
 from bench.common import (
+    ARQ_POLL,
     JOB_TIMEOUT_S,
     PROMPT,
     chains_json,
@@ -46,7 +47,6 @@ from bench.procs import (
 from llm_router.client import RouterClient
 
 VARIANTS = ("ours", "arq_10ms", "arq_default")
-ARQ_POLL = {"arq_10ms": 0.01, "arq_default": None}
 FLOOR_P50_MS = 2.0
 FLOOR_P99_MS = 10.0
 PINGS_PER_ROUND = 100
