@@ -126,9 +126,10 @@ class ReplyInbox:
                 if item is not None:
                     self._deliver(result_from_blob(item[1]))
                     await asyncio.sleep(0)  # the waiting call resumes before our next round trip
-                    more = await self._redis.lpop(self.key, _DRAIN)  # type: ignore[misc]
-                    for blob in more or []:
-                        self._deliver(result_from_blob(blob))
+                    if self._waiters:  # more are expected: take what else has come, at once
+                        more = await self._redis.lpop(self.key, _DRAIN)  # type: ignore[misc]
+                        for blob in more or []:
+                            self._deliver(result_from_blob(blob))
                 if time.monotonic() - last_sweep >= self.fallback_poll:
                     last_sweep = time.monotonic()
                     cutoff = last_sweep - self.fallback_poll
