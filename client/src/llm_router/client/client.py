@@ -17,11 +17,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
     JOB_TTL_MS,
+    RETRY_KEY_TTL_S,
     WAKE_TOKENS_MAX,
     Attempt,
     RouteRequest,
     RouteResult,
     idle_key,
+    inbox_key,
     job_blob,
     job_key,
     now_ms,
@@ -33,10 +35,10 @@ from llm_router.client.replies import ReplyInbox
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # KEYS: job, result, queue, wake-up list, idle workers. ARGV: job blob, job ttl ms,
-# score, job id, wake-up cap. One round trip; an existing job id (a retried enqueue)
-# is never queued twice. When a worker is waiting, the job is handed to it here:
-# leased to it, its try counted, pushed to its inbox (2); otherwise a wake-up token
-# calls the next worker with a free slot (1).
+# score, job id, wake-up cap, inbox key prefix, try-counter ttl s. One round trip;
+# an existing job id (a retried enqueue) is never queued twice. When a worker is
+# waiting, the job is handed to it here: leased to it, its try counted, pushed to
+# its inbox (2); otherwise a wake-up token calls the next worker with a free slot (1).
 _ENQUEUE_LUA = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -51,8 +53,8 @@ if #idle > 0 then
   local token, lease = string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
   redis.call('SET', 'arq:in-progress:' .. ARGV[4], token, 'PX', lease)
   local tries = redis.call('INCR', 'arq:retry:' .. ARGV[4])
-  redis.call('EXPIRE', 'arq:retry:' .. ARGV[4], 88400)
-  local inbox = KEYS[3] .. ':inbox:' .. token
+  redis.call('EXPIRE', 'arq:retry:' .. ARGV[4], ARGV[7])
+  local inbox = ARGV[6] .. token
   redis.call('LPUSH', inbox, ARGV[4] .. ' ' .. tries .. ' ' .. ARGV[3] .. ' ' .. ARGV[1])
   redis.call('EXPIRE', inbox, 60)
   return 2
@@ -139,6 +141,7 @@ class RouterClient:
         self._enqueue_script = self.redis.register_script(_ENQUEUE_LUA)
         self._wake_key = wake_key(self.queue_name)
         self._idle_key = idle_key(self.queue_name)
+        self._inbox_prefix = inbox_key(self.queue_name, "")  # the script adds the worker
         self.inbox = ReplyInbox(self.redis, fallback_poll=fallback_poll)
 
     async def __aenter__(self) -> Self:
@@ -179,9 +182,22 @@ class RouterClient:
         job_id = job_id or uuid.uuid4().hex
         enqueue_ms = now_ms()
         blob = job_blob(request, enqueue_ms, reply_to=self.inbox.key)
-        keys = [job_key(job_id), result_key(job_id), self.queue_name, self._wake_key]
-        keys.append(self._idle_key)
-        args: list[bytes | str | int] = [blob, JOB_TTL_MS, enqueue_ms, job_id, WAKE_TOKENS_MAX - 1]
+        keys = [
+            job_key(job_id),
+            result_key(job_id),
+            self.queue_name,
+            self._wake_key,
+            self._idle_key,
+        ]
+        args: list[bytes | str | int] = [
+            blob,
+            JOB_TTL_MS,
+            enqueue_ms,
+            job_id,
+            WAKE_TOKENS_MAX - 1,
+            self._inbox_prefix,
+            RETRY_KEY_TTL_S,
+        ]
         # Safe to repeat: the script does nothing for a job id that is already there.
         deadline = time.monotonic() + self.reconnect_for
         delay = 0.1

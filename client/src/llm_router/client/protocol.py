@@ -50,6 +50,8 @@ REPLY_PREFIX = "llm_router:reply:"
 REPLY_TTL_S = 600
 #: At most this many wake-up tokens wait in a queue's wake-up list.
 WAKE_TOKENS_MAX = 100
+#: How long arq keeps a job's try counter (``arq:retry:<id>``), in seconds.
+RETRY_KEY_TTL_S = 88_400
 
 Status = Literal["ok", "failed", "invalid_request"]
 Outcome = Literal["success", "rejected", "invalid"]

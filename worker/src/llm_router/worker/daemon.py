@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 
 from llm_router.client.protocol import (
     REPLY_TTL_S,
+    RETRY_KEY_TTL_S,
     WAKE_TOKENS_MAX,
     idle_key,
     inbox_key,
@@ -58,7 +59,6 @@ WAKE_BLOCK_S = 5
 # Past the running jobs at the head of the queue (they stay in it while leased),
 # the claim script looks this far for jobs it can take.
 CLAIM_SCAN_MAX = 2000
-RETRY_KEY_TTL_S = 88_400  # arq's
 
 #: Work to do once a job's result is stored (metrics): registered by the job
 #: function under ``ctx["after_finish"][job_id]``, run off the producer's clock.
