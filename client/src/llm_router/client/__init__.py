@@ -8,11 +8,11 @@ from llm_router.client.client import JobHandle, RouteFailed, RouterClient, build
 from llm_router.client.protocol import (
     PROTOCOL_VERSION,
     Attempt,
-    InvalidSchemaError,
     Message,
     RouteRequest,
     RouteResult,
 )
+from llm_router.client.schemas import InvalidSchemaError, SchemaLimits
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -24,5 +24,6 @@ __all__ = [
     "RouteRequest",
     "RouteResult",
     "RouterClient",
+    "SchemaLimits",
     "build_request",
 ]

@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import json
 import time
-from functools import lru_cache
 from typing import Any, Literal
 
-import jsonschema
-from jsonschema.exceptions import SchemaError
-from jsonschema.protocols import Validator
-from jsonschema.validators import validator_for
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from llm_router.client.schemas import CEILING, SchemaLimits, compile_schema
+from llm_router.client.untrusted import problem
 
 PROTOCOL_VERSION = 1
 
@@ -52,6 +58,9 @@ REPLY_TTL_S = 600
 WAKE_TOKENS_MAX = 100
 #: How long arq keeps a job's try counter (``arq:retry:<id>``), in seconds.
 RETRY_KEY_TTL_S = 88_400
+#: Deepest nesting of arrays and objects anywhere in a request (its schema has its own,
+#: lower limit): results echo ``metadata``, and pydantic serializes at most ~255 levels.
+MAX_REQUEST_DEPTH = 100
 
 Status = Literal["ok", "failed", "invalid_request"]
 Outcome = Literal["success", "rejected", "invalid"]
@@ -77,11 +86,23 @@ class RouteRequest(BaseModel):
     chain: str = Field(default=DEFAULT_CHAIN, min_length=1, max_length=100)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _safe_to_carry(cls, data: Any) -> Any:
+        if (why := problem(data, MAX_REQUEST_DEPTH)) is not None:
+            raise ValueError(f"the request {why}")
+        return data
+
     @field_validator("json_schema")
     @classmethod
-    def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _schema_is_usable(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        """Checked with the worker's limits when it passes them as ``context``
+        (:class:`SchemaLimits`), else with the ceilings any worker could accept."""
         if value is not None:
-            compile_schema(canonical_json(value))
+            limits = info.context if isinstance(info.context, SchemaLimits) else CEILING
+            compile_schema(value, limits)
         return value
 
     def wire(self) -> dict[str, Any]:
@@ -123,37 +144,18 @@ class RouteResult(BaseModel):
         return self.status == "ok"
 
 
-class InvalidSchemaError(ValueError):
-    """The caller's JSON Schema is not itself a valid schema."""
-
-
-def canonical_json(value: Any) -> str:
-    """One text per value, so equal schemas share one compiled validator."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-@lru_cache(maxsize=256)
-def compile_schema(schema_json: str) -> Validator:
-    """Check a schema once and keep its validator; callers pass canonical JSON."""
-    schema = json.loads(schema_json)
-    if not isinstance(schema, dict):
-        raise InvalidSchemaError("schema must be a JSON object")
-    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-    except SchemaError as exc:
-        raise InvalidSchemaError(f"invalid JSON Schema: {exc.message}") from None
-    validator: Validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
-    return validator
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
 def encode(value: Any) -> bytes:
-    """Compact UTF-8 JSON, the only encoding on the wire."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON, the only encoding on the wire.
+
+    A lone surrogate (legal in JSON, not in UTF-8) is written as its ``\\uXXXX``
+    escape, which is what it was in the JSON it came from.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")
 
 
 def decode(blob: bytes | str) -> Any:
