@@ -217,13 +217,13 @@ def test_serialize_through_arq_serialize_result() -> None:
 
 
 def test_parse_request_positional() -> None:
-    request = parse_request((REQUEST,), {})
+    request = parse_request((REQUEST,), {}, Settings())
     assert request.context == "unit"
     assert request.messages[0].content == "hi"
 
 
 def test_parse_request_keyword() -> None:
-    request = parse_request((), {"request": REQUEST})
+    request = parse_request((), {"request": REQUEST}, Settings())
     assert request.context == "unit"
 
 
@@ -242,12 +242,12 @@ def test_parse_request_keyword() -> None:
 )
 def test_parse_request_refuses_other_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - ValidationError is a ValueError too
-        parse_request(args, kwargs)
+        parse_request(args, kwargs, Settings())
 
 
 def test_parse_request_validates_the_request() -> None:
     with pytest.raises(ValidationError):
-        parse_request(({"messages": []},), {})
+        parse_request(({"messages": []},), {}, Settings())
 
 
 # --- the route job ---------------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""What makes an answer acceptable: no refusal, and JSON that fits the schema."""
+"""What makes an answer acceptable: no refusal, and JSON that fits the schema.
+
+The answer is hostile input too (the caller steers it through the prompt), so
+every check has a bound: the answer's size and nesting depth, and a CPU-time
+budget for validating it (:mod:`llm_router.client.keywords`). A verdict is always
+returned, never an exception: an answer too big, too deep or too costly to check
+is ``invalid``, and the chain moves on as for any other bad JSON.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from jsonschema.protocols import Validator
 
-from llm_router.client.protocol import Outcome, canonical_json, compile_schema
+from llm_router.client.keywords import BudgetExceeded, metered_budget
+from llm_router.client.protocol import Outcome
+from llm_router.client.schemas import CEILING, SchemaLimits, compile_schema
+from llm_router.client.untrusted import problem
+from llm_router.worker.offload import Offload
+
+log = structlog.get_logger("llm_router.checks")
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
 
+#: Answers up to this many characters are judged on the event loop, within
+#: :data:`INLINE_SECONDS` of CPU; bigger ones, or ones that need longer, in a thread.
+INLINE_CHARS = 16_384
+INLINE_SECONDS = 0.005
 
 # Models often write "I can\u2019t" with a typographic apostrophe instead of "I can't".
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
@@ -33,23 +51,45 @@ class RefusalDetector:
         return None
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse(text: str) -> Any:
+    # Python's parser takes NaN and Infinity, which no other JSON reader does.
+    return json.loads(text, parse_constant=_no_constants)
+
+
 def extract_json(text: str) -> Any:
-    """Parse the whole text as JSON, else the first ```json fence that parses."""
+    """Parse the whole text as JSON, else the first ```json fence that parses.
+
+    Raises ``ValueError`` (a :class:`json.JSONDecodeError` when it is not JSON at
+    all), or ``RecursionError`` when it is nested too deeply to parse.
+    """
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
+        return _parse(text)
+    except ValueError as exc:
         first_error = exc
     for block in _FENCE.findall(text):
         try:
-            return json.loads(block)
-        except json.JSONDecodeError:
+            return _parse(block)
+        except ValueError:
             continue
     raise first_error
 
 
-def validator_for(schema: dict[str, Any]) -> Validator:
+def validator_for(schema: dict[str, Any], limits: SchemaLimits = CEILING) -> Validator:
     """The compiled validator for a schema; compiled once per distinct schema."""
-    return compile_schema(canonical_json(schema))
+    return compile_schema(schema, limits).validator
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerLimits:
+    """What one answer may cost to check (the worker's ``max_answer_*`` settings)."""
+
+    max_bytes: int = 1_000_000
+    max_depth: int = 64
+    max_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +99,35 @@ class Verdict:
     reason: str | None = None
 
 
-def judge(text: str, refusals: RefusalDetector, validator: Validator | None) -> Verdict:
-    """Apply the seed's rules in its order: refusal first, then JSON and schema."""
+def _invalid(reason: str) -> Verdict:
+    return Verdict(None, "invalid", reason)
+
+
+def _size_problem(text: str, limit: int) -> str | None:
+    if len(text) * 4 <= limit:  # a character is at most 4 bytes of UTF-8
+        return None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return None
+    return f"AnswerTooLarge: {size:,} bytes, more than max_answer_bytes ({limit:,})"
+
+
+def judge(
+    text: str,
+    refusals: RefusalDetector,
+    validator: Validator | None,
+    limits: AnswerLimits = AnswerLimits(),
+    *,
+    seconds: float | None = None,
+) -> Verdict:
+    """Apply the seed's rules in its order: refusal first, then JSON and schema.
+
+    With ``seconds`` (a smaller budget than the limits'), running out of it raises
+    :class:`BudgetExceeded` instead of giving a verdict, so the caller can go on
+    with the full budget elsewhere.
+    """
+    if (too_large := _size_problem(text, limits.max_bytes)) is not None:
+        return _invalid(too_large)
     pattern = refusals.find(text)
     if pattern is not None:
         return Verdict(None, "rejected", f"RefusalPattern matched: {pattern!r}")
@@ -69,9 +136,50 @@ def judge(text: str, refusals: RefusalDetector, validator: Validator | None) -> 
     try:
         parsed = extract_json(text)
     except json.JSONDecodeError as exc:
-        return Verdict(None, "invalid", f"JSONDecodeError: {exc}")
-    error = next(iter(validator.iter_errors(parsed)), None)
+        return _invalid(f"JSONDecodeError: {exc}")
+    except ValueError as exc:
+        return _invalid(f"JSONDecodeError: {str(exc)[:200]}")
+    except RecursionError:
+        return _invalid("AnswerTooDeep: the JSON is nested too deeply to parse")
+    if (why := problem(parsed, limits.max_depth, "max_answer_depth")) is not None:
+        return _invalid(f"AnswerNotAcceptable: the JSON {why}")
+    budget = seconds if seconds is not None else limits.max_seconds
+    try:
+        with metered_budget(budget):
+            error = next(iter(validator.iter_errors(parsed)), None)
+    except BudgetExceeded as exc:
+        if seconds is not None:
+            raise
+        return _invalid(
+            f"ValidationTooCostly: {exc} (max_check_seconds): the schema makes this answer "
+            "too costly to check"
+        )
+    except RecursionError:
+        return _invalid("AnswerTooDeep: the JSON is nested too deeply to validate")
+    except MemoryError:
+        return _invalid("ValidationFailed: out of memory while validating")
+    except Exception as exc:  # a bug or an edge of jsonschema: still a verdict, and a log line
+        log.warning("validation_error", error=f"{type(exc).__name__}: {exc}"[:300])
+        return _invalid(f"ValidationFailed: {type(exc).__name__}: {exc}"[:300])
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return Verdict(None, "invalid", f"SchemaValidationError at {where}: {error.message[:300]}")
+        return _invalid(f"SchemaValidationError at {where}: {error.message[:300]}")
     return Verdict(parsed, "success")
+
+
+class AnswerChecks:
+    """Judges answers where they cost the event loop nothing that matters: small and
+    cheap ones inline, the rest in the checks thread."""
+
+    def __init__(self, refusals: RefusalDetector, limits: AnswerLimits, offload: Offload) -> None:
+        self.refusals = refusals
+        self.limits = limits
+        self.offload = offload
+
+    async def judge(self, text: str, validator: Validator | None) -> Verdict:
+        if len(text) <= INLINE_CHARS:
+            try:
+                return judge(text, self.refusals, validator, self.limits, seconds=INLINE_SECONDS)
+            except BudgetExceeded:
+                pass
+        return await self.offload.run(judge, text, self.refusals, validator, self.limits)

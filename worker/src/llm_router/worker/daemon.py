@@ -69,7 +69,7 @@ def reply_to_of(job_blob: bytes | None) -> str | None:
     """The reply list a raw job blob names, if the blob can be read at all."""
     try:
         return valid_reply_to(json.loads(job_blob or b"null")["k"].get("reply_to"))
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return None
 
 
@@ -283,6 +283,7 @@ class RouterWorker(Worker):
             "job_try": job_try,
             "enqueue_time": ms_to_datetime(enqueued_ms),
             "score": score,
+            "job_bytes": len(blob),
         }
         timeout = function.timeout_s or self.job_timeout_s
         success = True

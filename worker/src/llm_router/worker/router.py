@@ -16,16 +16,22 @@ from llm_router.client.client import MessagesLike, RouteFailed, build_request
 from llm_router.client.protocol import (
     DEFAULT_CHAIN,
     Attempt,
-    InvalidSchemaError,
     RouteRequest,
     RouteResult,
 )
+from llm_router.client.schemas import CompiledSchema, InvalidSchemaError, compile_schema
 from llm_router.worker.calls import ModelCallError, call_model, register_local_models
-from llm_router.worker.checks import RefusalDetector, Verdict, judge, validator_for
+from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
 from llm_router.worker.metrics import Metrics
+from llm_router.worker.offload import Offload
 from llm_router.worker.settings import ModelConfig, Settings
 
 log = structlog.get_logger("llm_router")
+
+#: A schema whose inlined form is larger than this is not sent to the models (they
+#: still must answer JSON that fits it): litellm inlines ``$ref`` for some providers,
+#: in the worker's event loop, and sends the result along.
+MAX_INLINED_NODES = 20_000
 
 
 def invalid_result(
@@ -51,8 +57,14 @@ class Router:
         self.settings = settings or Settings()
         self.chains: dict[str, list[ModelConfig]] = self.settings.chains
         self.refusals = RefusalDetector(self.settings.refusal_patterns)
+        self.offload = Offload()
+        self.checks = AnswerChecks(self.refusals, self.settings.answer_limits, self.offload)
         self.metrics = Metrics(redis, channel=self.settings.metrics_channel)
         register_local_models(m for chain in self.chains.values() for m in chain)
+
+    async def aclose(self) -> None:
+        await self.metrics.aclose()
+        self.offload.close()
 
     async def route(
         self,
@@ -112,10 +124,16 @@ class Router:
                 f"unknown chain {request.chain!r} (known: {known})", request, job_id
             )
         schema = request.json_schema
+        compiled: CompiledSchema | None = None
         try:
-            validator = validator_for(schema) if schema is not None else None
+            if schema is not None:
+                compiled = compile_schema(schema, self.settings.schema_limits)
         except InvalidSchemaError as exc:
             return invalid_result(str(exc), request, job_id)
+        validator = compiled.validator if compiled is not None else None
+        if compiled is not None and compiled.inlined_nodes > MAX_INLINED_NODES:
+            bound.info("schema_not_sent", inlined_nodes=compiled.inlined_nodes)
+            schema = None
         messages = [m.model_dump(mode="json") for m in request.messages]
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
@@ -128,7 +146,7 @@ class Router:
             except ModelCallError as exc:
                 verdict = Verdict(None, "rejected", exc.reason)
             else:
-                verdict = judge(text, self.refusals, validator)
+                verdict = await self.checks.judge(text, validator)
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
             attempt = Attempt(
                 model=cfg.model, outcome=outcome, reason=reason, latency_ms=_ms_since(attempt_start)

@@ -16,6 +16,8 @@ from pydantic_settings import (
 )
 
 from llm_router.client.protocol import DEFAULT_CHAIN, DEFAULT_QUEUE, METRICS_CHANNEL
+from llm_router.client.schemas import CEILING, SchemaLimits
+from llm_router.worker.checks import AnswerLimits
 
 ENV_PREFIX = "LLM_ROUTER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -106,7 +108,18 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(default=1_000_000, ge=1024, description="a job blob's size")
     max_messages: int = Field(default=1000, ge=1)
-    max_schema_bytes: int = Field(default=65_536, ge=64)
+    max_schema_bytes: int = Field(default=65_536, ge=64, le=CEILING.max_bytes)
+    max_schema_depth: int = Field(
+        default=32,
+        ge=2,
+        le=CEILING.max_depth,
+        description="nesting of a schema's objects and arrays, and of its in-place ref chains",
+    )
+    max_answer_bytes: int = Field(default=1_000_000, ge=1024, le=64_000_000)
+    max_answer_depth: int = Field(default=64, ge=1, le=128)
+    max_check_seconds: float = Field(
+        default=1.0, ge=0.01, le=60, description="CPU time to validate one answer"
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -135,6 +148,18 @@ class Settings(BaseSettings):
         if any(not p.strip() for p in patterns):
             raise ValueError("a refusal pattern must not be blank (it would match every answer)")
         return patterns
+
+    @property
+    def schema_limits(self) -> SchemaLimits:
+        return SchemaLimits(max_bytes=self.max_schema_bytes, max_depth=self.max_schema_depth)
+
+    @property
+    def answer_limits(self) -> AnswerLimits:
+        return AnswerLimits(
+            max_bytes=self.max_answer_bytes,
+            max_depth=self.max_answer_depth,
+            max_seconds=self.max_check_seconds,
+        )
 
     @property
     def job_timeout(self) -> float:

@@ -66,6 +66,11 @@ class Behaviour(StrEnum):
     HTTP_429 = "http_429"
     HANG = "hang"
     SLOW = "slow"
+    #: Answer with the last user message minus its first line (the directive's line).
+    ECHO = "echo"
+    #: An array nested 100,000 levels deep, and a 2,000,000-character JSON string.
+    DEEP_JSON = "deep_json"
+    HUGE_JSON = "huge_json"
 
 
 _BEHAVIOURS = frozenset(b.value for b in Behaviour)
@@ -134,6 +139,12 @@ def answer_text(behaviour: Behaviour, key: str, user_text: str) -> str:
             return '{"answer": 42}'
         case Behaviour.REFUSAL:
             return REFUSAL_TEXT
+        case Behaviour.ECHO:
+            return user_text.partition("\n")[2]
+        case Behaviour.DEEP_JSON:
+            return "[" * 100_000 + "]" * 100_000
+        case Behaviour.HUGE_JSON:
+            return json.dumps("x" * 2_000_000)
         case _:
             return _scrub(f"Stub {key} answers: {user_text[:60]}")
 
