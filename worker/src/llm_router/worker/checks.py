@@ -119,12 +119,13 @@ def judge(
     limits: AnswerLimits = AnswerLimits(),
     *,
     seconds: float | None = None,
+    share_gil: bool = False,
 ) -> Verdict:
     """Apply the seed's rules in its order: refusal first, then JSON and schema.
 
     With ``seconds`` (a smaller budget than the limits'), running out of it raises
     :class:`BudgetExceeded` instead of giving a verdict, so the caller can go on
-    with the full budget elsewhere.
+    with the full budget elsewhere. ``share_gil``: see :class:`~llm_router.client.keywords.Budget`.
     """
     if (too_large := _size_problem(text, limits.max_bytes)) is not None:
         return _invalid(too_large)
@@ -145,7 +146,7 @@ def judge(
         return _invalid(f"AnswerNotAcceptable: the JSON {why}")
     budget = seconds if seconds is not None else limits.max_seconds
     try:
-        with metered_budget(budget):
+        with metered_budget(budget, share_gil):
             error = next(iter(validator.iter_errors(parsed)), None)
     except BudgetExceeded as exc:
         if seconds is not None:
@@ -159,7 +160,7 @@ def judge(
     except MemoryError:
         return _invalid("ValidationFailed: out of memory while validating")
     except Exception as exc:  # a bug or an edge of jsonschema: still a verdict, and a log line
-        log.warning("validation_error", error=f"{type(exc).__name__}: {exc}"[:300])
+        log.warning("validation_error", error_type=type(exc).__name__)  # no answer text
         return _invalid(f"ValidationFailed: {type(exc).__name__}: {exc}"[:300])
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
@@ -182,4 +183,6 @@ class AnswerChecks:
                 return judge(text, self.refusals, validator, self.limits, seconds=INLINE_SECONDS)
             except BudgetExceeded:
                 pass
-        return await self.offload.run(judge, text, self.refusals, validator, self.limits)
+        return await self.offload.run(
+            judge, text, self.refusals, validator, self.limits, share_gil=True
+        )

@@ -8,7 +8,6 @@ exception raised by an arq job reaches the producer only as a lost string.
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import os
 from typing import Any
@@ -28,7 +27,7 @@ from llm_router.client.protocol import (
     valid_reply_to,
 )
 from llm_router.worker.daemon import RouterWorker
-from llm_router.worker.lag import LoopLag
+from llm_router.worker.lag import LoopLag, exempt_start_up_objects
 from llm_router.worker.router import Router, invalid_result
 from llm_router.worker.settings import Settings
 
@@ -201,10 +200,7 @@ def redis_settings(url: str) -> RedisSettings:
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["router"] = Router(settings, redis=ctx["redis"])
-    # litellm leaves ~400,000 objects; a full garbage collection scans them all (~190 ms
-    # with the GIL held, whichever thread triggers it). Exempt what start-up made.
-    gc.collect()
-    gc.freeze()
+    exempt_start_up_objects()
     ctx["loop_lag"] = LoopLag().start()
     log.info(
         "worker_ready",
