@@ -17,6 +17,7 @@ from jsonschema.protocols import Validator
 from llm_router.client.schemas import InvalidSchemaError, compile_schema
 from llm_router.worker.checks import AnswerLimits, RefusalDetector, judge
 from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS, Settings
+from tests import schema_strategies
 from tests.hostile import CATASTROPHIC
 
 #: The budget each validation gets here, and the bound on a whole check (parse included).
@@ -50,32 +51,7 @@ leaves = st.booleans() | st.fixed_dictionaries(
 )
 
 
-def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    names = st.sampled_from(["a", "b", "aaaa!", ""])
-    return st.fixed_dictionaries(
-        {},
-        optional={
-            "properties": st.dictionaries(names, inner, max_size=3),
-            "patternProperties": st.dictionaries(patterns, inner, max_size=2),
-            "additionalProperties": inner,
-            "unevaluatedProperties": inner,
-            "items": inner,
-            "prefixItems": st.lists(inner, max_size=2),
-            "contains": inner,
-            "anyOf": st.lists(inner, min_size=1, max_size=3),
-            "oneOf": st.lists(inner, min_size=1, max_size=3),
-            "allOf": st.lists(inner, min_size=1, max_size=3),
-            "not": inner,
-            "if": inner,
-            "then": inner,
-            "else": inner,
-            "$defs": st.fixed_dictionaries({}, optional={"a": inner, "b": inner}),
-            "$ref": refs,
-        },
-    )
-
-
-schemas = st.recursive(leaves, _containers, max_leaves=16).filter(lambda s: isinstance(s, dict))
+schemas = schema_strategies.schemas(leaves, patterns, ["a", "b", "aaaa!", ""], refs=refs)
 
 json_values = st.recursive(
     scalars | st.sampled_from(["a" * 40 + "!", "aaaa", "2024-01-31", "(a)\\1"]),

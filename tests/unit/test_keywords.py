@@ -15,6 +15,7 @@ from jsonschema import Draft7Validator, Draft201909Validator, Draft202012Validat
 
 from llm_router.client.keywords import FORMAT_CHECKER, BudgetExceeded, metered_budget
 from llm_router.client.schemas import InvalidSchemaError, compile_schema
+from tests import schema_strategies
 
 # Patterns that mean the same to RE2 and to Python's re, and run fast on both.
 SAME_PATTERNS = ["^a", "b$", "\\d+", "^[a-c]{2,3}$", "x|y", "^$"]
@@ -33,28 +34,7 @@ leaves = st.booleans() | st.fixed_dictionaries(
 )
 
 
-def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    names = st.sampled_from(["a", "ab", "b", "x"])
-    return st.fixed_dictionaries(
-        {},
-        optional={
-            "properties": st.dictionaries(names, inner, max_size=2),
-            "patternProperties": st.dictionaries(patterns, inner, max_size=2),
-            "additionalProperties": inner,
-            "unevaluatedProperties": inner,
-            "items": inner,
-            "anyOf": st.lists(inner, min_size=1, max_size=3),
-            "oneOf": st.lists(inner, min_size=1, max_size=3),
-            "allOf": st.lists(inner, min_size=1, max_size=2),
-            "if": inner,
-            "then": inner,
-            "else": inner,
-            "dependentSchemas": st.dictionaries(names, inner, max_size=1),
-        },
-    )
-
-
-schemas = st.recursive(leaves, _containers, max_leaves=10).filter(lambda s: isinstance(s, dict))
+schemas = schema_strategies.schemas(leaves, patterns, ["a", "ab", "b", "x"], max_leaves=10)
 instances = st.recursive(
     scalars,
     lambda inner: (

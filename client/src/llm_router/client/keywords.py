@@ -28,7 +28,6 @@ from typing import Any
 
 import re2
 from jsonschema import Draft201909Validator, FormatChecker, ValidationError
-from jsonschema._utils import extras_msg
 from jsonschema.protocols import Validator
 from jsonschema.validators import extend
 
@@ -191,7 +190,7 @@ def additional_properties(
             yield ValidationError(f"{joined} {verb} not match any of the regexes: {listed}")
         else:
             error = "Additional properties are not allowed (%s %s unexpected)"
-            yield ValidationError(error % extras_msg(sorted(extras, key=str)))
+            yield ValidationError(error % _extras(sorted(extras, key=str)))
 
 
 def _is_valid(errors: Iterator[ValidationError]) -> bool:
@@ -272,7 +271,10 @@ def unevaluated_properties(legacy: bool) -> KeywordFn:
         ]
         if failing and unevaluated is False:
             error = "Unevaluated properties are not allowed (%s %s unexpected)"
-            yield ValidationError(error % extras_msg(sorted(failing, key=str)))
+            yield ValidationError(error % _extras(sorted(failing, key=str)))
+        elif failing:
+            error = "Unevaluated properties are not valid under the given schema (%s %s invalid)"
+            yield ValidationError(error % _extras(failing))
 
     return keyword
 
@@ -328,6 +330,10 @@ def unique_items(
             yield ValidationError(f"has non-unique elements (item {index} repeats an earlier one)")
             return
         seen.add(identity)
+
+
+def _extras(keys: list[str]) -> tuple[str, str]:
+    return ", ".join(repr(key) for key in keys), "was" if len(keys) == 1 else "were"
 
 
 def _short(value: str) -> str:
