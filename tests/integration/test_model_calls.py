@@ -311,6 +311,13 @@ def test_answer_texts(behaviour: Behaviour) -> None:
             json.loads(text)
     elif behaviour is Behaviour.SCHEMA_VIOLATION:
         assert json.loads(text) == {"answer": 42}
+    elif behaviour is Behaviour.ECHO:
+        assert text == ""  # what follows the first line of the user's text: nothing here
+        assert answer_text(behaviour, "qwen", "stub:*=echo\n[1, 2]") == "[1, 2]"
+    elif behaviour is Behaviour.DEEP_JSON:
+        assert text == "[" * 100_000 + "]" * 100_000
+    elif behaviour is Behaviour.HUGE_JSON:
+        assert len(json.loads(text)) == 2_000_000
     elif behaviour is not Behaviour.REFUSAL:
         assert text.startswith("Stub qwen answers: ")
         assert not any(marker in text.lower() for marker in REFUSAL_MARKERS)
