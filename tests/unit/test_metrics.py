@@ -81,10 +81,10 @@ async def test_in_memory_counters_like_the_seed() -> None:
     assert first is not None
     assert second is not None
     assert first["metrics_snapshot"] == {
-        A: {"success": 0, "fallback": 1, "error": 0},
-        B: {"success": 1, "fallback": 0, "error": 0},
+        A: {"success": 0, "fallback": 1, "error": 0, "skipped": 0},
+        B: {"success": 1, "fallback": 0, "error": 0, "skipped": 0},
     }
-    assert second["metrics_snapshot"][A] == {"success": 1, "fallback": 1, "error": 0}
+    assert second["metrics_snapshot"][A] == {"success": 1, "fallback": 1, "error": 0, "skipped": 0}
     assert await metrics.snapshot() == second["metrics_snapshot"]
 
 
@@ -94,8 +94,8 @@ async def test_counters_accumulate_across_two_workers(redis: Redis, second_redis
     event = await worker2.record(_result((A, "success"), job_id="j2"))
     assert event is not None
     expected = {
-        A: {"success": 1, "fallback": 1, "error": 0},
-        B: {"success": 1, "fallback": 0, "error": 0},
+        A: {"success": 1, "fallback": 1, "error": 0, "skipped": 0},
+        B: {"success": 1, "fallback": 0, "error": 0, "skipped": 0},
     }
     assert event["metrics_snapshot"] == expected
     assert await worker1.snapshot() == expected
@@ -131,7 +131,7 @@ async def test_model_names_with_separator_survive(redis: Redis) -> None:
     metrics = Metrics(redis)
     event = await metrics.record(_result((odd, "success")))
     assert event is not None
-    assert event["metrics_snapshot"] == {odd: {"success": 1, "fallback": 0, "error": 0}}
+    assert event["metrics_snapshot"] == {odd: {"success": 1, "fallback": 0, "error": 0, "skipped": 0}}
 
 
 async def test_event_payload_fields(redis: Redis) -> None:
@@ -145,8 +145,8 @@ async def test_event_payload_fields(redis: Redis) -> None:
     assert event["model_used"] == B
     assert event["latency_ms"] == result.latency_ms
     assert event["attempts"] == [
-        {"model": A, "outcome": "rejected", "reason": "nope", "latency_ms": 10},
-        {"model": B, "outcome": "success", "reason": None, "latency_ms": 20},
+        {"model": A, "outcome": "rejected", "reason": "nope", "latency_ms": 10, "load_ms": None},
+        {"model": B, "outcome": "success", "reason": None, "latency_ms": 20, "load_ms": None},
     ]
     assert isinstance(event["timestamp"], float)
     assert event["timestamp"] > 1_600_000_000

@@ -293,8 +293,8 @@ async def test_router_metrics_in_memory(settings: Settings, fake_call: FakeFacto
     await router.route(USER)
     await router.route(USER)
     snapshot = await router.metrics.snapshot()
-    assert snapshot[M1] == {"success": 0, "fallback": 2, "error": 0}
-    assert snapshot[M2] == {"success": 2, "fallback": 0, "error": 0}
+    assert snapshot[M1] == {"success": 0, "fallback": 2, "error": 0, "skipped": 0}
+    assert snapshot[M2] == {"success": 2, "fallback": 0, "error": 0, "skipped": 0}
 
 
 async def test_router_metrics_in_redis(

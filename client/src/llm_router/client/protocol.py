@@ -63,7 +63,7 @@ RETRY_KEY_TTL_S = 88_400
 MAX_REQUEST_DEPTH = 100
 
 Status = Literal["ok", "failed", "invalid_request"]
-Outcome = Literal["success", "rejected", "invalid"]
+Outcome = Literal["success", "rejected", "invalid", "skipped"]
 
 
 class Message(BaseModel):
@@ -111,12 +111,14 @@ class RouteRequest(BaseModel):
 
 
 class Attempt(BaseModel):
-    """One model tried for one request."""
+    """One model tried for one request (``skipped``: not called, busy or circuit open)."""
 
     model: str
     outcome: Outcome
     reason: str | None = None
     latency_ms: int
+    #: A local model's load time in this call (Ollama's ``load_duration``), when known.
+    load_ms: int | None = None
 
 
 class RouteResult(BaseModel):

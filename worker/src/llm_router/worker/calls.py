@@ -32,11 +32,26 @@ except ImportError:  # pragma: no cover - another litellm version
 
 
 class ModelCallError(Exception):
-    """A model gave no usable text; ``reason`` goes into the attempt log."""
+    """A model gave no usable text; ``reason`` goes into the attempt log.
 
-    def __init__(self, reason: str) -> None:
+    ``unwell``: the failure says the model or its server is not working (what the
+    circuit breaker counts), not that this one request or answer was bad.
+    """
+
+    def __init__(self, reason: str, *, unwell: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.unwell = unwell
+
+
+def is_unwell(exc: BaseException) -> bool:
+    """Deadline passed, connection refused or reset, HTTP 5xx, 404 unknown model, 401/403."""
+    if isinstance(exc, TimeoutError | litellm.exceptions.Timeout | ConnectionError):
+        return True
+    if isinstance(exc, litellm.exceptions.APIConnectionError):
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and (status >= 500 or status in (401, 403, 404))
 
 
 def register_local_models(models: Iterable[ModelConfig]) -> None:
@@ -91,6 +106,8 @@ def build_kwargs(
         kwargs["api_key"] = cfg.api_key.get_secret_value()
     if cfg.provider == "anthropic" or cfg.model.startswith("claude"):
         kwargs["max_tokens"] = anthropic_max_tokens
+    if cfg.is_local and cfg.keep_alive is not None:
+        kwargs["keep_alive"] = cfg.keep_alive
     if schema is not None and cfg.structured_output:
         kwargs["response_format"] = {
             "type": "json_schema",
@@ -119,11 +136,11 @@ async def call_model(
             with _without_litellm_logging():
                 response = await litellm.acompletion(**kwargs)
     except TimeoutError:
-        raise ModelCallError(f"Timeout after {cfg.timeout}s") from None
+        raise ModelCallError(f"Timeout after {cfg.timeout}s", unwell=True) from None
     except litellm.exceptions.Timeout:
-        raise ModelCallError(f"Timeout after {cfg.timeout}s (provider)") from None
+        raise ModelCallError(f"Timeout after {cfg.timeout}s (provider)", unwell=True) from None
     except Exception as exc:
-        raise ModelCallError(_reason(exc)) from None
+        raise ModelCallError(_reason(exc), unwell=is_unwell(exc)) from None
     try:
         text = response.choices[0].message.content
     except (AttributeError, IndexError) as exc:

@@ -171,7 +171,10 @@ async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any
     else:
         result = await router.run(request, job_id=job_id, record=False)
     # Counted and announced once the result is stored, off the producer's clock.
-    ctx.setdefault("after_finish", {})[job_id] = functools.partial(router.metrics.record, result)
+    breakers = router.breaker_states(result.chain)
+    ctx.setdefault("after_finish", {})[job_id] = functools.partial(
+        router.metrics.record, result, breakers
+    )
     return result.model_dump(mode="json")
 
 
@@ -199,7 +202,8 @@ def redis_settings(url: str) -> RedisSettings:
 
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    ctx["router"] = Router(settings, redis=ctx["redis"])
+    router = ctx["router"] = Router(settings, redis=ctx["redis"])
+    router.warmer.warm(router.models)
     exempt_start_up_objects()
     ctx["loop_lag"] = LoopLag().start()
     log.info(

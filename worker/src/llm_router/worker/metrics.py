@@ -22,7 +22,7 @@ from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY, Ro
 
 log = structlog.get_logger("llm_router.metrics")
 
-OUTCOMES = ("success", "fallback", "error")
+OUTCOMES = ("success", "fallback", "error", "skipped")
 RETRY_FOR_S = 600.0
 COUNTED_KEY_PREFIX = "llm_router:metrics:counted:"
 COUNTED_TTL_S = 86_400
@@ -44,7 +44,7 @@ for i = 1, #flat, 2 do
   local cut = string.find(field, '|[^|]*$')
   if cut then
     local model, outcome = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
-    snap[model] = snap[model] or {success = 0, fallback = 0, error = 0}
+    snap[model] = snap[model] or {success = 0, fallback = 0, error = 0, skipped = 0}
     snap[model][outcome] = tonumber(flat[i + 1])
   end
 end
@@ -60,12 +60,16 @@ Snapshot = dict[str, dict[str, int]]
 
 
 def counter_fields(result: RouteResult) -> list[tuple[str, str]]:
-    """The seed's rule: a rejected model is a fallback unless it was the last tried."""
+    """The seed's rule: a rejected model is a fallback unless it was the last tried.
+
+    A model skipped (busy, circuit open) was not tried: it counts as ``skipped``.
+    """
     fields: list[tuple[str, str]] = []
-    last = len(result.attempts) - 1
+    tried = [i for i, a in enumerate(result.attempts) if a.outcome != "skipped"]
+    last = tried[-1] if tried else -1
     for i, attempt in enumerate(result.attempts):
-        if attempt.outcome == "success":
-            fields.append((attempt.model, "success"))
+        if attempt.outcome in ("success", "skipped"):
+            fields.append((attempt.model, attempt.outcome))
         else:
             fields.append((attempt.model, "error" if i == last else "fallback"))
     return fields
@@ -78,7 +82,9 @@ def _snapshot(counts: Counter[tuple[str, str]]) -> Snapshot:
     return snap
 
 
-def event_payload(result: RouteResult, snapshot: Snapshot) -> dict[str, Any]:
+def event_payload(
+    result: RouteResult, snapshot: Snapshot, breakers: dict[str, str] | None = None
+) -> dict[str, Any]:
     return {
         "job_id": result.job_id,
         "context": result.context,
@@ -88,6 +94,7 @@ def event_payload(result: RouteResult, snapshot: Snapshot) -> dict[str, Any]:
         "latency_ms": result.latency_ms,
         "attempts": [a.model_dump() for a in result.attempts],
         "metrics_snapshot": snapshot,
+        "breakers": breakers or {},
         "timestamp": time.time(),
     }
 
@@ -110,8 +117,12 @@ class Metrics:
         if redis is not None:
             self._record_script = redis.register_script(_RECORD_LUA)
 
-    async def record(self, result: RouteResult) -> dict[str, Any] | None:
+    async def record(
+        self, result: RouteResult, breakers: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
         """Count and publish; return the event sent. Never raises.
+
+        ``breakers``: the state of each model's circuit breaker as this job saw it.
 
         With Redis away, the counts are retried in the background (the script
         counts a job once however often it runs), so an outage does not make
@@ -120,8 +131,8 @@ class Metrics:
         fields = counter_fields(result)
         if self.redis is None:
             self._local.update(fields)
-            return event_payload(result, _snapshot(self._local))
-        event = event_payload(result, {})
+            return event_payload(result, _snapshot(self._local), breakers)
+        event = event_payload(result, {}, breakers)
         del event["metrics_snapshot"]
         head = json.dumps(event, ensure_ascii=False)[:-1]
         keys = [METRICS_COUNTERS_KEY, COUNTED_KEY_PREFIX + (result.job_id or uuid.uuid4().hex)]

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import structlog
+from jsonschema.protocols import Validator
 from redis.asyncio import Redis
 
 from llm_router.client.client import MessagesLike, RouteFailed, build_request
@@ -20,11 +21,15 @@ from llm_router.client.protocol import (
     RouteResult,
 )
 from llm_router.client.schemas import CompiledSchema, InvalidSchemaError, compile_schema
+from llm_router.worker.breaker import Breakers
+from llm_router.worker.breaker import Verdict as Health
 from llm_router.worker.calls import ModelCallError, call_model, register_local_models
+from llm_router.worker.capacity import Busy, Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
 from llm_router.worker.settings import ModelConfig, Settings
+from llm_router.worker.warmup import Warmer
 
 log = structlog.get_logger("llm_router")
 
@@ -60,9 +65,23 @@ class Router:
         self.offload = Offload()
         self.checks = AnswerChecks(self.refusals, self.settings.answer_limits, self.offload)
         self.metrics = Metrics(redis, channel=self.settings.metrics_channel)
-        register_local_models(m for chain in self.chains.values() for m in chain)
+        self.breakers = Breakers(redis)
+        self.capacity = Capacity(redis)
+        self.warmer = Warmer()
+        register_local_models(self.models)
+
+    @property
+    def models(self) -> list[ModelConfig]:
+        return [m for chain in self.chains.values() for m in chain]
+
+    def breaker_states(self, chain: str | None) -> dict[str, str]:
+        """Each model of the chain and its breaker, as this process last saw it."""
+        models = self.chains.get(chain or "", [])
+        return {m.model: self.breakers.seen.get(m.model, "closed") for m in models}
 
     async def aclose(self) -> None:
+        await self.warmer.aclose()
+        await self.capacity.aclose()
         await self.metrics.aclose()
         self.offload.close()
 
@@ -107,7 +126,7 @@ class Router:
             **extra,
         )
         if record:
-            await self.metrics.record(result)
+            await self.metrics.record(result, self.breaker_states(request.chain))
         return result
 
     async def _walk(
@@ -138,15 +157,7 @@ class Router:
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
             attempt_start = time.monotonic()
-            text = ""
-            try:
-                text = await call_model(
-                    cfg, messages, schema, anthropic_max_tokens=self.settings.anthropic_max_tokens
-                )
-            except ModelCallError as exc:
-                verdict = Verdict(None, "rejected", exc.reason)
-            else:
-                verdict = await self.checks.judge(text, validator)
+            verdict, text = await self._try(cfg, messages, schema, validator)
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
             attempt = Attempt(
                 model=cfg.model, outcome=outcome, reason=reason, latency_ms=_ms_since(attempt_start)
@@ -181,6 +192,40 @@ class Router:
             context=request.context,
             chain=request.chain,
         )
+
+    async def _try(
+        self,
+        cfg: ModelConfig,
+        messages: list[dict[str, Any]],
+        schema: dict[str, Any] | None,
+        validator: Validator | None,
+    ) -> tuple[Verdict, str]:
+        """One model: its breaker, a slot, the call under its deadline, the checks."""
+        admission = await self.breakers.admit(cfg)
+        if admission.skip_reason is not None:
+            return Verdict(None, "skipped", admission.skip_reason), ""
+        slot = await self.capacity.acquire(cfg)
+        if isinstance(slot, Busy):
+            await self.breakers.record(cfg, "abandoned", probe=admission.probe)
+            return Verdict(None, "skipped", slot.reason), ""
+        health: Health = "healthy"  # any answer, even a refusal, says the model is up
+        failed: Verdict | None = None
+        text = ""
+        try:
+            text = await call_model(
+                cfg, messages, schema, anthropic_max_tokens=self.settings.anthropic_max_tokens
+            )
+        except ModelCallError as exc:
+            health = "unwell" if exc.unwell else "healthy"
+            failed = Verdict(None, "rejected", exc.reason)
+        finally:
+            if slot is not None:
+                await self.capacity.release(slot)
+        if await self.breakers.record(cfg, health, probe=admission.probe) == "closed":
+            self.warmer.warm([cfg])
+        if failed is not None:
+            return failed, ""
+        return await self.checks.judge(text, validator), text
 
     @property
     def default_chain(self) -> list[ModelConfig]:

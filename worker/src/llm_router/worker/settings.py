@@ -52,6 +52,21 @@ class ModelConfig(BaseModel):
     structured_output: bool = Field(
         default=True, description="send the caller's schema to the model as response_format"
     )
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="calls in flight to this model across all workers"
+    )
+    max_wait: float = Field(
+        default=0.0, ge=0, le=3600, description="seconds a job waits for a free slot"
+    )
+    keep_alive: int | str | None = Field(
+        default=-1, description="Ollama keep_alive: seconds, a duration, -1 = stay loaded"
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, le=1000, description="unwell failures in a row that open the breaker"
+    )
+    breaker_cooldown: float = Field(
+        default=30.0, gt=0, le=86_400, description="seconds an open breaker skips the model"
+    )
 
     @property
     def provider(self) -> str:
@@ -60,6 +75,11 @@ class ModelConfig(BaseModel):
     @property
     def is_local(self) -> bool:
         return self.provider in LOCAL_PROVIDERS
+
+    @property
+    def name(self) -> str:
+        """The model's name at its provider (``qwen2.5:7b`` for ``ollama_chat/qwen2.5:7b``)."""
+        return self.model.split("/", 1)[1] if "/" in self.model else self.model
 
     def __str__(self) -> str:
         base = f" @ {self.api_base}" if self.api_base else ""
@@ -70,7 +90,11 @@ def default_chains() -> dict[str, list[ModelConfig]]:
     return {
         DEFAULT_CHAIN: [
             ModelConfig(
-                model="ollama_chat/qwen2.5:7b", timeout=8.0, api_base="http://localhost:11434"
+                model="ollama_chat/qwen2.5:7b",
+                timeout=8.0,
+                api_base="http://localhost:11434",
+                max_in_flight=1,  # Ollama's OLLAMA_NUM_PARALLEL default
+                max_wait=4.0,
             ),
             ModelConfig(model="anthropic/claude-haiku-4-5-20251001", timeout=30.0),
             ModelConfig(model="anthropic/claude-sonnet-4-6", timeout=30.0),

@@ -1,0 +1,256 @@
+"""A circuit breaker per model, kept in Redis so that every worker agrees.
+
+A local model that hangs costs every job its full deadline (8 s) before the
+cloud is tried. After ``breaker_failures`` consecutive failures that say the
+model is unwell (deadline passed, connection refused or reset, HTTP 5xx, 404
+unknown model, 401/403) the breaker opens: the model is skipped (attempt
+``skipped``, reason ``circuit open …``) for ``breaker_cooldown`` seconds. Then
+one probe request at a time, across all workers, decides: an answer of any kind
+(a refusal or an answer that fails the schema still says the model is up)
+closes it, another unwell failure opens it again. A probe whose worker dies
+lapses after the probe's lease and the next job probes.
+
+A worker remembers until when a breaker it saw open stays open, so a skip costs
+no Redis round trip; a breaker it saw closed it takes as closed for
+:data:`CLOSED_RECHECK_S`, and a healthy call with no failures counted writes
+nothing: the fast path pays no round trip for the breaker.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from llm_router.worker.settings import ModelConfig
+
+log = structlog.get_logger("llm_router.breaker")
+
+KEY_PREFIX = "llm_router:breaker:"
+#: Beyond the model's wait and timeout, how long a probe may stay out before another
+#: job probes instead.
+PROBE_MARGIN_S = 5.0
+#: While another worker probes, look at the shared state again this often.
+PROBING_RECHECK_S = 0.5
+#: A breaker seen closed is taken as closed this long (another worker may open it).
+CLOSED_RECHECK_S = 1.0
+
+State = Literal["closed", "open", "half_open"]
+Verdict = Literal["healthy", "unwell", "abandoned"]
+
+# KEYS: the breaker hash. ARGV: me, cooldown ms, probe lease ms.
+# Returns {decision, ms left, changed}: 'pass' (closed; failures so far instead of ms),
+# 'open' (skip; ms until the
+# cool-down ends), 'probing' (skip: another call probes; ms until its lease ends),
+# 'probe' (me; changed = 1 when this call moved it from open to half_open).
+_ADMIT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local s = redis.call('HMGET', KEYS[1], 'state', 'opened', 'probe_until', 'failures')
+local state = s[1] or 'closed'
+if state == 'closed' then return {'pass', tonumber(s[4]) or 0, 0} end
+if state == 'open' then
+  local left = (tonumber(s[2]) or 0) + tonumber(ARGV[2]) - now
+  if left > 0 then return {'open', left, 0} end
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe', ARGV[1],
+             'probe_until', now + tonumber(ARGV[3]))
+  return {'probe', 0, 1}
+end
+local until_ms = tonumber(s[3]) or 0
+if until_ms <= now then
+  redis.call('HSET', KEYS[1], 'probe', ARGV[1], 'probe_until', now + tonumber(ARGV[3]))
+  return {'probe', 0, 0}
+end
+return {'probing', until_ms - now, 0}
+"""
+
+# KEYS: the breaker hash. ARGV: me, verdict, failures that open it.
+# Returns {the new state when this call changed it, else '', consecutive failures}.
+_RECORD = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local s = redis.call('HMGET', KEYS[1], 'state', 'probe')
+local state, probe = s[1] or 'closed', s[2]
+local mine = state == 'half_open' and probe == ARGV[1]
+if ARGV[2] == 'healthy' then
+  if mine then
+    redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0)
+    redis.call('HDEL', KEYS[1], 'probe', 'probe_until', 'opened')
+    return {'closed', 0}
+  end
+  if state == 'closed' then redis.call('HSET', KEYS[1], 'failures', 0) end
+  return {'', 0}
+end
+if ARGV[2] == 'unwell' then
+  if mine then
+    redis.call('HSET', KEYS[1], 'state', 'open', 'opened', now)
+    redis.call('HDEL', KEYS[1], 'probe', 'probe_until')
+    return {'open', 0}
+  end
+  if state == 'closed' then
+    local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+    if failures >= tonumber(ARGV[3]) then
+      redis.call('HSET', KEYS[1], 'state', 'open', 'opened', now)
+      return {'open', failures}
+    end
+    return {'', failures}
+  end
+  return {'', 0}
+end
+if mine then redis.call('HSET', KEYS[1], 'probe_until', 0) end
+return {'', 0}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """May this job call the model: ``skip_reason`` None means yes; ``probe`` means it
+    is the one call that decides whether the breaker closes."""
+
+    skip_reason: str | None = None
+    probe: bool = False
+
+
+class Breakers:
+    """The breakers of every model, as this worker process sees and changes them."""
+
+    def __init__(self, redis: Redis | None) -> None:
+        self.redis = redis
+        self.token = uuid.uuid4().hex
+        self._open_until: dict[str, float] = {}  # model -> monotonic time
+        self._closed_until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}  # as last seen in Redis
+        self._local: dict[str, _LocalBreaker] = {}
+        #: The last state this process saw per model (for the metrics event).
+        self.seen: dict[str, State] = {}
+        if redis is not None:
+            self._admit = redis.register_script(_ADMIT)
+            self._record = redis.register_script(_RECORD)
+
+    async def admit(self, cfg: ModelConfig) -> Admission:
+        until = self._open_until.get(cfg.model)
+        now = time.monotonic()
+        if until is not None and now < until:
+            return Admission(_skip_reason(until - now))
+        if now < self._closed_until.get(cfg.model, 0.0):
+            return Admission()
+        if self.redis is None:
+            return self._local.setdefault(cfg.model, _LocalBreaker()).admit(cfg, self)
+        try:
+            decision, left_ms, changed = await self._admit(
+                keys=[KEY_PREFIX + cfg.model],
+                args=[self.token, int(cfg.breaker_cooldown * 1000), self._probe_ms(cfg)],
+            )
+        except (RedisError, OSError):  # no shared view: call the model as if closed
+            return Admission()
+        decision = decision.decode() if isinstance(decision, bytes) else decision
+        if decision == "open":
+            self._open_until[cfg.model] = now + int(left_ms) / 1000
+            self.seen[cfg.model] = "open"
+            return Admission(_skip_reason(int(left_ms) / 1000))
+        if decision == "probing":  # the probe may close it any moment: look again soon
+            self._open_until[cfg.model] = now + min(int(left_ms) / 1000, PROBING_RECHECK_S)
+            self.seen[cfg.model] = "half_open"
+            return Admission(_probing_reason())
+        if decision == "probe":
+            self.seen[cfg.model] = "half_open"
+            if changed:
+                log.info("breaker_half_open", model=cfg.model)
+            return Admission(probe=True)
+        self.seen[cfg.model] = "closed"
+        self._failures[cfg.model] = int(left_ms)
+        self._closed_until[cfg.model] = now + CLOSED_RECHECK_S
+        return Admission()
+
+    async def record(self, cfg: ModelConfig, verdict: Verdict, *, probe: bool) -> State | None:
+        """Count one call's outcome; returns the new state when this call changed it."""
+        if self.redis is None:
+            changed = self._local.setdefault(cfg.model, _LocalBreaker()).record(cfg, verdict)
+        elif verdict == "healthy" and not probe and self._failures.get(cfg.model, 0) == 0:
+            return None  # nothing to reset
+        elif verdict == "abandoned" and not probe:
+            return None
+        else:
+            try:
+                raw, failures = await self._record(
+                    keys=[KEY_PREFIX + cfg.model],
+                    args=[self.token, verdict, cfg.breaker_failures],
+                )
+            except (RedisError, OSError):
+                return None
+            self._failures[cfg.model] = int(failures)
+            changed = (raw.decode() if isinstance(raw, bytes) else raw) or None
+        if changed == "open":
+            self._closed_until.pop(cfg.model, None)
+            self._open_until[cfg.model] = time.monotonic() + cfg.breaker_cooldown
+            self.seen[cfg.model] = "open"
+            log.warning("breaker_open", model=cfg.model, cooldown_s=cfg.breaker_cooldown)
+            return "open"
+        if changed == "closed":
+            self._open_until.pop(cfg.model, None)
+            self.seen[cfg.model] = "closed"
+            log.info("breaker_closed", model=cfg.model)
+            return "closed"
+        return None
+
+    @staticmethod
+    def _probe_ms(cfg: ModelConfig) -> int:
+        return int((cfg.max_wait + cfg.timeout + PROBE_MARGIN_S) * 1000)
+
+
+def _skip_reason(left: float) -> str:
+    return f"circuit open: the model failed repeatedly; next try in {max(left, 0):.1f}s"
+
+
+def _probing_reason() -> str:
+    return "circuit open: half-open, another request is probing the model"
+
+
+class _LocalBreaker:
+    """The same rules within one process, for a Router made without Redis."""
+
+    def __init__(self) -> None:
+        self.state: State = "closed"
+        self.failures = 0
+        self.opened = 0.0
+        self.probing = False
+
+    def admit(self, cfg: ModelConfig, owner: Breakers) -> Admission:
+        now = time.monotonic()
+        if self.state == "open":
+            if now < self.opened + cfg.breaker_cooldown:
+                return Admission(_skip_reason(self.opened + cfg.breaker_cooldown - now))
+            self.state, self.probing = "half_open", True
+            owner.seen[cfg.model] = "half_open"
+            log.info("breaker_half_open", model=cfg.model)
+            return Admission(probe=True)
+        if self.state == "half_open":
+            if self.probing:
+                return Admission(_probing_reason())
+            self.probing = True
+            return Admission(probe=True)
+        return Admission()
+
+    def record(self, cfg: ModelConfig, verdict: Verdict) -> str | None:
+        if verdict == "abandoned":
+            self.probing = False
+            return None
+        if verdict == "healthy":
+            self.failures = 0
+            if self.state == "half_open":
+                self.state, self.probing = "closed", False
+                return "closed"
+            return None
+        if self.state == "half_open":
+            self.state, self.opened, self.probing = "open", time.monotonic(), False
+            return "open"
+        self.failures += 1
+        if self.state == "closed" and self.failures >= cfg.breaker_failures:
+            self.state, self.opened = "open", time.monotonic()
+            return "open"
+        return None
