@@ -131,7 +131,9 @@ async def test_model_names_with_separator_survive(redis: Redis) -> None:
     metrics = Metrics(redis)
     event = await metrics.record(_result((odd, "success")))
     assert event is not None
-    assert event["metrics_snapshot"] == {odd: {"success": 1, "fallback": 0, "error": 0, "skipped": 0}}
+    assert event["metrics_snapshot"] == {
+        odd: {"success": 1, "fallback": 0, "error": 0, "skipped": 0}
+    }
 
 
 async def test_event_payload_fields(redis: Redis) -> None:
