@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import weakref
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any
 
 # Before litellm is imported anywhere: no price list or header config from the internet.
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+import httpx
 import litellm
+from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
 
 from llm_router.worker.settings import ModelConfig
 
@@ -29,6 +34,39 @@ try:
     from litellm._internal_context import internal_sub_call as _without_litellm_logging
 except ImportError:  # pragma: no cover - another litellm version
     _without_litellm_logging = contextlib.nullcontext  # type: ignore[assignment]
+
+
+# litellm keeps nothing of Ollama's timings; a response hook on our own client for
+# Ollama reads ``load_duration`` from the body for the call that is running.
+_LOAD_DURATION = re.compile(rb'"load_duration"\s*:\s*(\d+)')
+_ollama_body: ContextVar[dict[str, int] | None] = ContextVar("ollama_body", default=None)
+_last_load_ms: ContextVar[int | None] = ContextVar("last_load_ms", default=None)
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncHTTPHandler] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _read_load_duration(response: httpx.Response) -> None:
+    holder = _ollama_body.get()
+    if holder is None or not response.request.url.path.endswith(("/api/chat", "/api/generate")):
+        return
+    await response.aread()
+    found = _LOAD_DURATION.search(response.content[-4096:])
+    if found:
+        holder["load_ns"] = int(found[1])
+
+
+def _ollama_client() -> AsyncHTTPHandler:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = AsyncHTTPHandler(event_hooks={"response": [_read_load_duration]})
+    return client
+
+
+def last_load_ms() -> int | None:
+    """The load time Ollama reported for the last :func:`call_model` of this task."""
+    return _last_load_ms.get()
 
 
 class ModelCallError(Exception):
@@ -131,6 +169,11 @@ async def call_model(
 ) -> str:
     """Return the model's text or raise :class:`ModelCallError` with the reason."""
     kwargs = build_kwargs(cfg, messages, schema, anthropic_max_tokens)
+    holder: dict[str, int] = {}
+    _last_load_ms.set(None)
+    if cfg.provider == "ollama_chat" and "client" not in kwargs:
+        kwargs["client"] = _ollama_client()
+        _ollama_body.set(holder)
     try:
         async with asyncio.timeout(cfg.timeout):
             with _without_litellm_logging():
@@ -141,6 +184,10 @@ async def call_model(
         raise ModelCallError(f"Timeout after {cfg.timeout}s (provider)", unwell=True) from None
     except Exception as exc:
         raise ModelCallError(_reason(exc), unwell=is_unwell(exc)) from None
+    finally:
+        _ollama_body.set(None)
+        if "load_ns" in holder:
+            _last_load_ms.set(round(holder["load_ns"] / 1e6))
     try:
         text = response.choices[0].message.content
     except (AttributeError, IndexError) as exc:

@@ -23,13 +23,18 @@ from llm_router.client.protocol import (
 from llm_router.client.schemas import CompiledSchema, InvalidSchemaError, compile_schema
 from llm_router.worker.breaker import Breakers
 from llm_router.worker.breaker import Verdict as Health
-from llm_router.worker.calls import ModelCallError, call_model, register_local_models
+from llm_router.worker.calls import (
+    ModelCallError,
+    call_model,
+    last_load_ms,
+    register_local_models,
+)
 from llm_router.worker.capacity import Busy, Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
 from llm_router.worker.settings import ModelConfig, Settings
-from llm_router.worker.warmup import Warmer
+from llm_router.worker.warmup import Warmer, note_load
 
 log = structlog.get_logger("llm_router")
 
@@ -157,10 +162,14 @@ class Router:
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
             attempt_start = time.monotonic()
-            verdict, text = await self._try(cfg, messages, schema, validator)
+            verdict, text, load_ms = await self._try(cfg, messages, schema, validator)
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
             attempt = Attempt(
-                model=cfg.model, outcome=outcome, reason=reason, latency_ms=_ms_since(attempt_start)
+                model=cfg.model,
+                outcome=outcome,
+                reason=reason,
+                latency_ms=_ms_since(attempt_start),
+                load_ms=load_ms,
             )
             attempts.append(attempt)
             bound.info(
@@ -199,15 +208,15 @@ class Router:
         messages: list[dict[str, Any]],
         schema: dict[str, Any] | None,
         validator: Validator | None,
-    ) -> tuple[Verdict, str]:
+    ) -> tuple[Verdict, str, int | None]:
         """One model: its breaker, a slot, the call under its deadline, the checks."""
         admission = await self.breakers.admit(cfg)
         if admission.skip_reason is not None:
-            return Verdict(None, "skipped", admission.skip_reason), ""
+            return Verdict(None, "skipped", admission.skip_reason), "", None
         slot = await self.capacity.acquire(cfg)
         if isinstance(slot, Busy):
             await self.breakers.record(cfg, "abandoned", probe=admission.probe)
-            return Verdict(None, "skipped", slot.reason), ""
+            return Verdict(None, "skipped", slot.reason), "", None
         health: Health = "healthy"  # any answer, even a refusal, says the model is up
         failed: Verdict | None = None
         text = ""
@@ -221,11 +230,13 @@ class Router:
         finally:
             if slot is not None:
                 await self.capacity.release(slot)
+        load_ms = last_load_ms() if cfg.is_local else None
+        note_load(cfg, load_ms)
         if await self.breakers.record(cfg, health, probe=admission.probe) == "closed":
             self.warmer.warm([cfg])
         if failed is not None:
-            return failed, ""
-        return await self.checks.judge(text, validator), text
+            return failed, "", load_ms
+        return await self.checks.judge(text, validator), text, load_ms
 
     @property
     def default_chain(self) -> list[ModelConfig]:
