@@ -187,8 +187,9 @@ class Settings(BaseSettings):
 
     @property
     def job_timeout(self) -> float:
-        """Longest a job can take: every model of the longest chain at its deadline."""
-        return max(sum(m.timeout for m in chain) for chain in self.chains.values()) + 30
+        """Longest a job can take: every model of the longest chain waiting its longest
+        for a slot, then running to its deadline."""
+        return max(sum(m.max_wait + m.timeout for m in c) for c in self.chains.values()) + 30
 
     @classmethod
     def settings_customise_sources(
