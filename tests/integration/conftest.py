@@ -26,17 +26,21 @@ pytestmark = pytest.mark.integration
 
 
 def chain_env(stub_url: str, *, local_timeout: float = 1.0, cloud_timeout: float = 2.0) -> str:
-    """The seed's chain, every model pointed at the stub server."""
-    cloud = {"api_base": stub_url, "api_key": "sk-ant-test-secret-0123456789"}
+    """The seed's chain, every model pointed at the stub server.
+
+    These tests make models fail on purpose, one rule at a time; the circuit breaker
+    (tested on its own in test_local_model.py) is kept from opening between them.
+    """
+    quiet = {"api_base": stub_url, "breaker_failures": 1000}
+    cloud = {**quiet, "api_key": "sk-ant-test-secret-0123456789"}
+    local = {"model": "ollama_chat/qwen2.5:7b", "timeout": local_timeout, **quiet}
     chains: dict[str, Any] = {
         "default": [
-            {"model": "ollama_chat/qwen2.5:7b", "timeout": local_timeout, "api_base": stub_url},
+            local,
             {"model": "anthropic/claude-haiku-4-5-20251001", "timeout": cloud_timeout, **cloud},
             {"model": "anthropic/claude-sonnet-4-6", "timeout": cloud_timeout, **cloud},
         ],
-        "local_only": [
-            {"model": "ollama_chat/qwen2.5:7b", "timeout": local_timeout, "api_base": stub_url}
-        ],
+        "local_only": [local],
     }
     return json.dumps(chains)
 

@@ -11,9 +11,9 @@ closes it, another unwell failure opens it again. A probe whose worker dies
 lapses after the probe's lease and the next job probes.
 
 A worker remembers until when a breaker it saw open stays open, so a skip costs
-no Redis round trip; a breaker it saw closed it takes as closed for
-:data:`CLOSED_RECHECK_S`, and a healthy call with no failures counted writes
-nothing: the fast path pays no round trip for the breaker.
+no Redis round trip; a closed breaker costs one (~0.2 ms), so a breaker one
+worker opens is open for all at once, and a healthy call with no failures
+counted writes nothing.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ KEY_PREFIX = "llm_router:breaker:"
 PROBE_MARGIN_S = 5.0
 #: While another worker probes, look at the shared state again this often.
 PROBING_RECHECK_S = 0.5
-#: A breaker seen closed is taken as closed this long (another worker may open it).
-CLOSED_RECHECK_S = 1.0
 
 State = Literal["closed", "open", "half_open"]
 Verdict = Literal["healthy", "unwell", "abandoned"]
@@ -122,8 +120,7 @@ class Breakers:
     def __init__(self, redis: Redis | None) -> None:
         self.redis = redis
         self.token = uuid.uuid4().hex
-        self._open_until: dict[str, float] = {}  # model -> monotonic time
-        self._closed_until: dict[str, float] = {}
+        self._open_until: dict[str, float] = {}  # endpoint -> monotonic time
         self._failures: dict[str, int] = {}  # as last seen in Redis
         self._local: dict[str, _LocalBreaker] = {}
         #: The last state this process saw per model (for the metrics event).
@@ -133,28 +130,26 @@ class Breakers:
             self._record = redis.register_script(_RECORD)
 
     async def admit(self, cfg: ModelConfig) -> Admission:
-        until = self._open_until.get(cfg.model)
+        until = self._open_until.get(cfg.endpoint)
         now = time.monotonic()
         if until is not None and now < until:
             return Admission(_skip_reason(until - now))
-        if now < self._closed_until.get(cfg.model, 0.0):
-            return Admission()
         if self.redis is None:
-            return self._local.setdefault(cfg.model, _LocalBreaker()).admit(cfg, self)
+            return self._local.setdefault(cfg.endpoint, _LocalBreaker()).admit(cfg, self)
         try:
             decision, left_ms, changed = await self._admit(
-                keys=[KEY_PREFIX + cfg.model],
+                keys=[KEY_PREFIX + cfg.endpoint],
                 args=[self.token, int(cfg.breaker_cooldown * 1000), self._probe_ms(cfg)],
             )
         except (RedisError, OSError):  # no shared view: call the model as if closed
             return Admission()
         decision = decision.decode() if isinstance(decision, bytes) else decision
         if decision == "open":
-            self._open_until[cfg.model] = now + int(left_ms) / 1000
+            self._open_until[cfg.endpoint] = now + int(left_ms) / 1000
             self.seen[cfg.model] = "open"
             return Admission(_skip_reason(int(left_ms) / 1000))
         if decision == "probing":  # the probe may close it any moment: look again soon
-            self._open_until[cfg.model] = now + min(int(left_ms) / 1000, PROBING_RECHECK_S)
+            self._open_until[cfg.endpoint] = now + min(int(left_ms) / 1000, PROBING_RECHECK_S)
             self.seen[cfg.model] = "half_open"
             return Admission(_probing_reason())
         if decision == "probe":
@@ -163,36 +158,34 @@ class Breakers:
                 log.info("breaker_half_open", model=cfg.model)
             return Admission(probe=True)
         self.seen[cfg.model] = "closed"
-        self._failures[cfg.model] = int(left_ms)
-        self._closed_until[cfg.model] = now + CLOSED_RECHECK_S
+        self._failures[cfg.endpoint] = int(left_ms)
         return Admission()
 
     async def record(self, cfg: ModelConfig, verdict: Verdict, *, probe: bool) -> State | None:
         """Count one call's outcome; returns the new state when this call changed it."""
         if self.redis is None:
-            changed = self._local.setdefault(cfg.model, _LocalBreaker()).record(cfg, verdict)
-        elif verdict == "healthy" and not probe and self._failures.get(cfg.model, 0) == 0:
+            changed = self._local.setdefault(cfg.endpoint, _LocalBreaker()).record(cfg, verdict)
+        elif verdict == "healthy" and not probe and self._failures.get(cfg.endpoint, 0) == 0:
             return None  # nothing to reset
         elif verdict == "abandoned" and not probe:
             return None
         else:
             try:
                 raw, failures = await self._record(
-                    keys=[KEY_PREFIX + cfg.model],
+                    keys=[KEY_PREFIX + cfg.endpoint],
                     args=[self.token, verdict, cfg.breaker_failures],
                 )
             except (RedisError, OSError):
                 return None
-            self._failures[cfg.model] = int(failures)
+            self._failures[cfg.endpoint] = int(failures)
             changed = (raw.decode() if isinstance(raw, bytes) else raw) or None
         if changed == "open":
-            self._closed_until.pop(cfg.model, None)
-            self._open_until[cfg.model] = time.monotonic() + cfg.breaker_cooldown
+            self._open_until[cfg.endpoint] = time.monotonic() + cfg.breaker_cooldown
             self.seen[cfg.model] = "open"
             log.warning("breaker_open", model=cfg.model, cooldown_s=cfg.breaker_cooldown)
             return "open"
         if changed == "closed":
-            self._open_until.pop(cfg.model, None)
+            self._open_until.pop(cfg.endpoint, None)
             self.seen[cfg.model] = "closed"
             log.info("breaker_closed", model=cfg.model)
             return "closed"

@@ -141,8 +141,8 @@ class Capacity:
             self._acquire = redis.register_script(_ACQUIRE)
             self._release = redis.register_script(_RELEASE)
 
-    def median_call(self, model: str) -> float | None:
-        recent = self._recent.get(model)
+    def median_call(self, endpoint: str) -> float | None:
+        recent = self._recent.get(endpoint)
         return statistics.median(recent) if recent else None
 
     async def acquire(self, cfg: ModelConfig) -> Slot | Busy | None:
@@ -159,14 +159,14 @@ class Capacity:
             while True:
                 wake.clear()
                 got, ahead, _ = await self._acquire(
-                    keys=keys(cfg.model),
+                    keys=keys(cfg.endpoint),
                     args=[cfg.max_in_flight, token, self._lease_ms(cfg), int(WAITER_TTL_S * 1000)],
                 )
                 now = time.monotonic()
                 if got:
                     return Slot(cfg, token, now - started)
                 left = deadline - now
-                median = self.median_call(cfg.model)
+                median = self.median_call(cfg.endpoint)
                 expected = (ahead + 1) * median / cfg.max_in_flight if median else 0.0
                 if left <= 0 or expected > left:
                     await self._give_back(cfg, token)
@@ -183,10 +183,10 @@ class Capacity:
             self._waiting.pop(token, None)
 
     async def release(self, slot: Slot) -> None:
-        recent = self._recent.setdefault(slot.cfg.model, deque(maxlen=RECENT_CALLS))
+        recent = self._recent.setdefault(slot.cfg.endpoint, deque(maxlen=RECENT_CALLS))
         recent.append(time.monotonic() - slot.started)
         if self.redis is None:
-            self._local[slot.cfg.model].release()
+            self._local[slot.cfg.endpoint].release()
             return
         try:
             await self._give_back(slot.cfg, slot.token)
@@ -225,7 +225,7 @@ class Capacity:
 
     async def _give_back(self, cfg: ModelConfig, token: str) -> None:
         slots = cfg.max_in_flight or 0
-        await self._release(keys=keys(cfg.model)[:3], args=[token, slots, f"{KEY_PREFIX}wake:"])
+        await self._release(keys=keys(cfg.endpoint)[:3], args=[token, slots, f"{KEY_PREFIX}wake:"])
 
     def _listen(self) -> None:
         if self._listener is None or self._listener.done():
@@ -249,7 +249,7 @@ class Capacity:
 
     async def _acquire_locally(self, cfg: ModelConfig) -> Slot | Busy:
         assert cfg.max_in_flight is not None
-        gate = self._local.setdefault(cfg.model, asyncio.Semaphore(cfg.max_in_flight))
+        gate = self._local.setdefault(cfg.endpoint, asyncio.Semaphore(cfg.max_in_flight))
         started = time.monotonic()
         try:
             async with asyncio.timeout(cfg.max_wait):

@@ -77,6 +77,11 @@ class ModelConfig(BaseModel):
         return self.provider in LOCAL_PROVIDERS
 
     @property
+    def endpoint(self) -> str:
+        """The model at its server: what a breaker and capacity slots belong to."""
+        return f"{self.model}@{self.api_base or ''}"
+
+    @property
     def name(self) -> str:
         """The model's name at its provider (``qwen2.5:7b`` for ``ollama_chat/qwen2.5:7b``)."""
         return self.model.split("/", 1)[1] if "/" in self.model else self.model

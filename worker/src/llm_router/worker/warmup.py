@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable
 
 import aiohttp
@@ -73,6 +74,7 @@ class Warmer:
         if cfg.keep_alive is None:
             del body["keep_alive"]
         timeout = aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)
+        started = time.monotonic()
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
@@ -84,6 +86,9 @@ class Warmer:
         except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:
             log.warning("warm_up_failed", model=cfg.model, error=f"{type(exc).__name__}: {exc}")
             return
-        ms = load_ms(data) if isinstance(data, dict) else None
+        # Ollama's answer to a load-only request carries no timings: the load is its time.
+        ms = (load_ms(data) if isinstance(data, dict) else None) or round(
+            (time.monotonic() - started) * 1000
+        )
         log.info("model_warm", model=cfg.model, load_ms=ms)
         note_load(cfg, ms, during="warm-up")
