@@ -3,7 +3,9 @@
 Tests and the demo need model servers whose answers and failures are chosen per request, with no
 GPU or network; matching the real wire formats keeps litellm's real HTTP path under test instead
 of a mock. A directive such as ``stub:qwen=http_500`` anywhere in a request's messages picks the
-behaviour for models whose name contains the key (``*`` for all).
+behaviour for models whose name contains the key (``*`` for all). The Ollama routes can also
+queue, serialise and cold-load per model the way Ollama's scheduler does, so load tests see what
+piha's GPU does to them.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import secrets
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from types import TracebackType
 from typing import Any, Self
 
@@ -47,6 +50,8 @@ _OLLAMA_ERRORS = {
     500: "llama runner process has terminated: exit status 2 (stub)",
     429: "too many requests, retry later (stub)",
 }
+# Ollama's own words (server/sched.go), two spaces included: clients may match on them.
+OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 _ANTHROPIC_ERRORS = {
     500: ("api_error", "Internal server error (stub)"),
     429: ("rate_limit_error", "Rate limit exceeded for this model (stub)"),
@@ -71,6 +76,8 @@ class Behaviour(StrEnum):
     #: An array nested 100,000 levels deep, and a 2,000,000-character JSON string.
     DEEP_JSON = "deep_json"
     HUGE_JSON = "huge_json"
+    #: The text answer cut off as at num_predict / max_tokens: its echoed part halved.
+    LENGTH = "length"
 
 
 _BEHAVIOURS = frozenset(b.value for b in Behaviour)
@@ -145,6 +152,9 @@ def answer_text(behaviour: Behaviour, key: str, user_text: str) -> str:
             return "[" * 100_000 + "]" * 100_000
         case Behaviour.HUGE_JSON:
             return json.dumps("x" * 2_000_000)
+        case Behaviour.LENGTH:
+            echoed = user_text[:60]
+            return _scrub(f"Stub {key} answers: {echoed[: len(echoed) // 2]}")
         case _:
             return _scrub(f"Stub {key} answers: {user_text[:60]}")
 
@@ -198,6 +208,41 @@ def _anthropic_content(body: dict[str, Any], text: str) -> tuple[dict[str, Any],
     return {"type": "text", "text": text}, "end_turn"
 
 
+def _tagged(name: str) -> str:
+    """Ollama's name for a model given without a tag: ``qwen2.5`` is ``qwen2.5:latest``."""
+    return name if ":" in name else f"{name}:latest"
+
+
+class _Keep(Enum):
+    """Marks a ``set_ollama`` argument as not given (None means unlimited there)."""
+
+    KEEP = 0
+
+
+_KEEP = _Keep.KEEP
+
+
+class _ServerBusy(Exception):
+    """Ollama's pending queue is full: the request gets a 503."""
+
+
+@dataclass(eq=False)
+class _Runner:
+    """A model's runner as Ollama's scheduler keeps it: busy slots, FIFO waiters, loaded or not."""
+
+    busy: int = 0
+    loaded: bool = False
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _check_ollama(parallel: int | None, max_queue: int, delay: float, cold_load: float) -> None:
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"ollama_parallel must be None (unlimited) or >= 1, not {parallel}")
+    if max_queue < 0 or delay < 0 or cold_load < 0:
+        raise ValueError("ollama_max_queue, ollama_delay and cold_load must not be negative")
+
+
 def _ollama_show(name: str, context_length: int) -> dict[str, Any]:
     base, _, tag = name.partition(":")
     family = base.split(".")[0] or "llama"
@@ -242,6 +287,13 @@ class StubServer:
 
     One server can be the ``api_base`` of every model in a fallback chain, and its own loop lets
     sync tests, async tests (on another loop) and other processes use it alike.
+
+    On the Ollama routes each model has a runner like Ollama's: ``ollama_parallel`` generations at
+    a time (None: unlimited; Ollama's default is 1), the rest waiting FIFO in one queue of at most
+    ``ollama_max_queue`` requests over all models (beyond it: Ollama's 503). Each generation holds
+    its slot for ``ollama_delay`` seconds; a model's first request, and the first after
+    ``unload()``, also spends ``cold_load`` seconds loading it. ``strict_models`` answers Ollama's
+    404 for models not in ``models``. The defaults keep the stub instant and permissive.
     """
 
     def __init__(
@@ -251,10 +303,21 @@ class StubServer:
         slow_delay: float = 1.0,
         models: Sequence[str] = ("qwen2.5:7b", "llama3.1:8b"),
         context_length: int = 32768,
+        ollama_parallel: int | None = None,
+        ollama_max_queue: int = 512,
+        ollama_delay: float = 0.0,
+        cold_load: float = 0.0,
+        strict_models: bool = False,
     ) -> None:
+        _check_ollama(ollama_parallel, ollama_max_queue, ollama_delay, cold_load)
         self.slow_delay = slow_delay
         self.models = list(models)
         self.context_length = context_length
+        self.ollama_parallel = ollama_parallel
+        self.ollama_max_queue = ollama_max_queue
+        self.ollama_delay = ollama_delay
+        self.cold_load = cold_load
+        self.strict_models = strict_models
         self._port = port
         self._url: str | None = None
         self._lock = threading.Lock()
@@ -264,6 +327,13 @@ class StubServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        # Runner state and counters; changed on the server's loop, read from any thread.
+        self._runners: dict[str, _Runner] = {}
+        self._waiting = 0
+        self._in_flight = self._peak_in_flight = 0
+        self._generating = self._peak_generating = 0
+        self._served: dict[str, int] = {}
+        self._dropped = self._rejected_busy = 0
 
     @property
     def url(self) -> str:
@@ -288,6 +358,92 @@ class StubServer:
     def reset_behaviours(self) -> None:
         with self._lock:
             self._defaults.clear()
+
+    @property
+    def in_flight(self) -> int:
+        """Ollama generation requests inside the server now, waiting for a slot or holding one."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most ``in_flight`` there has been since start or ``reset_peak()``."""
+        with self._lock:
+            return self._peak_in_flight
+
+    @property
+    def generating(self) -> int:
+        """Ollama requests holding a runner slot now (loading or generating), over all models."""
+        with self._lock:
+            return self._generating
+
+    @property
+    def peak_generating(self) -> int:
+        """The most ``generating`` there has been since start or ``reset_peak()``."""
+        with self._lock:
+            return self._peak_generating
+
+    @property
+    def served(self) -> dict[str, int]:
+        """Per model (as the client named it): requests answered after getting a runner slot."""
+        with self._lock:
+            return dict(self._served)
+
+    @property
+    def dropped(self) -> int:
+        """Queued requests whose client gave up before they got a slot; never served."""
+        with self._lock:
+            return self._dropped
+
+    @property
+    def rejected_busy(self) -> int:
+        """Requests answered 503 because the pending queue was full."""
+        with self._lock:
+            return self._rejected_busy
+
+    def reset_peak(self) -> None:
+        """Start both peaks again from what is in flight now."""
+        with self._lock:
+            self._peak_in_flight, self._peak_generating = self._in_flight, self._generating
+
+    def reset_counters(self) -> None:
+        """Zero ``served``, ``dropped`` and ``rejected_busy`` and reset the peaks."""
+        with self._lock:
+            self._served.clear()
+            self._dropped = self._rejected_busy = 0
+            self._peak_in_flight, self._peak_generating = self._in_flight, self._generating
+
+    def unload(self, model: str | None = None) -> None:
+        """Make the next request for ``model`` (None: every model) load it cold again."""
+        with self._lock:
+            for name, runner in self._runners.items():
+                if model is None or name == model:
+                    runner.loaded = False
+
+    def set_ollama(
+        self,
+        *,
+        parallel: int | _Keep | None = _KEEP,
+        max_queue: int | _Keep = _KEEP,
+        delay: float | _Keep = _KEEP,
+        cold_load: float | _Keep = _KEEP,
+    ) -> None:
+        """Change the runner settings of a running server; arguments not given stay as they are.
+
+        Waiters get the slots a raised ``parallel`` opens at once; a lowered one lets the running
+        generations finish. Tests sharing one server set these and put them back.
+        """
+        with self._lock:
+            new = (
+                self.ollama_parallel if isinstance(parallel, _Keep) else parallel,
+                self.ollama_max_queue if isinstance(max_queue, _Keep) else max_queue,
+                self.ollama_delay if isinstance(delay, _Keep) else delay,
+                self.cold_load if isinstance(cold_load, _Keep) else cold_load,
+            )
+            _check_ollama(*new)
+            self.ollama_parallel, self.ollama_max_queue, self.ollama_delay, self.cold_load = new
+        if (loop := self._loop) is not None:
+            loop.call_soon_threadsafe(self._wake_all)
 
     def start(self) -> str:
         if self._url is not None:
@@ -426,12 +582,68 @@ class StubServer:
                 return _anthropic_error(400, "invalid_request_error", message)
             return web.json_response({"error": message}, status=400)
         model = str(body.get("model") or "")
-        if wire == "anthropic" and (rejection := _anthropic_rejection(request, body)) is not None:
+        if wire != "anthropic":
+            return await self._ollama_generate(request, body, wire, model, started)
+        if (rejection := _anthropic_rejection(request, body)) is not None:
             self._record(request, body, model)
             return rejection
-        texts = _message_texts(body)
-        behaviour, key = choice = self._choose(model, texts)
+        choice = self._choose(model, _message_texts(body))
         self._record(request, body, model, choice)
+        return await self._answer(request, body, wire, choice)
+
+    async def _ollama_generate(
+        self, request: web.Request, body: dict[str, Any], wire: str, model: str, started: int
+    ) -> web.StreamResponse:
+        """What Ollama's scheduler does before a model answers: 404, queue or 503, cold load."""
+        if self.strict_models and _tagged(model) not in {_tagged(m) for m in self.models}:
+            self._record(request, body, model)
+            return web.json_response({"error": f"model '{model}' not found"}, status=404)
+        # No messages (no prompt) asks Ollama only to load the model.
+        load_only = not body.get("messages" if wire == "chat" else "prompt")
+        choice = None if load_only else self._choose(model, _message_texts(body))
+        try:
+            runner, waiter = self._admit(model)
+        except _ServerBusy:
+            self._record(request, body, model)
+            return web.json_response({"error": OLLAMA_BUSY}, status=503)
+        self._record(request, body, model, choice or (None, None))
+        if waiter is not None:
+            await self._wait_turn(runner, waiter)
+        try:
+            await self._load(runner)
+            loaded = time.monotonic_ns()  # Ollama's load_duration counts the wait for a runner
+            if choice is None:
+                empty: dict[str, Any] = (
+                    {"message": {"role": "assistant", "content": ""}}
+                    if wire == "chat"
+                    else {"response": ""}
+                )
+                stamp = {"model": body.get("model"), "created_at": _now()}
+                response: web.StreamResponse = web.json_response(
+                    {**stamp, **empty, "done_reason": "load", "done": True}
+                )
+            else:
+                with self._lock:
+                    delay = self.ollama_delay
+                timing = (started, loaded - started, delay)
+                response = await self._answer(request, body, wire, choice, timing)
+            if choice is None or choice[0] is not Behaviour.HANG:
+                with self._lock:
+                    self._served[model] = self._served.get(model, 0) + 1
+            return response
+        finally:
+            self._release(runner)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        wire: str,
+        choice: tuple[Behaviour, str],
+        timing: tuple[int, int, float] = (0, 0, 0.0),
+    ) -> web.StreamResponse:
+        """Answer as ``choice`` says; ``timing``: Ollama's start, load time, generation delay."""
+        behaviour, key = choice
         if behaviour in (Behaviour.HTTP_500, Behaviour.HTTP_429):
             status = 500 if behaviour is Behaviour.HTTP_500 else 429
             if wire != "anthropic":
@@ -446,11 +658,92 @@ class StubServer:
             return web.Response()
         if behaviour is Behaviour.SLOW:
             await asyncio.sleep(self.slow_delay)
+        texts = _message_texts(body)
         text = answer_text(behaviour, key, _last_user_text(body))
         usage = (_tokens(texts), _tokens([text]))
+        cut = behaviour is Behaviour.LENGTH
         if wire == "anthropic":
-            return await self._anthropic(request, body, text, usage)
-        return await self._ollama(request, body, text, wire, usage, started)
+            return await self._anthropic(request, body, text, usage, cut)
+        return await self._ollama(request, body, text, wire, usage, timing, cut)
+
+    def _admit(self, model: str) -> tuple[_Runner, asyncio.Future[None] | None]:
+        """Count a request in: a free slot now (no waiter), a place in the queue, or 503."""
+        with self._lock:
+            runner = self._runners.setdefault(model, _Runner())
+            if not runner.waiters and self._has_room(runner):
+                runner.busy += 1
+                self._generating += 1
+                waiter = None
+            elif self._waiting >= self.ollama_max_queue:
+                self._rejected_busy += 1
+                raise _ServerBusy
+            else:
+                waiter = asyncio.get_running_loop().create_future()
+                runner.waiters.append(waiter)
+                self._waiting += 1
+            self._in_flight += 1
+            self._note_peaks()
+        return runner, waiter
+
+    async def _wait_turn(self, runner: _Runner, waiter: asyncio.Future[None]) -> None:
+        """Wait for a slot; a client that gives up meanwhile is dropped, as Ollama drops it."""
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            granted = waiter.done() and not waiter.cancelled()
+            if granted:  # the slot came just as the client left: pass it on
+                self._release(runner)
+            else:
+                with self._lock:
+                    if waiter in runner.waiters:
+                        runner.waiters.remove(waiter)
+                        self._waiting -= 1
+                    self._in_flight -= 1
+                    self._dropped += 1
+            raise
+
+    async def _load(self, runner: _Runner) -> None:
+        """Load a cold model once; requests that got slots meanwhile wait for that same load."""
+        async with runner.loading:
+            with self._lock:
+                if runner.loaded:
+                    return
+                seconds = self.cold_load
+            if seconds > 0:
+                await asyncio.sleep(seconds)
+            with self._lock:
+                runner.loaded = True
+
+    def _release(self, runner: _Runner) -> None:
+        with self._lock:
+            runner.busy -= 1
+            self._generating -= 1
+            self._in_flight -= 1
+            self._wake(runner)
+
+    def _has_room(self, runner: _Runner) -> bool:
+        return self.ollama_parallel is None or runner.busy < self.ollama_parallel
+
+    def _wake(self, runner: _Runner) -> None:
+        """Hand free slots to the oldest waiters; call on the loop with the lock held."""
+        while runner.waiters and self._has_room(runner):
+            waiter = runner.waiters.popleft()
+            self._waiting -= 1
+            if waiter.cancelled():  # its handler is being cancelled and counts itself dropped
+                continue
+            waiter.set_result(None)
+            runner.busy += 1
+            self._generating += 1
+        self._note_peaks()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for runner in self._runners.values():
+                self._wake(runner)
+
+    def _note_peaks(self) -> None:
+        self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+        self._peak_generating = max(self._peak_generating, self._generating)
 
     async def _ollama(
         self,
@@ -459,8 +752,12 @@ class StubServer:
         text: str,
         wire: str,
         usage: tuple[int, int],
-        started: int,
+        timing: tuple[int, int, float],
+        cut: bool,
     ) -> web.StreamResponse:
+        """Answer in Ollama's format, taking ``delay`` seconds as a runner generating would."""
+        started, load, delay = timing
+
         def chunk(content: str) -> dict[str, Any]:
             field: dict[str, Any] = (
                 {"message": {"role": "assistant", "content": content}}
@@ -470,33 +767,47 @@ class StubServer:
             return {"model": body.get("model"), "created_at": _now(), **field, "done": False}
 
         def final(content: str) -> dict[str, Any]:
-            total = max(3, time.monotonic_ns() - started)
+            load_ns = max(1, load)
+            rest = max(2, time.monotonic_ns() - started - load_ns)
             stats = {
                 "done": True,
-                "done_reason": "stop",
-                "total_duration": total,
-                "load_duration": total // 10,
+                "done_reason": "length" if cut else "stop",
+                "total_duration": load_ns + rest,
+                "load_duration": load_ns,
                 "prompt_eval_count": usage[0],
-                "prompt_eval_duration": total // 5,
+                "prompt_eval_duration": rest // 3,
                 "eval_count": usage[1],
-                "eval_duration": total - total // 10 - total // 5,
+                "eval_duration": rest - rest // 3,
             }
             extra = {} if wire == "chat" else {"context": list(range(1, usage[0] + usage[1] + 1))}
             return {**chunk(content), **stats, **extra}
 
         if body.get("stream", True) is False:  # Ollama streams unless told not to
+            if delay > 0:
+                await asyncio.sleep(delay)
             return web.json_response(final(text))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
-        for piece in [*map(chunk, _pieces(text)), final("")]:
-            await response.write(json.dumps(piece).encode() + b"\n")
+        pieces = _pieces(text)
+        for piece in pieces:
+            if delay > 0:
+                await asyncio.sleep(delay / len(pieces))  # tokens come out over the delay
+            await response.write(json.dumps(chunk(piece)).encode() + b"\n")
+        await response.write(json.dumps(final("")).encode() + b"\n")
         await response.write_eof()
         return response
 
     async def _anthropic(
-        self, request: web.Request, body: dict[str, Any], text: str, usage: tuple[int, int]
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        text: str,
+        usage: tuple[int, int],
+        cut: bool,
     ) -> web.StreamResponse:
         block, stop_reason = _anthropic_content(body, text)
+        if cut:
+            stop_reason = "max_tokens"
         message: dict[str, Any] = {
             "id": _rid("msg_01"),
             "type": "message",
@@ -564,6 +875,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="KEY=BEHAVIOUR",
         help="default behaviour for models containing KEY (repeatable)",
     )
+    parser.add_argument(
+        "--ollama-parallel", type=int, default=None, help="generations at a time per model"
+    )
+    parser.add_argument("--ollama-max-queue", type=int, default=512, help="pending requests")
+    parser.add_argument("--ollama-delay", type=float, default=0.0, help="seconds per generation")
+    parser.add_argument("--cold-load", type=float, default=0.0, help="seconds a first load takes")
+    parser.add_argument("--strict-models", action="store_true", help="404 for unknown models")
     args = parser.parse_args(argv)
     defaults: list[tuple[str, Behaviour]] = []
     for item in args.set:
@@ -574,7 +892,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
-    with StubServer(args.port, slow_delay=args.slow_delay) as stub:
+    try:
+        server = StubServer(
+            args.port,
+            slow_delay=args.slow_delay,
+            ollama_parallel=args.ollama_parallel,
+            ollama_max_queue=args.ollama_max_queue,
+            ollama_delay=args.ollama_delay,
+            cold_load=args.cold_load,
+            strict_models=args.strict_models,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    with server as stub:
         for key, behaviour in defaults:
             stub.set_behaviour(key, behaviour)
         print(stub.url, flush=True)
