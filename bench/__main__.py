@@ -15,11 +15,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import hostile, idle, queue_overhead, throughput
+from bench import hostile, idle, local_model, queue_overhead, throughput
 from bench.common import DEFAULT_REDIS_URL, REPO_ROOT, emit, new_run_id, note, say
 from bench.procs import start_stub, stop_all
 
-NAMES = ("queue_overhead", "throughput", "idle", "hostile")
+NAMES = ("queue_overhead", "throughput", "idle", "hostile", "local_model")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,8 +132,10 @@ async def main_async(args: argparse.Namespace) -> int:
             elif name == "idle":
                 cfg_i = idle.IdleConfig(args.redis_url, seconds=args.idle_seconds)
                 data = await idle.run(cfg_i, stub_url, run_id)
-            else:
+            elif name == "hostile":
                 data = await hostile.run(stub_url, run_id)
+            else:
+                data = await local_model.run(args.redis_url, run_id)
             data |= {"run_id": run_id, "quick": args.quick, "environment": env}
             emit(name, data)
             floors[name] = data["floors"]

@@ -35,6 +35,8 @@ KEY_PREFIX = "llm_router:breaker:"
 #: Beyond the model's wait and timeout, how long a probe may stay out before another
 #: job probes instead.
 PROBE_MARGIN_S = 5.0
+#: A breaker nobody has written for a day is forgotten (closed): its model is long gone.
+KEY_TTL_MS = 86_400_000
 #: While another worker probes, look at the shared state again this often.
 PROBING_RECHECK_S = 0.5
 
@@ -67,7 +69,7 @@ end
 return {'probing', until_ms - now, 0}
 """
 
-# KEYS: the breaker hash. ARGV: me, verdict, failures that open it.
+# KEYS: the breaker hash. ARGV: me, verdict, failures that open it, key ttl ms.
 # Returns {the new state when this call changed it, else '', consecutive failures}.
 _RECORD = """
 local t = redis.call('TIME')
@@ -75,33 +77,32 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local s = redis.call('HMGET', KEYS[1], 'state', 'probe')
 local state, probe = s[1] or 'closed', s[2]
 local mine = state == 'half_open' and probe == ARGV[1]
+local changed, failures = '', 0
 if ARGV[2] == 'healthy' then
   if mine then
     redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0)
     redis.call('HDEL', KEYS[1], 'probe', 'probe_until', 'opened')
-    return {'closed', 0}
+    changed = 'closed'
+  elseif state == 'closed' then
+    redis.call('HSET', KEYS[1], 'failures', 0)
   end
-  if state == 'closed' then redis.call('HSET', KEYS[1], 'failures', 0) end
-  return {'', 0}
-end
-if ARGV[2] == 'unwell' then
+elseif ARGV[2] == 'unwell' then
   if mine then
     redis.call('HSET', KEYS[1], 'state', 'open', 'opened', now)
     redis.call('HDEL', KEYS[1], 'probe', 'probe_until')
-    return {'open', 0}
-  end
-  if state == 'closed' then
-    local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+    changed = 'open'
+  elseif state == 'closed' then
+    failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
     if failures >= tonumber(ARGV[3]) then
       redis.call('HSET', KEYS[1], 'state', 'open', 'opened', now)
-      return {'open', failures}
+      changed = 'open'
     end
-    return {'', failures}
   end
-  return {'', 0}
+elseif mine then
+  redis.call('HSET', KEYS[1], 'probe_until', 0)
 end
-if mine then redis.call('HSET', KEYS[1], 'probe_until', 0) end
-return {'', 0}
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {changed, failures}
 """
 
 
@@ -173,7 +174,7 @@ class Breakers:
             try:
                 raw, failures = await self._record(
                     keys=[KEY_PREFIX + cfg.endpoint],
-                    args=[self.token, verdict, cfg.breaker_failures],
+                    args=[self.token, verdict, cfg.breaker_failures, KEY_TTL_MS],
                 )
             except (RedisError, OSError):
                 return None

@@ -50,6 +50,7 @@ RECENT_CALLS = 50
 # alive (zset waiter -> expiry ms), ticket counter. ARGV: slots, me, lease ms,
 # waiter ttl ms. Takes a slot when `me` is among the first free places in line
 # (joining the line first if it is not in it): {1, 0, held}; else {0, ahead, held}.
+# Keys nobody has used for a day expire.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -67,9 +68,12 @@ if ahead < tonumber(ARGV[1]) - held then
   redis.call('ZREM', KEYS[2], ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[2])
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], 86400000)
+  redis.call('PEXPIRE', KEYS[4], 86400000)
   return {1, 0, held + 1}
 end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[2])
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], 86400000) end
 return {0, ahead, held}
 """
 
