@@ -109,15 +109,15 @@ async def _burst(client: RouterClient, n: int, ids: list[str]) -> list[tuple[Rou
 async def breaker(redis: Redis, redis_url: str, run_id: str) -> dict[str, Any]:
     rows: list[list[object]] = []
     data: dict[str, Any] = {}
-    with StubServer() as stub:
-        stub.set_behaviour("qwen", Behaviour.HANG)
-        variants = {
-            "cloud only": None,
-            "seed (no breaker)": {"breaker_failures": 1000},
-            "breaker": {"breaker_failures": 3, "breaker_cooldown": 600},
-        }
-        for name, local in variants.items():
-            note(f"local_model: breaker, {name}: {SEQUENTIAL_JOBS} sequential jobs")
+    variants = {
+        "cloud only": None,
+        "seed (no breaker)": {"breaker_failures": 1000},
+        "breaker": {"breaker_failures": 3, "breaker_cooldown": 600},
+    }
+    for name, local in variants.items():
+        note(f"local_model: breaker, {name}: {SEQUENTIAL_JOBS} sequential jobs")
+        with StubServer() as stub:  # a server of its own: a breaker belongs to its endpoint
+            stub.set_behaviour("qwen", Behaviour.HANG)
             chains = _chains(stub.url, local, local_timeout=1.0)
             workers, queue = await _workers(redis, redis_url, run_id, name.split()[0], chains, 1)
             ids: list[str] = []
@@ -126,27 +126,24 @@ async def breaker(redis: Redis, redis_url: str, run_id: str) -> dict[str, Any]:
                     results = await _sequential(client, SEQUENTIAL_JOBS, ids)
             finally:
                 await _stop(redis, workers, queue, ids)
-            assert all(r.ok for r, _ in results), [r.error for r, _ in results if not r.ok]
-            opened = next(
-                (i for i, (r, _) in enumerate(results) if r.attempts[0].outcome == "skipped"),
-                None,
-            )
-            phases = {"all": results}
-            if opened is not None:
-                phases = {"before open": results[:opened], "after open": results[opened:]}
-            for phase, part in phases.items():
-                stats = _latencies(part)
-                skip_ms = [
-                    r.attempts[0].latency_ms for r, _ in part if r.attempts[0].outcome == "skipped"
-                ]
-                rows.append(
-                    [name, phase, stats["n"], round(stats["p50_ms"], 1), round(stats["p95_ms"], 1),
-                     max(skip_ms) if skip_ms else "-"]
-                )  # fmt: skip
-                data[f"{name} / {phase}"] = {
-                    **stats,
-                    "skip_latency_max_ms": max(skip_ms, default=None),
-                }
+        assert all(r.ok for r, _ in results), [r.error for r, _ in results if not r.ok]
+        opened = next(
+            (i for i, (r, _) in enumerate(results) if r.attempts[0].outcome == "skipped"),
+            None,
+        )
+        phases = {"all": results}
+        if opened is not None:
+            phases = {"before open": results[:opened], "after open": results[opened:]}
+        for phase, part in phases.items():
+            stats = _latencies(part)
+            skip_ms = [
+                r.attempts[0].latency_ms for r, _ in part if r.attempts[0].outcome == "skipped"
+            ]
+            rows.append(
+                [name, phase, stats["n"], round(stats["p50_ms"], 1), round(stats["p95_ms"], 1),
+                 max(skip_ms) if skip_ms else "-"]
+            )  # fmt: skip
+            data[f"{name} / {phase}"] = {**stats, "skip_latency_max_ms": max(skip_ms, default=None)}
     say("1. A hanging local model (deadline 1 s), then Haiku at the stub: 50 sequential jobs")
     say(table(["variant", "jobs", "n", "p50 ms", "p95 ms", "skip attempt max ms"], rows))
     cloud = data["cloud only / all"]["p50_ms"]
