@@ -132,7 +132,8 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
             await asyncio.sleep(0.05)  # let the innocent stream show the tail of it
             stop.set()
             await asyncio.gather(*helpers)
-            reason = out.get("error") or (out["attempts"][0]["reason"] if out["attempts"] else "")
+            attempts = out["attempts"]
+            reason = attempts[0]["reason"] if attempts else out.get("error") or ""
             verdict = f"{out['status']}: {_short_reason(reason)}"
             lag_max = max(lag.samples, default=0.0) * 1000
             inn = [x * 1000 for x in latencies]
