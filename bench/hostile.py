@@ -80,6 +80,9 @@ class Lag:
 async def run(stub_url: str, run_id: str) -> dict[str, Any]:
     set_offline_env()
     from llm_router.worker.jobs import deserialize, route
+    from llm_router.worker.logs import configure_logging
+
+    configure_logging("WARNING", "console")  # stdout is for the table; the router logs there
     from llm_router.worker.lag import exempt_start_up_objects
     from llm_router.worker.router import Router
     from llm_router.worker.settings import ModelConfig, Settings
