@@ -48,6 +48,21 @@ def default_fleet(
     fleet.stop()
 
 
+def _three_quick_workers(
+    factory: pytest.TempPathFactory, redis_url: str, stub: StubServer, name: str, **extra: str
+) -> Fleet:
+    fleet = Fleet(
+        factory.mktemp(name),
+        redis_url,
+        chains=chain_env(stub.url, local_timeout=10),
+        lease_seconds="3",
+        max_jobs="4",
+        **extra,
+    )
+    fleet.spawn(3)
+    return fleet
+
+
 @pytest.fixture(scope="module")
 def chaos_fleet(
     redis_available: str, slow_stub: StubServer, tmp_path_factory: pytest.TempPathFactory
@@ -55,15 +70,9 @@ def chaos_fleet(
     """Three workers with a 3 s lease and more starts than the chaos has kills: with
     max_tries 3, six random kills may legitimately make a job poison (three of its
     workers killed under it), which is another test's subject."""
-    fleet = Fleet(
-        tmp_path_factory.mktemp("chaos-fleet"),
-        redis_available,
-        chains=chain_env(slow_stub.url, local_timeout=10),
-        lease_seconds="3",
-        max_jobs="4",
-        max_tries="10",
+    fleet = _three_quick_workers(
+        tmp_path_factory, redis_available, slow_stub, "chaos-fleet", max_tries="10"
     )
-    fleet.spawn(3)
     yield fleet
     fleet.stop()
 
@@ -73,14 +82,7 @@ def quick_fleet(
     redis_available: str, slow_stub: StubServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
     """Three workers with a 3 s lease, so that many take-overs fit in a test."""
-    fleet = Fleet(
-        tmp_path_factory.mktemp("quick-fleet"),
-        redis_available,
-        chains=chain_env(slow_stub.url, local_timeout=10),
-        lease_seconds="3",
-        max_jobs="4",
-    )
-    fleet.spawn(3)
+    fleet = _three_quick_workers(tmp_path_factory, redis_available, slow_stub, "quick-fleet")
     yield fleet
     fleet.stop()
 

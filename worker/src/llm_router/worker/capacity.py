@@ -46,12 +46,9 @@ LEASE_MARGIN_S = 5.0
 #: Calls remembered per model for the median call time.
 RECENT_CALLS = 50
 
-# KEYS: holders (zset slot -> lease expiry ms), line (zset waiter -> ticket),
-# alive (zset waiter -> expiry ms), ticket counter. ARGV: slots, me, lease ms,
-# waiter ttl ms. Takes a slot when `me` is among the first free places in line
-# (joining the line first if it is not in it): {1, 0, held}; else {0, ahead, held}.
-# Keys nobody has used for a day expire.
-_ACQUIRE = """
+# Both scripts first drop lapsed slots (KEYS[1]) and lapsed places in line (KEYS[2],
+# with their expiry in KEYS[3]); `now` is Redis's clock in ms.
+_PURGE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -59,6 +56,16 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZREM', KEYS[2], w)
   redis.call('ZREM', KEYS[3], w)
 end
+"""
+
+# KEYS: holders (zset slot -> lease expiry ms), line (zset waiter -> ticket),
+# alive (zset waiter -> expiry ms), ticket counter. ARGV: slots, me, lease ms,
+# waiter ttl ms. Takes a slot when `me` is among the first free places in line
+# (joining the line first if it is not in it): {1, 0, held}; else {0, ahead, held}.
+# Keys nobody has used for a day expire.
+_ACQUIRE = (
+    _PURGE
+    + """
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[2])
 end
@@ -76,20 +83,18 @@ redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[2])
 for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], 86400000) end
 return {0, ahead, held}
 """
+)
 
 # KEYS: holders, line, alive. ARGV: me, slots, wake-up list prefix. Gives back a slot
 # or a place in line, then wakes the waiters now at the head (their process's list).
-_RELEASE = """
+_RELEASE = (
+    """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
-  redis.call('ZREM', KEYS[2], w)
-  redis.call('ZREM', KEYS[3], w)
-end
+"""
+    + _PURGE
+    + """
 local free = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[1])
 if free > 0 then
   for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, free - 1)) do
@@ -100,6 +105,7 @@ if free > 0 then
 end
 return free
 """
+)
 
 
 def keys(model: str) -> list[str]:
