@@ -259,6 +259,27 @@ def test_job_timeout_covers_the_longest_chain(monkeypatch: pytest.MonkeyPatch) -
     assert settings.job_timeout >= 300
 
 
+def test_the_default_local_model_is_limited_and_kept_warm() -> None:
+    local, *cloud = load_settings().chains["default"]
+    assert (local.max_in_flight, local.max_wait, local.keep_alive) == (1, 4.0, -1)
+    assert (local.breaker_failures, local.breaker_cooldown) == (3, 30.0)
+    assert all(m.max_in_flight is None and m.max_wait == 0 for m in cloud)
+    assert load_settings().job_timeout == 4 + 8 + 30 + 30 + 30
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_in_flight", 0), ("max_wait", -1), ("breaker_failures", 0), ("breaker_cooldown", 0)],
+)
+def test_local_model_settings_out_of_range_are_refused(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: float
+) -> None:
+    chains = {"default": [{"model": "ollama_chat/q", "timeout": 1, field: value}]}
+    monkeypatch.setenv("LLM_ROUTER_CHAINS", _chains_env(chains))
+    with pytest.raises(ConfigError, match=field):
+        load_settings()
+
+
 def test_model_config_str_names_model_base_and_timeout() -> None:
     cfg = ModelConfig(model="ollama_chat/q", timeout=8, api_base="http://h:1")
     assert str(cfg) == "ollama_chat/q @ http://h:1 (timeout=8.0s)"
