@@ -156,7 +156,7 @@ async def test_a_killed_worker_frees_its_slot_within_its_lease(
         fleet.stop()
     assert result.model_used == LOCAL
     assert result.attempts[0].outcome == "success"
-    assert 5.0 < took < 6.0 + 1.5  # freed when the lease ran out, not before, not much after
+    assert 5.0 < took < 6.0 + 3.0  # freed when the lease ran out: not before, nor much after
 
 
 async def test_the_breaker_opens_skips_lets_one_probe_through_and_closes(
@@ -174,10 +174,12 @@ async def test_the_breaker_opens_skips_lets_one_probe_through_and_closes(
         assert skipped.attempts[0].outcome == "skipped"
         assert skipped.attempts[0].reason is not None
         assert skipped.attempts[0].reason.startswith("circuit open")
-        assert skipped.attempts[0].latency_ms <= 5
+        # A skip costs no model call and no round trip (bench/local_model.py: 0 ms); the
+        # bound here leaves room for a busy test machine.
+        assert skipped.attempts[0].latency_ms <= 25
         assert skipped.model_used == HAIKU
         ollama.reset_behaviours()
-        ollama.set_ollama(delay=0.5)  # the probe takes a while: the others see half-open
+        ollama.set_ollama(delay=1.5)  # the probe takes a while: the others see half-open
         await asyncio.sleep(1.6)
         before = len(chat_bodies(ollama))
         burst = await route_all(client, 8, "after the cool-down")
