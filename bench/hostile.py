@@ -65,25 +65,13 @@ def legacy(entry: Hostile, answer: str | None) -> tuple[str, float]:
     return (done.stdout.strip() or done.stderr.strip().splitlines()[-1])[:40], took
 
 
-class Lag:
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-
-    async def watch(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            before = loop.time()
-            await asyncio.sleep(LAG_INTERVAL_S)
-            self.samples.append(max(0.0, loop.time() - before - LAG_INTERVAL_S))
-
-
 async def run(stub_url: str, run_id: str) -> dict[str, Any]:
     set_offline_env()
     from llm_router.worker.jobs import deserialize, route
     from llm_router.worker.logs import configure_logging
 
     configure_logging("WARNING", "console")  # stdout is for the table; the router logs there
-    from llm_router.worker.lag import exempt_start_up_objects
+    from llm_router.worker.lag import LoopLag, exempt_start_up_objects
     from llm_router.worker.router import Router
     from llm_router.worker.settings import ModelConfig, Settings
     from llm_router.worker.stubs import Behaviour, answer_text
@@ -116,12 +104,9 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
                 answer = answer_text(Behaviour(entry.behaviour), "*", "")
             before, before_s = legacy(entry, answer)
             blob = b'{"t":1,"f":"route","a":[%s],"k":{},"et":1}' % entry.wire_text(run_id).encode()
-            lag, stop = Lag(), asyncio.Event()
+            lag, stop = LoopLag(LAG_INTERVAL_S, warn_after=float("inf")).start(), asyncio.Event()
             latencies: list[float] = []
-            helpers = [
-                asyncio.create_task(lag.watch(stop)),
-                asyncio.create_task(innocents(stop, latencies)),
-            ]
+            helpers = [asyncio.create_task(innocents(stop, latencies))]
             started = time.perf_counter()
             out: dict[str, Any]
             try:
@@ -134,11 +119,12 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
             took = time.perf_counter() - started
             await asyncio.sleep(0.05)  # let the innocent stream show the tail of it
             stop.set()
+            lag.stop()
             await asyncio.gather(*helpers)
             attempts = out["attempts"]
             reason = attempts[0]["reason"] if attempts else out.get("error") or ""
             verdict = f"{out['status']}: {_short_reason(reason)}"
-            lag_max = max(lag.samples, default=0.0) * 1000
+            lag_max = lag.worst * 1000
             inn = [x * 1000 for x in latencies]
             rows.append(
                 [entry.name, before, round(before_s, 2), verdict, round(took * 1000, 1),
@@ -153,7 +139,7 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
                     "now": verdict,
                     "now_ms": took * 1000,
                     "lag_max_ms": lag_max,
-                    "lag_samples": len(lag.samples),
+                    "lag_samples": lag.samples,
                     "innocent_n": len(inn),
                     "innocent_p50_ms": statistics.median(inn) if inn else None,
                     "innocent_max_ms": max(inn, default=None),

@@ -153,7 +153,7 @@ def _metered(fn: KeywordFn) -> KeywordFn:
 
 def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
     if validator.is_type(instance, "string") and not search(patrn, instance):
-        yield ValidationError(f"{_short(instance)} does not match {patrn!r}")
+        yield ValidationError(f"{_brief(instance)} does not match {patrn!r}")
 
 
 def pattern_properties(
@@ -334,10 +334,6 @@ def unique_items(
 
 def _extras(keys: list[str]) -> tuple[str, str]:
     return ", ".join(repr(key) for key in keys), "was" if len(keys) == 1 else "were"
-
-
-def _short(value: str) -> str:
-    return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
 
 
 _BRIEF = reprlib.Repr()

@@ -11,8 +11,19 @@ value's size.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` without Python's extensions: NaN and Infinity are refused."""
+    return json.loads(text, parse_constant=_no_constants)
+
 
 # Python writes and reads integers of up to 4,300 digits (sys.int_info.default_max_str_digits).
 _INT_BITS_MAX = 14_000

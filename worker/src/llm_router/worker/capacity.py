@@ -25,7 +25,6 @@ import statistics
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
@@ -202,14 +201,6 @@ class Capacity:
             await self._give_back(slot.cfg, slot.token)
         except (RedisError, OSError) as exc:  # the lease lapses on its own
             log.warning("capacity_release_failed", model=slot.cfg.model, error=str(exc)[:200])
-
-    @contextlib.asynccontextmanager
-    async def holding(self, slot: Slot | None) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            if slot is not None:
-                await self.release(slot)
 
     async def aclose(self) -> None:
         if self._listener is not None:

@@ -21,7 +21,7 @@ from jsonschema.protocols import Validator
 from llm_router.client.keywords import BudgetExceeded, metered_budget
 from llm_router.client.protocol import Outcome
 from llm_router.client.schemas import CEILING, SchemaLimits, compile_schema
-from llm_router.client.untrusted import problem
+from llm_router.client.untrusted import loads, problem
 from llm_router.worker.offload import Offload
 
 log = structlog.get_logger("llm_router.checks")
@@ -51,15 +51,6 @@ class RefusalDetector:
         return None
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _parse(text: str) -> Any:
-    # Python's parser takes NaN and Infinity, which no other JSON reader does.
-    return json.loads(text, parse_constant=_no_constants)
-
-
 def extract_json(text: str) -> Any:
     """Parse the whole text as JSON, else the first ```json fence that parses.
 
@@ -67,12 +58,12 @@ def extract_json(text: str) -> Any:
     all), or ``RecursionError`` when it is nested too deeply to parse.
     """
     try:
-        return _parse(text)
+        return loads(text)
     except ValueError as exc:
         first_error = exc
     for block in _FENCE.findall(text):
         try:
-            return _parse(block)
+            return loads(block)
         except ValueError:
             continue
     raise first_error

@@ -8,7 +8,6 @@ exception raised by an arq job reaches the producer only as a lost string.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -26,6 +25,7 @@ from llm_router.client.protocol import (
     encode,
     valid_reply_to,
 )
+from llm_router.client.untrusted import loads
 from llm_router.worker.daemon import RouterWorker
 from llm_router.worker.lag import LoopLag, exempt_start_up_objects
 from llm_router.worker.router import Router, invalid_result
@@ -59,15 +59,11 @@ def deserialize(blob: bytes, max_bytes: int | None = None) -> Any:
     if blob[:1] == _PICKLE_MAGIC:
         raise ValueError("pickle payloads are refused; jobs must be JSON")
     try:
-        data = json.loads(blob, parse_constant=_no_constants)
+        data = loads(blob)
     except RecursionError:
         raise ValueError("the job is nested too deeply to parse") from None
     check_job_shape(data)
     return data
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def check_job_shape(data: Any) -> None:

@@ -57,10 +57,6 @@ class Warmer:
                     self._load(cfg), name=f"warm {cfg.model}"
                 )
 
-    async def wait(self) -> None:
-        """Until every warm-up started so far has ended (for tests and start-up)."""
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-
     async def aclose(self) -> None:
         for task in self._tasks.values():
             task.cancel()
