@@ -157,6 +157,33 @@ async def test_waiters_are_served_first_come_first_served(redis: Redis) -> None:
         await capacity.aclose()
 
 
+async def test_interactive_waiters_go_ahead_of_batch_waiters(redis: Redis) -> None:
+    processes = [Capacity(redis) for _ in range(2)]
+    first = await processes[0].acquire(ONE_SLOT, batch=True)
+    assert isinstance(first, Slot)
+    order: list[str] = []
+
+    async def wait(name: str, batch: bool) -> None:
+        capacity = processes[len(order) % 2]
+        slot = await capacity.acquire(ONE_SLOT, batch=batch)
+        assert isinstance(slot, Slot)
+        order.append(name)
+        await asyncio.sleep(0.01)
+        await capacity.release(slot)
+
+    # Three batch jobs queue up first; two interactive ones arrive after them.
+    arrivals = [("b1", True), ("b2", True), ("i1", False), ("b3", True), ("i2", False)]
+    waiters = []
+    for name, batch in arrivals:
+        waiters.append(asyncio.create_task(wait(name, batch)))
+        await asyncio.sleep(0.02)
+    await processes[0].release(first)
+    await asyncio.gather(*waiters)
+    assert order == ["i1", "i2", "b1", "b2", "b3"]
+    for capacity in processes:
+        await capacity.aclose()
+
+
 async def test_max_wait_gives_busy(shared: Redis | None) -> None:
     capacity = Capacity(shared)
     short = ONE_SLOT.model_copy(update={"max_wait": 0.1})

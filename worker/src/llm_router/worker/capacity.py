@@ -7,7 +7,9 @@ worker process and host. A job holds a slot for its call (the model's timeout ru
 from then), waits up to ``max_wait`` for one, first come first served, or moves on
 down the chain (attempt ``skipped``, reason ``busy …``). When the wait it can
 expect (jobs ahead times the model's recent median call, over its slots) is longer
-than ``max_wait``, it moves on at once.
+than ``max_wait``, it moves on at once. Batch work waits behind every interactive
+waiter (its places in line are numbered after theirs), so a backfill delays an
+interactive call by at most the calls already running.
 
 Slots and places in line are leases: a worker that dies frees its slots within
 the slot's lease (the model's timeout plus a few seconds; a call never takes
@@ -44,6 +46,9 @@ SAFETY_POLL_S = 0.5
 LEASE_MARGIN_S = 5.0
 #: Calls remembered per model for the median call time.
 RECENT_CALLS = 50
+#: Added to a batch waiter's ticket, so that every interactive waiter ranks ahead of it
+#: (exact in Redis's double scores for 2**53 - 10**12 tickets).
+BATCH_TICKET_OFFSET = 10**12
 
 # Both scripts first drop lapsed slots (KEYS[1]) and lapsed places in line (KEYS[2],
 # with their expiry in KEYS[3]); `now` is Redis's clock in ms.
@@ -59,14 +64,15 @@ end
 
 # KEYS: holders (zset slot -> lease expiry ms), line (zset waiter -> ticket),
 # alive (zset waiter -> expiry ms), ticket counter. ARGV: slots, me, lease ms,
-# waiter ttl ms. Takes a slot when `me` is among the first free places in line
-# (joining the line first if it is not in it): {1, 0, held}; else {0, ahead, held}.
+# waiter ttl ms, ticket offset (0, or BATCH_TICKET_OFFSET for batch work). Takes a
+# slot when `me` is among the first free places in line (joining the line first if it
+# is not in it): {1, 0, held}; else {0, ahead, held}.
 # Keys nobody has used for a day expire.
 _ACQUIRE = (
     _PURGE
     + """
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
-  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[2])
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]) + tonumber(ARGV[5]), ARGV[2])
 end
 local held = redis.call('ZCARD', KEYS[1])
 local ahead = redis.call('ZRANK', KEYS[2], ARGV[2])
@@ -154,8 +160,9 @@ class Capacity:
         recent = self._recent.get(endpoint)
         return statistics.median(recent) if recent else None
 
-    async def acquire(self, cfg: ModelConfig) -> Slot | Busy | None:
-        """A slot, :class:`Busy`, or None when the model has no limit."""
+    async def acquire(self, cfg: ModelConfig, *, batch: bool = False) -> Slot | Busy | None:
+        """A slot, :class:`Busy`, or None when the model has no limit; ``batch`` work
+        waits behind interactive work."""
         if cfg.max_in_flight is None:
             return None
         if self.redis is None:
@@ -169,7 +176,13 @@ class Capacity:
                 wake.clear()
                 got, ahead, _ = await self._acquire(
                     keys=keys(cfg.endpoint),
-                    args=[cfg.max_in_flight, token, self._lease_ms(cfg), int(WAITER_TTL_S * 1000)],
+                    args=[
+                        cfg.max_in_flight,
+                        token,
+                        self._lease_ms(cfg),
+                        int(WAITER_TTL_S * 1000),
+                        BATCH_TICKET_OFFSET if batch else 0,
+                    ],
                 )
                 now = time.monotonic()
                 if got:
