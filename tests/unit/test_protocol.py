@@ -35,7 +35,7 @@ SCHEMA: dict[str, Any] = {
 
 def test_minimal_request_has_defaults() -> None:
     req = RouteRequest.model_validate({"messages": [USER]})
-    assert req.chain == "default"
+    assert req.chain is None
     assert req.json_schema is None
     assert req.context is None
     assert req.metadata == {}
@@ -89,7 +89,7 @@ def test_wire_drops_unset_optionals() -> None:
     wire = RouteRequest.model_validate({"messages": [USER]}).wire()
     assert "schema" not in wire
     assert "context" not in wire
-    assert wire["chain"] == "default"
+    assert "chain" not in wire  # the worker picks the lane's chain
 
 
 def test_wire_is_json_serialisable() -> None:

@@ -41,12 +41,16 @@ from llm_router.client.untrusted import problem
 PROTOCOL_VERSION = 1
 
 DEFAULT_QUEUE = "llm_router:queue"
+#: Backfills go here; workers serve it only with what the interactive queue leaves.
+DEFAULT_BATCH_QUEUE = "llm_router:batch"
 JOB_FUNCTION = "route"
 JOB_KEY_PREFIX = "arq:job:"
 RESULT_KEY_PREFIX = "arq:result:"
 METRICS_CHANNEL = "llm_router_metrics"
 METRICS_COUNTERS_KEY = "llm_router:metrics:counters"
 DEFAULT_CHAIN = "default"
+#: The chain a batch-queue job without ``chain`` uses when the worker has one so named.
+BATCH_CHAIN = "batch"
 
 #: How long an unclaimed job stays in Redis before it expires (arq's default).
 JOB_TTL_MS = 86_400_000
@@ -83,7 +87,8 @@ class RouteRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     context: str | None = Field(default=None, max_length=200)
-    chain: str = Field(default=DEFAULT_CHAIN, min_length=1, max_length=100)
+    #: Absent: the worker's ``default`` chain (on the batch queue, ``batch`` if it has one).
+    chain: str | None = Field(default=None, min_length=1, max_length=100)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from llm_router.client.client import MessagesLike, RouteFailed, build_request
 from llm_router.client.protocol import (
+    BATCH_CHAIN,
     DEFAULT_CHAIN,
     Attempt,
     RouteRequest,
@@ -31,6 +32,7 @@ from llm_router.worker.calls import (
 )
 from llm_router.worker.capacity import Busy, Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
+from llm_router.worker.lanes import Lane
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
 from llm_router.worker.settings import ModelConfig, Settings
@@ -108,17 +110,31 @@ class Router:
             raise RouteFailed(result)
         return result
 
+    def chain_for(self, request: RouteRequest, lane: Lane = "interactive") -> str:
+        """The request's chain, else the lane's: ``batch`` for batch work if configured."""
+        if request.chain is not None:
+            return request.chain
+        return BATCH_CHAIN if lane == "batch" and BATCH_CHAIN in self.chains else DEFAULT_CHAIN
+
     async def run(
-        self, request: RouteRequest, *, job_id: str | None = None, record: bool = True
+        self,
+        request: RouteRequest,
+        *,
+        job_id: str | None = None,
+        record: bool = True,
+        lane: Lane = "interactive",
     ) -> RouteResult:
         """Walk the chain for a validated request; never raises for a model's failure.
 
         ``record=False`` leaves the metrics to the caller (``self.metrics.record``):
-        the daemon records them once the result is on its way to the producer.
+        the daemon records them once the result is on its way to the producer. Batch
+        work waits behind interactive work for a model's capacity.
         """
+        if request.chain is None:
+            request = request.model_copy(update={"chain": self.chain_for(request, lane)})
         bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
         start = time.perf_counter()
-        result = await self._walk(request, job_id, bound)
+        result = await self._walk(request, job_id, bound, lane)
         result.chain_ms = round((time.perf_counter() - start) * 1000, 3)
         result.metadata = request.metadata  # returned as given, so batch callers can match
         extra = {"error": result.error} if result.status == "invalid_request" else {}
@@ -139,9 +155,10 @@ class Router:
         request: RouteRequest,
         job_id: str | None,
         bound: structlog.typing.FilteringBoundLogger,
+        lane: Lane,
     ) -> RouteResult:
         start = time.monotonic()
-        models = self.chains.get(request.chain)
+        models = self.chains.get(request.chain or DEFAULT_CHAIN)
         if models is None:
             known = ", ".join(sorted(self.chains))
             return invalid_result(
@@ -162,7 +179,7 @@ class Router:
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
             attempt_start = time.monotonic()
-            verdict, text, load_ms = await self._try(cfg, messages, schema, validator)
+            verdict, text, load_ms = await self._try(cfg, messages, schema, validator, lane)
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
             attempt = Attempt(
                 model=cfg.model,
@@ -208,12 +225,13 @@ class Router:
         messages: list[dict[str, Any]],
         schema: dict[str, Any] | None,
         validator: Validator | None,
+        lane: Lane,
     ) -> tuple[Verdict, str, int | None]:
         """One model: its breaker, a slot, the call under its deadline, the checks."""
         admission = await self.breakers.admit(cfg)
         if admission.skip_reason is not None:
             return Verdict(None, "skipped", admission.skip_reason), "", None
-        slot = await self.capacity.acquire(cfg)
+        slot = await self.capacity.acquire(cfg, batch=lane == "batch")
         if isinstance(slot, Busy):
             await self.breakers.record(cfg, "abandoned", probe=admission.probe)
             return Verdict(None, "skipped", slot.reason), "", None
