@@ -155,6 +155,7 @@ def start_ours(
         {
             "LLM_ROUTER_REDIS_URL": redis_url,
             "LLM_ROUTER_QUEUE_NAME": queue,
+            "LLM_ROUTER_BATCH_QUEUE_NAME": queue + ":batch",
             "LLM_ROUTER_CHAINS": chains,
             "LLM_ROUTER_METRICS_CHANNEL": metrics_channel,
             "LLM_ROUTER_LOG_LEVEL": "WARNING",

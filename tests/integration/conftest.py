@@ -46,8 +46,11 @@ def chain_env(stub_url: str, *, local_timeout: float = 1.0, cloud_timeout: float
 
 
 def worker_env(**settings: str) -> dict[str, str]:
-    """The parent's environment minus its LLM_ROUTER_* settings, plus these."""
+    """The parent's environment minus its LLM_ROUTER_* settings, plus these; a test's
+    queue comes with a batch queue of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
+    if "queue_name" in settings:
+        settings.setdefault("batch_queue_name", settings["queue_name"] + ":batch")
     env.update({"LLM_ROUTER_" + k.upper(): v for k, v in settings.items()})
     env.setdefault("LLM_ROUTER_LOG_FORMAT", "json")
     return env

@@ -48,18 +48,28 @@ def worker(redis: fakeredis.FakeAsyncRedis) -> RouterWorker:
 
 
 async def claim_raw(
-    redis: fakeredis.FakeAsyncRedis, token: str, want: int, scan: int = 2000
+    redis: fakeredis.FakeAsyncRedis,
+    token: str,
+    want: int,
+    scan: int = 2000,
+    queues: dict[str, int] | None = None,
 ) -> list[Any]:
-    args = [10**13, 10_000, want, token, scan, 3600]
-    out: list[Any] = await redis.eval(CLAIM, 1, Q, *args)  # type: ignore[misc, arg-type]
+    """The claim script: ``queues`` maps each queue, in claim order, to its share."""
+    queues = queues or {Q: want}
+    args = [10**13, 10_000, want, token, scan, 3600, *queues.values()]
+    out: list[Any] = await redis.eval(CLAIM, len(queues), *queues, *args)  # type: ignore[misc, arg-type]
     return out
 
 
 async def claim(
-    redis: fakeredis.FakeAsyncRedis, token: str, want: int, scan: int = 2000
+    redis: fakeredis.FakeAsyncRedis,
+    token: str,
+    want: int,
+    scan: int = 2000,
+    queues: dict[str, int] | None = None,
 ) -> list[str]:
-    out = await claim_raw(redis, token, want, scan)
-    return [out[i].decode() for i in range(0, len(out), 4)]
+    out = await claim_raw(redis, token, want, scan, queues)
+    return [out[i + 1].decode() for i in range(0, len(out), 5)]
 
 
 async def test_claim_skips_jobs_others_are_running(redis: fakeredis.FakeAsyncRedis) -> None:
@@ -76,7 +86,7 @@ async def test_claim_reads_the_job_and_counts_the_try(redis: fakeredis.FakeAsync
     await redis.set("arq:job:j1", "blob")
     await redis.set("arq:retry:j1", 1)  # started once before
     out = await claim_raw(redis, "me", 5)
-    assert out == [b"j1", b"5", b"blob", 2, b"gone", b"6", None, 1]
+    assert out == [0, b"j1", b"5", b"blob", 2, 0, b"gone", b"6", None, 1]
     assert 0 < await redis.ttl("arq:retry:j1") <= 3600
 
 
@@ -88,6 +98,25 @@ async def test_claim_pages_past_a_long_head_of_running_jobs(
         await redis.set(f"{IP}j{n:04}", "other")
     assert await claim(redis, "me", 3) == ["j0300", "j0301", "j0302"]
     assert await claim(redis, "me", 3, scan=100) == []  # bounded by the scan limit
+
+
+async def test_claim_serves_the_interactive_queue_first_within_each_share(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    batch = Q + ":batch"
+    await redis.zadd(batch, {f"b{n}": n for n in range(10)})  # older than the interactive ones
+    await redis.zadd(Q, {f"i{n}": 100 + n for n in range(2)})
+    # 5 slots free, batch may fill 2 of them: both interactive jobs, then 2 batch jobs.
+    out = await claim_raw(redis, "me", 5, queues={Q: 5, batch: 2})
+    assert [(out[i], out[i + 1].decode()) for i in range(0, len(out), 5)] == [
+        (0, "i0"),
+        (0, "i1"),
+        (1, "b0"),
+        (1, "b1"),
+    ]
+    # The total caps the shares: 1 slot free, batch's share unused.
+    assert await claim(redis, "me", 1, queues={Q: 1, batch: 1}) == ["b2"]
+    assert await claim(redis, "me", 3, queues={Q: 3, batch: 0}) == []
 
 
 async def test_renew_extends_only_own_leases(redis: fakeredis.FakeAsyncRedis) -> None:

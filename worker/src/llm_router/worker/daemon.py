@@ -8,7 +8,10 @@ worker; a second run of a job overwrites the first result. Here:
 * the worker blocks on the queue's wake-up list (``BLPOP <queue>:wake``), which
   our producers push to when they enqueue; it polls only as a slow safety net
   for producers that write arq's keys alone, and takes no token while it has
-  no free slot, so tokens reach idle workers;
+  no free slot, so tokens reach idle workers; a queue with a backlog is claimed
+  from again whenever a slot frees, so it drains at full speed;
+* it serves the interactive queue first and a batch queue with the slots
+  interactive work leaves (:mod:`~llm_router.worker.lanes`);
 * one script (:mod:`~llm_router.worker.scripts`) finds due jobs, leases and reads
   them; another stores the first result, pushes it to the producer's reply list
   and releases the lease: two round trips around the job;
@@ -37,7 +40,7 @@ from arq.connections import ArqRedis, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.constants import result_key_prefix as arq_result_prefix
 from arq.jobs import SerializationError, deserialize_job_raw
-from arq.utils import ms_to_datetime, timestamp_ms, to_ms
+from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import JobExecutionFailed, Worker
 from redis.exceptions import RedisError
 
@@ -51,6 +54,7 @@ from llm_router.client.protocol import (
     wake_key,
 )
 from llm_router.worker import scripts
+from llm_router.worker.lanes import Lanes, Queue, default_batch_max_jobs
 from llm_router.worker.outage import RedisOutage
 
 log = structlog.get_logger("llm_router.worker")
@@ -76,8 +80,27 @@ def reply_to_of(job_blob: bytes | None) -> str | None:
 class RouterWorker(Worker):
     """An arq Worker woken by pushes, holding renewable leases, answering by push."""
 
-    def __init__(self, *args: Any, lease_seconds: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lease_seconds: float = 10.0,
+        batch_queue: str | None = None,
+        batch_max_jobs: int | None = None,
+        batch_keep_result: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        keep_s = int(self.keep_result_s)
+        self.lanes = Lanes(
+            self.queue_name,
+            batch_queue,
+            max_jobs=self.max_jobs,
+            batch_max_jobs=batch_max_jobs or default_batch_max_jobs(self.max_jobs),
+            keep_result_s=keep_s,
+            batch_keep_result_s=batch_keep_result or keep_s,
+        )
+        # The queue each leased job came from (its result TTL, where it goes back).
+        self._queue_of: dict[str, Queue] = {}
         self.lease_ms = int(lease_seconds * 1000)
         self.token = uuid.uuid4().hex
         self.wake_key = wake_key(self.queue_name)
@@ -145,12 +168,13 @@ class RouterWorker(Worker):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            wake_keys = self.lanes.wake_keys(self.max_jobs - self.job_counter)
             try:
                 await self._register(
                     keys=[self.idle_key], args=[self._idle_member, (WAKE_BLOCK_S + 2) * 1000]
                 )
                 popped = await self.pool.blpop(  # type: ignore[misc]
-                    [self.inbox_key, self.wake_key], timeout=WAKE_BLOCK_S
+                    [self.inbox_key, *wake_keys], timeout=WAKE_BLOCK_S
                 )
             except (RedisError, OSError) as exc:
                 await asyncio.sleep(self.outage.failed(exc, "waiting for wake-ups"))
@@ -167,13 +191,15 @@ class RouterWorker(Worker):
             else:
                 # Stopping since the BLPOP began: the token belongs to another worker.
                 with contextlib.suppress(RedisError, OSError):
-                    await self.pool.lpush(self.wake_key, "1")
+                    await self.pool.lpush(key.decode(), "1")
 
     def _take_handed_job(self, message: bytes) -> None:
         """A producer leased this job to us in its enqueue script: run it (or hand it back)."""
         job_id, tries, score, blob = message.split(b" ", 3)
         if self.allow_pick_jobs:
-            self._start(job_id.decode(), int(float(score)), blob, int(tries))
+            self._start(
+                job_id.decode(), int(float(score)), blob, int(tries), self.lanes.interactive
+            )
         else:
             self._leased.add(job_id.decode())
             self._in_background(self._store(job_id.decode(), b"", None))
@@ -208,37 +234,49 @@ class RouterWorker(Worker):
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
-        free = self.max_jobs - self.job_counter
+        free = min(self.max_jobs - self.job_counter, self.queue_read_limit)
         if self.allow_pick_jobs and free > 0:
+            wants = self.lanes.wants(free)
             claimed = await self._claim(
-                keys=[self.queue_name],
+                keys=self.lanes.names,
                 args=[
                     timestamp_ms(),
                     self.lease_ms,
-                    min(free, self.queue_read_limit),
+                    free,
                     self.token,
                     CLAIM_SCAN_MAX,
                     RETRY_KEY_TTL_S,
+                    *wants,
                 ],
             )
-            for i in range(0, len(claimed), 4):
-                job_id, score, blob, tries = claimed[i : i + 4]
-                self._start(job_id.decode(), int(float(score)), blob or None, int(tries))
+            got = [0] * len(wants)
+            for i in range(0, len(claimed), 5):
+                index, job_id, score, blob, tries = claimed[i : i + 5]
+                got[index] += 1
+                queue = self.lanes.queues[index]
+                self._start(job_id.decode(), int(float(score)), blob or None, int(tries), queue)
+            self.lanes.claimed(wants, got)
         await self.heart_beat()
 
-    def _start(self, job_id: str, score: int, blob: bytes | None, job_try: int) -> None:
+    def _start(
+        self, job_id: str, score: int, blob: bytes | None, job_try: int, queue: Queue
+    ) -> None:
         self.job_counter += 1
+        queue.running += 1
+        self._queue_of[job_id] = queue
         self._leased.add(job_id)
         task = self.loop.create_task(self._run(job_id, score, blob, job_try))
-        task.add_done_callback(lambda _: self._job_done())
+        task.add_done_callback(lambda _: self._job_done(queue))
         self.tasks[job_id] = task
 
-    def _job_done(self) -> None:
-        was_full = self.job_counter >= self.max_jobs
+    def _job_done(self, queue: Queue) -> None:
+        # While full (the worker, or this queue's share), no wake-up tokens were taken.
+        was_full = self.job_counter >= self.max_jobs or queue.running >= queue.max_jobs
         self.job_counter -= 1
+        queue.running -= 1
         self._slot_freed.set()
-        if was_full:
-            # While full, this worker took no wake-up tokens: look for queued jobs now.
+        if was_full or self.lanes.backlog_waiting(self.max_jobs - self.job_counter):
+            # Look for queued jobs now: a backlog outlasts its producers' wake-up tokens.
             self._wake.set()
 
     # -- one job ----------------------------------------------------------------------------
@@ -253,6 +291,7 @@ class RouterWorker(Worker):
             log.exception("job_crashed", job_id=job_id)
         finally:
             self._leased.discard(job_id)
+            self._queue_of.pop(job_id, None)
             self.replies.pop(job_id, None)
             after = self.after_finish.pop(job_id, None)
             if after is not None:
@@ -284,6 +323,7 @@ class RouterWorker(Worker):
             "enqueue_time": ms_to_datetime(enqueued_ms),
             "score": score,
             "job_bytes": len(blob),
+            "lane": self._queue(job_id).lane,
         }
         timeout = function.timeout_s or self.job_timeout_s
         success = True
@@ -325,22 +365,26 @@ class RouterWorker(Worker):
         assert self.job_serializer is not None
         return self.job_serializer(
             {"t": job_try, "f": function, "a": [], "k": {}, "et": enqueued_ms, "s": success,
-             "r": result, "st": started_ms, "ft": timestamp_ms(), "q": self.queue_name,
+             "r": result, "st": started_ms, "ft": timestamp_ms(), "q": self._queue(job_id).name,
              "id": job_id}
         )  # fmt: skip
+
+    def _queue(self, job_id: str) -> Queue:
+        return self._queue_of.get(job_id, self.lanes.interactive)
 
     async def _store(self, job_id: str, blob: bytes, reply_to: str | None) -> bool:
         """Run the finish script (an empty blob hands the job back); True when it did."""
         self._leased.discard(job_id)  # the script releases it; renewing now would find it gone
-        ttl_ms = None if self.keep_result_forever else to_ms(self.keep_result_s)
+        queue = self._queue(job_id)
+        ttl_ms = None if self.keep_result_forever else queue.keep_result_s * 1000
         keys = [
             arq_result_prefix + job_id,
             in_progress_key_prefix + job_id,
             retry_key_prefix + job_id,
             job_key_prefix + job_id,
-            self.queue_name,
+            queue.name,
             reply_to or "",
-            self.wake_key,
+            queue.wake_key,
         ]
         args = [job_id, self.token, blob, ttl_ms or "", REPLY_TTL_S, WAKE_TOKENS_MAX]
 

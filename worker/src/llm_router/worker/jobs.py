@@ -165,7 +165,9 @@ async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any
         result = invalid_result(error, job_id=job_id)
         log.warning("invalid_request", job_id=job_id, error=result.error)
     else:
-        result = await router.run(request, job_id=job_id, record=False)
+        result = await router.run(
+            request, job_id=job_id, record=False, lane=ctx.get("lane", "interactive")
+        )
     # Counted and announced once the result is stored, off the producer's clock.
     breakers = router.breaker_states(result.chain)
     ctx.setdefault("after_finish", {})[job_id] = functools.partial(
@@ -207,7 +209,9 @@ async def _startup(ctx: dict[str, Any]) -> None:
         worker_id=ctx.get("worker_id"),
         pid=os.getpid(),
         queue=settings.queue_name,
+        batch_queue=settings.batch_queue_name,
         max_jobs=settings.max_jobs,
+        batch_max_jobs=settings.batch_slots,
         chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
     )
 
@@ -242,6 +246,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "max_tries": settings.max_tries,
         "job_completion_wait": settings.shutdown_grace,
         "lease_seconds": settings.lease_seconds,
+        "batch_queue": settings.batch_queue_name,
+        "batch_max_jobs": settings.batch_slots,
+        "batch_keep_result": settings.batch_keep_result,
         "on_startup": _startup,
         "on_shutdown": _shutdown,
         "ctx": {"settings": settings},

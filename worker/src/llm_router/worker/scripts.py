@@ -7,26 +7,33 @@ and the queue's sorted set), so arq producers and tools still understand them.
 
 from __future__ import annotations
 
-#: Find due jobs nobody holds, lease them and read them, in one step. Jobs being run
-#: stay in the queue, so the script pages past them.
-#: KEYS[1] queue. ARGV: now ms, lease ms, most jobs to claim, token, most entries to look
-#: at, retry-key ttl s. Returns id, score, job blob (false if expired), try number, ...
+#: Find due jobs nobody holds, lease them and read them, in one step, from each queue in
+#: turn (interactive first). Jobs being run stay in their queue, so the script pages past
+#: them. KEYS: the queues, in claim order. ARGV: now ms, lease ms, most jobs in all,
+#: token, most entries to look at per queue, retry-key ttl s, then the most jobs to take
+#: from each queue. Returns queue index (0-based), id, score, job blob (false if
+#: expired), try number, ...
 CLAIM = """
-local want, scan_max = tonumber(ARGV[3]), tonumber(ARGV[5])
-local out, seen = {}, 0
-while #out < 4 * want and seen < scan_max do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', seen, 100)
-  if #ids == 0 then break end
-  seen = seen + #ids
-  for _, id in ipairs(ids) do
-    if #out < 4 * want
-       and redis.call('SET', 'arq:in-progress:' .. id, ARGV[4], 'NX', 'PX', ARGV[2]) then
-      local tries = redis.call('INCR', 'arq:retry:' .. id)
-      redis.call('EXPIRE', 'arq:retry:' .. id, ARGV[6])
-      out[#out + 1] = id
-      out[#out + 1] = redis.call('ZSCORE', KEYS[1], id)
-      out[#out + 1] = redis.call('GET', 'arq:job:' .. id)
-      out[#out + 1] = tries
+local left, scan_max = tonumber(ARGV[3]), tonumber(ARGV[5])
+local out = {}
+for q = 1, #KEYS do
+  local want, seen = math.min(tonumber(ARGV[6 + q]), left), 0
+  while want > 0 and seen < scan_max do
+    local ids = redis.call('ZRANGEBYSCORE', KEYS[q], '-inf', ARGV[1], 'LIMIT', seen, 100)
+    if #ids == 0 then break end
+    seen = seen + #ids
+    for _, id in ipairs(ids) do
+      if want > 0
+         and redis.call('SET', 'arq:in-progress:' .. id, ARGV[4], 'NX', 'PX', ARGV[2]) then
+        local tries = redis.call('INCR', 'arq:retry:' .. id)
+        redis.call('EXPIRE', 'arq:retry:' .. id, ARGV[6])
+        out[#out + 1] = q - 1
+        out[#out + 1] = id
+        out[#out + 1] = redis.call('ZSCORE', KEYS[q], id)
+        out[#out + 1] = redis.call('GET', 'arq:job:' .. id)
+        out[#out + 1] = tries
+        want, left = want - 1, left - 1
+      end
     end
   end
 end

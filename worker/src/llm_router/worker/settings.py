@@ -6,7 +6,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -15,9 +23,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from llm_router.client.protocol import DEFAULT_CHAIN, DEFAULT_QUEUE, METRICS_CHANNEL
+from llm_router.client.protocol import (
+    DEFAULT_BATCH_QUEUE,
+    DEFAULT_CHAIN,
+    DEFAULT_QUEUE,
+    METRICS_CHANNEL,
+)
 from llm_router.client.schemas import CEILING, SchemaLimits
 from llm_router.worker.checks import AnswerLimits
+from llm_router.worker.lanes import default_batch_max_jobs
 
 ENV_PREFIX = "LLM_ROUTER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -119,6 +133,13 @@ class Settings(BaseSettings):
     queue_name: str = Field(default=DEFAULT_QUEUE, min_length=1)
     max_jobs: int = Field(default=10, ge=1, le=10_000)
     keep_result: int = Field(default=3600, ge=1, description="seconds a result stays in Redis")
+    batch_queue_name: str = Field(default=DEFAULT_BATCH_QUEUE, min_length=1)
+    batch_max_jobs: int | None = Field(
+        default=None, ge=1, le=10_000, description="job slots batch work may fill (default 4/5)"
+    )
+    batch_keep_result: int = Field(
+        default=7 * 86_400, ge=1, description="seconds a batch result waits for its backfill"
+    )
     poll_delay: float = Field(
         default=0.5, gt=0, le=60, description="safety-net poll for producers that do not wake"
     )
@@ -171,12 +192,25 @@ class Settings(BaseSettings):
                 raise ValueError(f"chain {name!r} has no models")
         return chains
 
+    @model_validator(mode="after")
+    def _lanes_are_distinct(self) -> Settings:
+        if self.batch_queue_name == self.queue_name:
+            raise ValueError("batch_queue_name must differ from queue_name")
+        return self
+
     @field_validator("refusal_patterns")
     @classmethod
     def _patterns_not_blank(cls, patterns: list[str]) -> list[str]:
         if any(not p.strip() for p in patterns):
             raise ValueError("a refusal pattern must not be blank (it would match every answer)")
         return patterns
+
+    @property
+    def batch_slots(self) -> int:
+        """Job slots batch work may fill; the rest wait for interactive work."""
+        if self.batch_max_jobs is None:
+            return default_batch_max_jobs(self.max_jobs)
+        return min(self.batch_max_jobs, self.max_jobs)
 
     @property
     def schema_limits(self) -> SchemaLimits:
