@@ -15,11 +15,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import hostile, idle, local_model, queue_overhead, throughput
+from bench import backfill, hostile, idle, local_model, queue_overhead, throughput
 from bench.common import DEFAULT_REDIS_URL, REPO_ROOT, emit, new_run_id, note, say
 from bench.procs import start_stub, stop_all
 
-NAMES = ("queue_overhead", "throughput", "idle", "hostile", "local_model")
+NAMES = ("queue_overhead", "throughput", "idle", "hostile", "local_model", "backfill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tput-rounds", type=int, help="interleaved rounds (3)")
     g = p.add_argument_group("idle")
     g.add_argument("--idle-seconds", type=float, help="idle window, s (60)")
+    g = p.add_argument_group("backfill (also -n, --max-jobs, --duration, --tput-warmup)")
+    g.add_argument("--rows", type=int, help="rows of the large backfill (100000)")
+    g.add_argument("--rss-rows", type=int, help="rows of the small backfill, for peak RSS (10000)")
+    g.add_argument("--client-rows", type=int, help="sequential RouterClient enqueues (5000)")
+    g.add_argument("--rounds", type=int, help="rounds of the enqueue-rate comparison (3)")
+    g.add_argument("--e2e-rounds", type=int, help="backfill command runs per row count (1)")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in NAMES]
     if unknown:
@@ -58,7 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tput_warmup = pick(args.tput_warmup, 2.0, 1.0)
     args.tput_rounds = pick(args.tput_rounds, 3, 1)
     args.idle_seconds = pick(args.idle_seconds, 60.0, 10.0)
-    if min(args.jobs, args.jobs_arq_default, args.overhead_rounds, args.concurrency) < 1:
+    args.rows = pick(args.rows, 100_000, 20_000)
+    args.rss_rows = pick(args.rss_rows, 10_000, 5_000)
+    args.client_rows = pick(args.client_rows, 5_000, 2_000)
+    args.rounds = pick(args.rounds, 3, 1)
+    args.e2e_rounds = pick(args.e2e_rounds, 1, 1)
+    counts = [args.jobs, args.jobs_arq_default, args.overhead_rounds, args.concurrency]
+    counts += [args.rows, args.rss_rows, args.client_rows, args.rounds, args.e2e_rounds]
+    if min(counts) < 1:
         p.error("counts must be at least 1")
     if args.producers < 1 or args.producers > args.concurrency:
         p.error("--producers must be between 1 and N")
@@ -134,6 +147,20 @@ async def main_async(args: argparse.Namespace) -> int:
                 data = await idle.run(cfg_i, stub_url, run_id)
             elif name == "hostile":
                 data = await hostile.run(stub_url, run_id)
+            elif name == "backfill":
+                cfg_b = backfill.BackfillConfig(
+                    args.redis_url,
+                    rows=args.rows,
+                    rss_rows=args.rss_rows,
+                    client_rows=args.client_rows,
+                    rounds=args.rounds,
+                    e2e_rounds=args.e2e_rounds,
+                    concurrency=args.concurrency,
+                    max_jobs=args.max_jobs,
+                    duration=args.duration,
+                    warmup=args.tput_warmup,
+                )
+                data = await backfill.run(cfg_b, stub_url, stub.pid, run_id)
             else:
                 data = await local_model.run(args.redis_url, run_id)
             data |= {"run_id": run_id, "quick": args.quick, "environment": env}

@@ -216,5 +216,7 @@ async def forget_keys(redis: Redis, keys: Iterable[str]) -> None:
 
 
 def queue_keys(queue: str) -> list[str]:
-    """The keys a queue leaves behind: the queue, our wake-up list, arq's health check."""
-    return [queue, f"{queue}:wake", f"{queue}:health-check"]
+    """The keys a queue leaves behind: the queue, our wake-up list and idle set, arq's
+    health check; and the same for the batch queue its workers serve beside it."""
+    own = [queue, f"{queue}:wake", f"{queue}:idle", f"{queue}:health-check"]
+    return [*own, f"{queue}:batch", f"{queue}:batch:wake"]
