@@ -123,7 +123,7 @@ Ending = Literal["running", "complete", "interrupted", "redis_error"]
 
 @dataclass(frozen=True, slots=True)
 class BackfillSummary:
-    """Where a run stands (while running) or ended (returned by :func:`run_backfill`)."""
+    """Where a run stands (while running) or ended (returned by :meth:`Backfill.run`)."""
 
     #: Rows in the input (blank lines are not rows); an estimate until the input is read.
     total: int
@@ -348,6 +348,13 @@ class Backfill:
         )
 
     async def run(self) -> BackfillSummary:
+        """Route every row of the input and append its result to the output.
+
+        Rerunning with the same files resumes: rows the output has are skipped, jobs still
+        queued are waited for, results that came while no run was there are collected.
+        Raises :class:`BackfillError` for unusable files, and Redis errors when Redis does
+        not answer at the start; a Redis lost later ends the run with ``ended="redis_error"``.
+        """
         self._started = time.monotonic()
         written = self._open_files()
         lines = self._lines
@@ -642,36 +649,3 @@ class Backfill:
             self._progress()
             if self._closing:
                 return
-
-
-async def run_backfill(
-    redis: Redis,
-    input_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
-    *,
-    schema: dict[str, Any] | None = None,
-    chain: str | None = None,
-    context: str | None = None,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-    batch_queue: str | None = None,
-    on_progress: Callable[[BackfillSummary], None] | None = None,
-) -> BackfillSummary:
-    """Route every row of ``input_path`` and append its result to ``output_path``.
-
-    Rerunning with the same files resumes: rows the output has are skipped, jobs still
-    queued are waited for, results that came while no run was there are collected.
-    Raises :class:`BackfillError` for unusable files and Redis errors when Redis does
-    not answer at the start; a Redis lost later ends the run with ``ended="redis_error"``.
-    """
-    backfill = Backfill(
-        redis,
-        input_path,
-        output_path,
-        schema=schema,
-        chain=chain,
-        context=context,
-        max_in_flight=max_in_flight,
-        batch_queue=batch_queue,
-        on_progress=on_progress,
-    )
-    return await backfill.run()

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Protocol, Self, TextIO
+from typing import Any, Self, TextIO
 
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,21 +110,32 @@ def summary_pairs(s: BackfillSummary) -> Iterator[tuple[str, str]]:
         yield f"reason.{reason}", str(n)
 
 
-class ProgressView(Protocol):
+class ProgressView:
     """Shows a run: entered before it starts, fed snapshots, shown the summary at the end."""
 
-    def __enter__(self) -> Self: ...
+    def start(self) -> None:
+        """On entering, before the run starts."""
+
+    def stop(self) -> None:
+        """On leaving, also when the run raised."""
+
+    def update(self, summary: BackfillSummary) -> None:
+        raise NotImplementedError
+
+    def finish(self, summary: BackfillSummary) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None: ...
-
-    def update(self, summary: BackfillSummary) -> None: ...
-
-    def finish(self, summary: BackfillSummary) -> None: ...
+    ) -> None:
+        self.stop()
 
 
 class _ProgressWithLine(Progress):
@@ -139,7 +150,7 @@ class _ProgressWithLine(Progress):
         yield self._line()
 
 
-class TerminalProgress:
+class TerminalProgress(ProgressView):
     """The live bar and the summary table, for a person at a terminal."""
 
     def __init__(self, console: Console | None = None) -> None:
@@ -159,16 +170,10 @@ class TerminalProgress:
         )
         self._task = self._progress.add_task("backfill", total=None, rate="", eta="?")
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         self._progress.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self._progress.stop()
 
     def update(self, summary: BackfillSummary) -> None:
@@ -199,7 +204,7 @@ class TerminalProgress:
         self.console.print(table)
 
 
-class PlainProgress:
+class PlainProgress(ProgressView):
     """A line every ``every`` seconds and ``key=value`` summary lines, for logs and scripts."""
 
     def __init__(
@@ -219,17 +224,8 @@ class PlainProgress:
     def stream(self) -> TextIO:
         return self._stream or sys.stderr
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         self._last = self._clock()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        pass
 
     def line(self, s: BackfillSummary) -> str:
         eta = self._meter.eta(s.total - s.done)
