@@ -37,7 +37,6 @@ from redis.asyncio import Redis
 
 from bench.common import (
     JOB_TIMEOUT_S,
-    MODEL,
     PYTHON,
     base_env,
     chains_json,
@@ -61,15 +60,6 @@ E2E_FLOOR_RATIO = 0.9
 RSS_FLAT_MB = 5.0
 CLIENT_WARMUP = 100  # RouterClient enqueues before its clock starts (connection, script)
 POLL_S = 0.005
-
-_PER_JOB_PREFIXES = ("arq:job:", "arq:result:", "arq:in-progress:", "arq:retry:")
-_COUNTED_PREFIX = "llm_router:metrics:counted:"
-_COUNTERS_KEY = "llm_router:metrics:counters"
-_UNCOUNT_LUA = """
-local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
-if left <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return left
-"""
 
 
 @dataclass
@@ -162,24 +152,6 @@ def _remove(*paths: Path) -> None:
 def _reap(pid: int) -> tuple[int, int, resource.struct_rusage]:
     """``os.wait4`` without blocking: (0, 0, _) while the child runs."""
     return os.wait4(pid, os.WNOHANG)
-
-
-async def _forget_run(redis: Redis, ids: list[str], ok_rows: int) -> int:
-    """Delete every per-job key; take back the counter increments of the jobs counted.
-
-    The backfill deletes each result once its row is on disk, so the jobs that ran are
-    found by their metrics markers (the stub always answers: one success each).
-    """
-    counted = 0
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        counted += int(await redis.exists(*(_COUNTED_PREFIX + j for j in chunk)))
-        prefixes = (*_PER_JOB_PREFIXES, _COUNTED_PREFIX)
-        await redis.delete(*(p + j for j in chunk for p in prefixes))
-    taken = min(counted, ok_rows)
-    if taken > 0:
-        await redis.eval(_UNCOUNT_LUA, 1, _COUNTERS_KEY, f"{MODEL}|success", str(taken))  # type: ignore[misc]
-    return counted
 
 
 async def _forget_prefix(redis: Redis, prefix: str) -> int:
@@ -376,7 +348,7 @@ async def _cli_run(
             f"summary ended={summary.get('ended')!r} missing={summary.get('missing')!r}"
         )
     ids = await asyncio.to_thread(_job_ids, input_path, output_path)
-    await _forget_run(redis, ids, int(checked["statuses"].get("ok", 0)))
+    await forget_jobs(redis, ids)
     await forget_keys(redis, [reply_key_for(run_key(output_path))])
     _remove(output_path)
     cpu = {n: round((cpu_b[n] - cpu_a[n]) / wall * 100, 1) for n in lane.pids}

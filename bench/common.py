@@ -37,6 +37,7 @@ _PER_JOB_PREFIXES = (
     "llm_router:metrics:counted:",
 )
 _COUNTERS_KEY = "llm_router:metrics:counters"
+_COUNTED_PREFIX = "llm_router:metrics:counted:"
 # Take back what this run added to the shared counters; drop a field that reaches zero.
 _UNCOUNT_LUA = """
 local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
@@ -195,18 +196,19 @@ def note(text: str) -> None:
 async def forget_jobs(redis: Redis, job_ids: Sequence[str]) -> int:
     """Delete every per-job key and take back the counter increments of the jobs that ran.
 
-    A job that has a result ran once and was counted once as a success (the stub always
-    answers); returns how many that was.
+    A job the worker counted has its metrics marker (a backfill deletes results as it
+    writes them, so the marker, not the result, says it ran) and was counted once as a
+    success (the stub always answers); returns how many that was.
     """
-    finished = 0
+    counted = 0
     ids = [j for j in job_ids if j]
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        finished += int(await redis.exists(*("arq:result:" + j for j in chunk)))
+        counted += int(await redis.exists(*(_COUNTED_PREFIX + j for j in chunk)))
         await redis.delete(*(prefix + j for j in chunk for prefix in _PER_JOB_PREFIXES))
-    if finished > 0:
-        await redis.eval(_UNCOUNT_LUA, 1, _COUNTERS_KEY, f"{MODEL}|success", str(finished))  # type: ignore[misc]
-    return finished
+    if counted > 0:
+        await redis.eval(_UNCOUNT_LUA, 1, _COUNTERS_KEY, f"{MODEL}|success", str(counted))  # type: ignore[misc]
+    return counted
 
 
 async def forget_keys(redis: Redis, keys: Iterable[str]) -> None:
