@@ -261,3 +261,42 @@ async def test_a_stopping_worker_hands_a_handed_job_back(
     assert await redis.get("arq:retry:h2") == b"0"
     assert await redis.llen(wake_key(Q)) == 1  # type: ignore[misc]
     assert await redis.zscore(Q, "h2") == 5
+
+
+def test_a_freed_slot_claims_again_while_a_queue_has_a_backlog(worker: RouterWorker) -> None:
+    """Producers push at most 100 wake-up tokens: a longer queue must not wait for polls."""
+    queue = worker.lanes.interactive
+    assert worker.max_jobs == 10
+    worker.job_counter = queue.running = 6  # not full: the old rule would not look again
+    worker.lanes.claimed([6], [6])  # the last claim got all it asked for
+    worker._wake.clear()
+    worker._job_done(queue)
+    assert worker._wake.is_set()
+    # Drained (the last claim got less than it asked for): wake-up tokens will tell.
+    worker.lanes.claimed([4], [1])
+    worker._wake.clear()
+    worker._job_done(queue)
+    assert not worker._wake.is_set()
+    # Full, a slot frees: look at once whatever the backlog (no tokens were taken).
+    worker.job_counter = queue.running = 10
+    worker._job_done(queue)
+    assert worker._wake.is_set()
+
+
+def test_batch_work_keeps_to_its_share_of_the_slots(redis: fakeredis.FakeAsyncRedis) -> None:
+    w = RouterWorker(
+        functions=[func(_noop, name="route")],
+        redis_pool=redis,
+        queue_name=Q,
+        batch_queue=Q + ":batch",
+        batch_max_jobs=3,
+        batch_keep_result=600,
+        handle_signals=False,
+        max_jobs=5,
+    )
+    assert w.lanes.names == [Q, Q + ":batch"]
+    batch = w.lanes.queues[1]
+    assert (batch.max_jobs, batch.keep_result_s) == (3, 600)
+    batch.running = w.job_counter = 3
+    assert w.lanes.wants(5 - w.job_counter) == [2, 0]
+    assert w.lanes.wake_keys(2) == [Q + ":wake"]
