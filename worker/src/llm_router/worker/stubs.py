@@ -19,7 +19,7 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +30,12 @@ from typing import Any, Self
 from aiohttp import web
 
 DIRECTIVE = re.compile(r"stub:(?P<key>[A-Za-z0-9_.\-*]+)=(?P<behaviour>[a-z_0-9]+)")
+#: ``stub-fail:haiku=529x2`` fails the first 2 calls of this request to models whose name
+#: contains ``haiku`` with HTTP 529, then lets it be answered; ``@1.5`` adds
+#: ``retry-after: 1.5`` (a 429 gets ``retry-after: 1`` unless it says ``@none``).
+FAILURE = re.compile(
+    r"stub-fail:(?P<key>[A-Za-z0-9_.\-*]+)=(?P<status>\d{3})x(?P<times>\d+)(?:@(?P<after>[\d.]+|none))?"
+)
 REFUSAL_TEXT = "I'm sorry, but I cannot help with that."
 # Phrases a refusal detector may look for; the ``text`` answer must never trip one by accident.
 REFUSAL_MARKERS = (
@@ -52,9 +58,16 @@ _OLLAMA_ERRORS = {
 }
 # Ollama's own words (server/sched.go), two spaces included: clients may match on them.
 OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
+# Anthropic's error types by status (its API's "Errors" page).
 _ANTHROPIC_ERRORS = {
-    500: ("api_error", "Internal server error (stub)"),
+    400: ("invalid_request_error", "There was an issue with the request (stub)"),
+    401: ("authentication_error", "invalid x-api-key"),
+    403: ("permission_error", "Your API key does not have permission to use this resource"),
+    404: ("not_found_error", "model: not found (stub)"),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes"),
     429: ("rate_limit_error", "Rate limit exceeded for this model (stub)"),
+    500: ("api_error", "Internal server error (stub)"),
+    529: ("overloaded_error", "Overloaded"),
 }
 
 
@@ -323,6 +336,7 @@ class StubServer:
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._defaults: dict[str, Behaviour] = {}
+        self._failed: Counter[tuple[str, str]] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -587,9 +601,32 @@ class StubServer:
         if (rejection := _anthropic_rejection(request, body)) is not None:
             self._record(request, body, model)
             return rejection
-        choice = self._choose(model, _message_texts(body))
+        texts = _message_texts(body)
+        if (failure := self._planned_failure(model, texts)) is not None:
+            self._record(request, body, model)
+            return failure
+        choice = self._choose(model, texts)
         self._record(request, body, model, choice)
         return await self._answer(request, body, wire, choice)
+
+    def _planned_failure(self, model: str, texts: list[str]) -> web.Response | None:
+        """A ``stub-fail:`` directive's error, for the first calls of this request only."""
+        for text in texts:
+            for match in FAILURE.finditer(text):
+                key = match["key"]
+                if key != "*" and key.lower() not in model.lower():
+                    continue
+                status, times = int(match["status"]), int(match["times"])
+                seen = (model, "\0".join(texts))
+                with self._lock:
+                    self._failed[seen] += 1
+                    if self._failed[seen] > times:
+                        return None
+                after = match["after"] or ("1" if status == 429 else "none")
+                headers = {} if after == "none" else {"retry-after": after}
+                kind, message = _ANTHROPIC_ERRORS.get(status, _ANTHROPIC_ERRORS[500])
+                return _anthropic_error(status, kind, message, **headers)
+        return None
 
     async def _ollama_generate(
         self, request: web.Request, body: dict[str, Any], wire: str, model: str, started: int
