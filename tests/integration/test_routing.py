@@ -188,7 +188,9 @@ async def test_metrics_event_as_a_subscriber_receives_it(
         (QWEN, "rejected"),
         (HAIKU, "success"),
     ]
-    assert set(event["attempts"][0]) == {"model", "outcome", "reason", "latency_ms", "load_ms"}
+    assert set(event["attempts"][0]) == {
+        "model", "outcome", "reason", "latency_ms", "load_ms", "retries", "retry_error"
+    }  # fmt: skip
     assert set(event["breakers"].values()) == {"closed"}
     assert QWEN in event["breakers"]
     assert isinstance(event["timestamp"], float)

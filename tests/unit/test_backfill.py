@@ -350,7 +350,15 @@ def test_output_row_has_the_documented_fields() -> None:
         "id", "line", "status", "content", "model_used", "attempts", "latency_ms", "error",
     ]  # fmt: skip
     assert row["attempts"] == [
-        {"model": "m1", "outcome": "success", "reason": None, "latency_ms": 3, "load_ms": None}
+        {
+            "model": "m1",
+            "outcome": "success",
+            "reason": None,
+            "latency_ms": 3,
+            "load_ms": None,
+            "retries": 0,
+            "retry_error": None,
+        }
     ]
     assert output_row(RowRef.of("r1", 7, {"k": 1}), result)["metadata"] == {"k": 1}
 

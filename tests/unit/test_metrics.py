@@ -147,8 +147,24 @@ async def test_event_payload_fields(redis: Redis) -> None:
     assert event["model_used"] == B
     assert event["latency_ms"] == result.latency_ms
     assert event["attempts"] == [
-        {"model": A, "outcome": "rejected", "reason": "nope", "latency_ms": 10, "load_ms": None},
-        {"model": B, "outcome": "success", "reason": None, "latency_ms": 20, "load_ms": None},
+        {
+            "model": A,
+            "outcome": "rejected",
+            "reason": "nope",
+            "latency_ms": 10,
+            "load_ms": None,
+            "retries": 0,
+            "retry_error": None,
+        },
+        {
+            "model": B,
+            "outcome": "success",
+            "reason": None,
+            "latency_ms": 20,
+            "load_ms": None,
+            "retries": 0,
+            "retry_error": None,
+        },
     ]
     assert isinstance(event["timestamp"], float)
     assert event["timestamp"] > 1_600_000_000

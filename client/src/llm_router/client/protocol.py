@@ -124,6 +124,10 @@ class Attempt(BaseModel):
     latency_ms: int
     #: A local model's load time in this call (Ollama's ``load_duration``), when known.
     load_ms: int | None = None
+    #: Tries of the same model after a transient failure (429, 529, 5xx, a reset).
+    retries: int = 0
+    #: The error the last retry answered (the attempt's own ``reason`` is its outcome's).
+    retry_error: str | None = None
 
 
 class RouteResult(BaseModel):

@@ -19,6 +19,7 @@ import httpx
 import litellm
 from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
 
+from llm_router.worker.retries import MIN_TRY_S, retry_delay
 from llm_router.worker.settings import ModelConfig
 
 litellm.suppress_debug_info = True
@@ -41,6 +42,7 @@ except ImportError:  # pragma: no cover - another litellm version
 _LOAD_DURATION = re.compile(rb'"load_duration"\s*:\s*(\d+)')
 _ollama_body: ContextVar[dict[str, int] | None] = ContextVar("ollama_body", default=None)
 _last_load_ms: ContextVar[int | None] = ContextVar("last_load_ms", default=None)
+_last_retries: ContextVar[tuple[int, str | None]] = ContextVar("last_retries", default=(0, None))
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncHTTPHandler] = (
     weakref.WeakKeyDictionary()
 )
@@ -67,6 +69,11 @@ def _ollama_client() -> AsyncHTTPHandler:
 def last_load_ms() -> int | None:
     """The load time Ollama reported for the last :func:`call_model` of this task."""
     return _last_load_ms.get()
+
+
+def last_retries() -> tuple[int, str | None]:
+    """How often the last :func:`call_model` of this task retried, and the last error."""
+    return _last_retries.get()
 
 
 class ModelCallError(Exception):
@@ -155,6 +162,26 @@ def build_kwargs(
     return kwargs
 
 
+async def _call_with_retries(cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
+    """Repeat a transient failure (:mod:`~llm_router.worker.retries`) while the deadline,
+    which the caller enforces around all tries, leaves room for the wait and a try."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.timeout
+    retries = 0
+    while True:
+        try:
+            with _without_litellm_logging():
+                return await litellm.acompletion(**kwargs)
+        except Exception as exc:
+            delay = retry_delay(exc, retries) if retries < cfg.retries else None
+            if delay is None or loop.time() + delay + MIN_TRY_S > deadline:
+                raise
+            retries += 1
+            _last_retries.set((retries, _reason(exc)))
+            await asyncio.sleep(delay)
+            kwargs["timeout"] = max(MIN_TRY_S, deadline - loop.time())
+
+
 def _reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 1] + "…"
@@ -174,10 +201,10 @@ async def call_model(
     if cfg.provider == "ollama_chat" and "client" not in kwargs:
         kwargs["client"] = _ollama_client()
         _ollama_body.set(holder)
+    _last_retries.set((0, None))
     try:
         async with asyncio.timeout(cfg.timeout):
-            with _without_litellm_logging():
-                response = await litellm.acompletion(**kwargs)
+            response = await _call_with_retries(cfg, kwargs)
     except TimeoutError:
         raise ModelCallError(f"Timeout after {cfg.timeout}s", unwell=True) from None
     except litellm.exceptions.Timeout:

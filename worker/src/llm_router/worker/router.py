@@ -7,7 +7,7 @@ Queue-agnostic: the arq job is a thin wrapper, and a service can use
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from jsonschema.protocols import Validator
@@ -28,6 +28,7 @@ from llm_router.worker.calls import (
     ModelCallError,
     call_model,
     last_load_ms,
+    last_retries,
     register_local_models,
 )
 from llm_router.worker.capacity import Busy, Capacity
@@ -56,6 +57,16 @@ def invalid_result(
         context=request.context if request else None,
         chain=request.chain if request else None,
     )
+
+
+class Tried(NamedTuple):
+    """What one model of the chain gave: its verdict, and how the call went."""
+
+    verdict: Verdict
+    text: str = ""
+    load_ms: int | None = None
+    retries: int = 0
+    retry_error: str | None = None
 
 
 def _ms_since(start: float) -> int:
@@ -179,14 +190,17 @@ class Router:
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
             attempt_start = time.monotonic()
-            verdict, text, load_ms = await self._try(cfg, messages, schema, validator, lane)
+            tried = await self._try(cfg, messages, schema, validator, lane)
+            verdict, text = tried.verdict, tried.text
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
             attempt = Attempt(
                 model=cfg.model,
                 outcome=outcome,
                 reason=reason,
                 latency_ms=_ms_since(attempt_start),
-                load_ms=load_ms,
+                load_ms=tried.load_ms,
+                retries=tried.retries,
+                retry_error=tried.retry_error,
             )
             attempts.append(attempt)
             bound.info(
@@ -226,15 +240,15 @@ class Router:
         schema: dict[str, Any] | None,
         validator: Validator | None,
         lane: Lane,
-    ) -> tuple[Verdict, str, int | None]:
+    ) -> Tried:
         """One model: its breaker, a slot, the call under its deadline, the checks."""
         admission = await self.breakers.admit(cfg)
         if admission.skip_reason is not None:
-            return Verdict(None, "skipped", admission.skip_reason), "", None
+            return Tried(Verdict(None, "skipped", admission.skip_reason))
         slot = await self.capacity.acquire(cfg, batch=lane == "batch")
         if isinstance(slot, Busy):
             await self.breakers.record(cfg, "abandoned", probe=admission.probe)
-            return Verdict(None, "skipped", slot.reason), "", None
+            return Tried(Verdict(None, "skipped", slot.reason))
         health: Health = "healthy"  # any answer, even a refusal, says the model is up
         failed: Verdict | None = None
         text = ""
@@ -249,12 +263,14 @@ class Router:
             if slot is not None:
                 await self.capacity.release(slot)
         load_ms = last_load_ms() if cfg.is_local else None
+        retries, retry_error = last_retries()
         note_load(cfg, load_ms)
         if await self.breakers.record(cfg, health, probe=admission.probe) == "closed":
             self.warmer.warm([cfg])
         if failed is not None:
-            return failed, "", load_ms
-        return await self.checks.judge(text, validator), text, load_ms
+            return Tried(failed, "", load_ms, retries, retry_error)
+        verdict = await self.checks.judge(text, validator)
+        return Tried(verdict, text, load_ms, retries, retry_error)
 
     @property
     def default_chain(self) -> list[ModelConfig]:

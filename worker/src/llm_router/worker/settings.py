@@ -75,6 +75,12 @@ class ModelConfig(BaseModel):
     keep_alive: int | str | None = Field(
         default=-1, description="Ollama keep_alive: seconds, a duration, -1 = stay loaded"
     )
+    max_retries: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        description="retries of a transient failure within the timeout (2; local models 0)",
+    )
     breaker_failures: int = Field(
         default=3, ge=1, le=1000, description="unwell failures in a row that open the breaker"
     )
@@ -89,6 +95,14 @@ class ModelConfig(BaseModel):
     @property
     def is_local(self) -> bool:
         return self.provider in LOCAL_PROVIDERS
+
+    @property
+    def retries(self) -> int:
+        """``max_retries``, else 2 for a cloud model and 0 for a local one: a local model's
+        few slots would sit idle through the wait, and the cloud is the next link anyway."""
+        if self.max_retries is not None:
+            return self.max_retries
+        return 0 if self.is_local else 2
 
     @property
     def endpoint(self) -> str:
