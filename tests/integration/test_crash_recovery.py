@@ -186,7 +186,12 @@ async def test_random_kills_lose_nothing_and_count_nothing_twice(
     # Each job counted and announced once, however often it was started.
     assert summary["counted"] == jobs
     assert [i for i in ids if events[i] != 1] == []
-    assert all(len(quick_fleet.routed(i)) == 1 for i in ids)
+    # Routed once, or again only after a worker was killed between routing the job and
+    # storing its result (its lease then lapses): never twice by workers that lived.
+    for job_id in ids:
+        routers = quick_fleet.routed(job_id)
+        assert routers, job_id
+        assert sum(w.alive for w in routers) <= 1, (job_id, [w.log_path for w in routers])
     for worker in quick_fleet.workers:
         if worker.alive:
             worker.wait_ready()
