@@ -100,3 +100,28 @@ async def test_retries_stop_at_max_retries(cloud: StubServer) -> None:
     assert calls_to(cloud, HAIKU, marker) == 3
     none = await router(cloud.url, max_retries=0).route(marker.replace("persistent", "zero"))
     assert none.attempts[0].retries == 0
+
+
+async def test_usage_and_cost_of_each_attempt_from_litellms_price_map(
+    cloud: StubServer,
+) -> None:
+    import litellm
+
+    marker = "stub:haiku=refusal stub:sonnet=text what does this cost"
+    result = await router(cloud.url).route(marker)
+    refused, answered = result.attempts
+    assert result.model_used == SONNET
+    for attempt, model in ((refused, HAIKU), (answered, SONNET)):
+        assert attempt.input_tokens is not None
+        assert attempt.output_tokens is not None
+        assert attempt.input_tokens > 0
+        assert attempt.output_tokens > 0
+        # The stub's token counts, priced the way litellm prices them (offline map).
+        prompt, completion = litellm.cost_per_token(
+            model=model,
+            prompt_tokens=attempt.input_tokens,
+            completion_tokens=attempt.output_tokens,
+        )
+        assert attempt.cost_usd == pytest.approx(prompt + completion, rel=1e-9)
+        assert attempt.cost_usd > 0
+    assert result.cost_usd == pytest.approx(refused.cost_usd + answered.cost_usd)

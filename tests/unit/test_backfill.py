@@ -57,6 +57,15 @@ from llm_router.client.rows import (
 from llm_router.client.schemas import canonical_json
 from tests.unit.blobs import result_blob
 
+#: The usage fields of an attempt that got no answer.
+NO_USAGE = {
+    "input_tokens": None,
+    "output_tokens": None,
+    "cache_read_input_tokens": None,
+    "cache_creation_input_tokens": None,
+    "cost_usd": 0.0,
+}
+
 QUEUE = "test:batch"
 SCHEMA: dict[str, Any] = {"type": "object", "required": ["a"]}
 
@@ -348,6 +357,7 @@ def test_output_row_has_the_documented_fields() -> None:
     row = output_row(RowRef.of("r1", 7, None), result)
     assert list(row) == [
         "id", "line", "status", "content", "model_used", "attempts", "latency_ms", "error",
+        "cost_usd",
     ]  # fmt: skip
     assert row["attempts"] == [
         {
@@ -358,6 +368,7 @@ def test_output_row_has_the_documented_fields() -> None:
             "load_ms": None,
             "retries": 0,
             "retry_error": None,
+            **NO_USAGE,
         }
     ]
     assert output_row(RowRef.of("r1", 7, {"k": 1}), result)["metadata"] == {"k": 1}

@@ -19,6 +19,15 @@ from llm_router.client.protocol import (
 )
 from llm_router.worker.metrics import Metrics, counter_fields, event_payload
 
+#: The usage fields of an attempt that got no answer.
+NO_USAGE = {
+    "input_tokens": None,
+    "output_tokens": None,
+    "cache_read_input_tokens": None,
+    "cache_creation_input_tokens": None,
+    "cost_usd": 0.0,
+}
+
 A, B, C = "ollama_chat/qwen", "anthropic/haiku", "anthropic/sonnet"
 
 
@@ -155,6 +164,7 @@ async def test_event_payload_fields(redis: Redis) -> None:
             "load_ms": None,
             "retries": 0,
             "retry_error": None,
+            **NO_USAGE,
         },
         {
             "model": B,
@@ -164,6 +174,7 @@ async def test_event_payload_fields(redis: Redis) -> None:
             "load_ms": None,
             "retries": 0,
             "retry_error": None,
+            **NO_USAGE,
         },
     ]
     assert isinstance(event["timestamp"], float)

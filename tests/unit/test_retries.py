@@ -80,3 +80,23 @@ def test_cloud_models_retry_twice_local_ones_not_unless_told() -> None:
     assert ModelConfig(model="ollama_chat/qwen2.5:7b", timeout=8, max_retries=1).retries == 1
     with pytest.raises(ValueError, match="less than or equal to 10"):
         ModelConfig(model="anthropic/x", timeout=1, max_retries=11)
+
+
+def test_usage_excludes_the_cached_part_and_local_models_are_free() -> None:
+    from types import SimpleNamespace
+
+    from llm_router.worker.costs import usage_of
+
+    usage = SimpleNamespace(
+        prompt_tokens=1000,
+        completion_tokens=50,
+        cache_read_input_tokens=600,
+        cache_creation_input_tokens=100,
+    )
+    local = usage_of("ollama_chat/qwen2.5:7b", SimpleNamespace(usage=usage), free=True)
+    assert (local.input_tokens, local.output_tokens) == (300, 50)
+    assert (local.cache_read_input_tokens, local.cache_creation_input_tokens) == (600, 100)
+    assert local.cost_usd == 0.0
+    unknown = usage_of("anthropic/no-such-model", SimpleNamespace(usage=usage))
+    assert unknown.cost_usd == 0.0  # an unknown price costs 0 (and is logged once)
+    assert usage_of("x", SimpleNamespace()).output_tokens == 0  # no usage at all

@@ -128,6 +128,13 @@ class Attempt(BaseModel):
     retries: int = 0
     #: The error the last retry answered (the attempt's own ``reason`` is its outcome's).
     retry_error: str | None = None
+    #: Tokens of the call that answered (None: no answer); input excludes the cached part.
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    #: From litellm's bundled price map; local models and unknown prices: 0.
+    cost_usd: float = 0.0
 
 
 class RouteResult(BaseModel):
@@ -149,6 +156,8 @@ class RouteResult(BaseModel):
     context: str | None = None
     chain: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: What every attempt of this job cost, in USD.
+    cost_usd: float = 0.0
 
     @property
     def ok(self) -> bool:

@@ -125,7 +125,7 @@ class RowRef(NamedTuple):
 
 
 def output_row(row: RowRef, result: RouteResult) -> dict[str, Any]:
-    """One output line's fields: the one place to add more (cost, tokens) later."""
+    """One output line's fields: the one place to add more later."""
     out: dict[str, Any] = {
         "id": row.id,
         "line": row.line,
@@ -135,6 +135,7 @@ def output_row(row: RowRef, result: RouteResult) -> dict[str, Any]:
         "attempts": [attempt.model_dump(mode="json") for attempt in result.attempts],
         "latency_ms": result.latency_ms,
         "error": result.error,
+        "cost_usd": result.cost_usd,
     }
     if row.metadata is not None:
         out["metadata"] = row.metadata

@@ -19,6 +19,7 @@ import httpx
 import litellm
 from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
 
+from llm_router.worker.costs import Usage, usage_of
 from llm_router.worker.retries import MIN_TRY_S, retry_delay
 from llm_router.worker.settings import ModelConfig
 
@@ -43,6 +44,7 @@ _LOAD_DURATION = re.compile(rb'"load_duration"\s*:\s*(\d+)')
 _ollama_body: ContextVar[dict[str, int] | None] = ContextVar("ollama_body", default=None)
 _last_load_ms: ContextVar[int | None] = ContextVar("last_load_ms", default=None)
 _last_retries: ContextVar[tuple[int, str | None]] = ContextVar("last_retries", default=(0, None))
+_last_usage: ContextVar[Usage | None] = ContextVar("last_usage", default=None)
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncHTTPHandler] = (
     weakref.WeakKeyDictionary()
 )
@@ -69,6 +71,11 @@ def _ollama_client() -> AsyncHTTPHandler:
 def last_load_ms() -> int | None:
     """The load time Ollama reported for the last :func:`call_model` of this task."""
     return _last_load_ms.get()
+
+
+def last_usage() -> Usage | None:
+    """What the last :func:`call_model` of this task used and cost, if it answered."""
+    return _last_usage.get()
 
 
 def last_retries() -> tuple[int, str | None]:
@@ -202,6 +209,7 @@ async def call_model(
         kwargs["client"] = _ollama_client()
         _ollama_body.set(holder)
     _last_retries.set((0, None))
+    _last_usage.set(None)
     try:
         async with asyncio.timeout(cfg.timeout):
             response = await _call_with_retries(cfg, kwargs)
@@ -215,6 +223,7 @@ async def call_model(
         _ollama_body.set(None)
         if "load_ns" in holder:
             _last_load_ms.set(round(holder["load_ns"] / 1e6))
+    _last_usage.set(usage_of(cfg.model, response, free=cfg.is_local))  # an empty answer costs too
     try:
         text = response.choices[0].message.content
     except (AttributeError, IndexError) as exc:

@@ -92,6 +92,7 @@ def event_payload(
         "status": result.status,
         "model_used": result.model_used,
         "latency_ms": result.latency_ms,
+        "cost_usd": result.cost_usd,
         "attempts": [a.model_dump() for a in result.attempts],
         "metrics_snapshot": snapshot,
         "breakers": breakers or {},

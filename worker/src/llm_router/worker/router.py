@@ -29,10 +29,12 @@ from llm_router.worker.calls import (
     call_model,
     last_load_ms,
     last_retries,
+    last_usage,
     register_local_models,
 )
 from llm_router.worker.capacity import Busy, Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
+from llm_router.worker.costs import Usage
 from llm_router.worker.lanes import Lane
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
@@ -67,6 +69,19 @@ class Tried(NamedTuple):
     load_ms: int | None = None
     retries: int = 0
     retry_error: str | None = None
+    usage: Usage | None = None
+
+
+def _usage_fields(usage: Usage | None) -> dict[str, Any]:
+    if usage is None:
+        return {}
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cost_usd": usage.cost_usd,
+    }
 
 
 def _ms_since(start: float) -> int:
@@ -147,6 +162,7 @@ class Router:
         start = time.perf_counter()
         result = await self._walk(request, job_id, bound, lane)
         result.chain_ms = round((time.perf_counter() - start) * 1000, 3)
+        result.cost_usd = round(sum(a.cost_usd for a in result.attempts), 10)
         result.metadata = request.metadata  # returned as given, so batch callers can match
         extra = {"error": result.error} if result.status == "invalid_request" else {}
         bound.info(
@@ -201,6 +217,7 @@ class Router:
                 load_ms=tried.load_ms,
                 retries=tried.retries,
                 retry_error=tried.retry_error,
+                **_usage_fields(tried.usage),
             )
             attempts.append(attempt)
             bound.info(
@@ -264,13 +281,14 @@ class Router:
                 await self.capacity.release(slot)
         load_ms = last_load_ms() if cfg.is_local else None
         retries, retry_error = last_retries()
+        usage = last_usage()
         note_load(cfg, load_ms)
         if await self.breakers.record(cfg, health, probe=admission.probe) == "closed":
             self.warmer.warm([cfg])
         if failed is not None:
-            return Tried(failed, "", load_ms, retries, retry_error)
+            return Tried(failed, "", load_ms, retries, retry_error, usage)
         verdict = await self.checks.judge(text, validator)
-        return Tried(verdict, text, load_ms, retries, retry_error)
+        return Tried(verdict, text, load_ms, retries, retry_error, usage)
 
     @property
     def default_chain(self) -> list[ModelConfig]:

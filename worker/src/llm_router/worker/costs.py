@@ -1,0 +1,60 @@
+"""What one model call used and cost, from litellm's bundled (offline) price map.
+
+A job that falls back to the cloud costs money; every attempt says how much, so the
+result, the metrics event and later budgets can count it. Local models are registered
+at zero price (:func:`~llm_router.worker.calls.register_local_models`); a model whose
+price litellm does not know costs 0 and is logged once as ``price_unknown``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import litellm
+import structlog
+
+log = structlog.get_logger("llm_router.costs")
+
+_unpriced: set[str] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens as the provider counted them; ``input_tokens`` excludes the cached part."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def usage_of(model: str, response: Any, *, free: bool = False) -> Usage:
+    """The response's usage and its price (0 when ``free``: a local model); never raises."""
+    usage = getattr(response, "usage", None)
+    prompt = _count(getattr(usage, "prompt_tokens", 0))
+    read = _count(getattr(usage, "cache_read_input_tokens", 0))
+    created = _count(getattr(usage, "cache_creation_input_tokens", 0))
+    return Usage(
+        input_tokens=max(0, prompt - read - created),  # litellm adds the cached part in
+        output_tokens=_count(getattr(usage, "completion_tokens", 0)),
+        cache_read_input_tokens=read,
+        cache_creation_input_tokens=created,
+        cost_usd=0.0 if free else cost_of(model, response),
+    )
+
+
+def cost_of(model: str, response: Any) -> float:
+    try:
+        cost = float(litellm.completion_cost(completion_response=response, model=model))
+    except Exception as exc:  # litellm raises for a model it has no price for
+        if model not in _unpriced:
+            _unpriced.add(model)
+            log.warning("price_unknown", model=model, error=str(exc)[:200])
+        return 0.0
+    return cost if cost >= 0 else 0.0
