@@ -1,4 +1,4 @@
-"""Result blobs shaped as the worker writes them, for client-side tests."""
+"""Result blobs shaped as the worker writes them, and attempt fields, for unit tests."""
 
 from __future__ import annotations
 
@@ -14,3 +14,13 @@ def result_blob(r: RouteResult | Any, job_id: str = "j1") -> bytes:
         {"t": 1, "f": "route", "a": [], "k": {}, "et": 1, "s": True, "r": inner,
          "st": 2, "ft": 3, "q": DEFAULT_QUEUE, "id": job_id}
     )  # fmt: skip
+
+
+#: The usage fields of an attempt that got no answer.
+NO_USAGE: dict[str, object] = {
+    "input_tokens": None,
+    "output_tokens": None,
+    "cache_read_input_tokens": None,
+    "cache_creation_input_tokens": None,
+    "cost_usd": 0.0,
+}

@@ -55,16 +55,7 @@ from llm_router.client.rows import (
     run_key,
 )
 from llm_router.client.schemas import canonical_json
-from tests.unit.blobs import result_blob
-
-#: The usage fields of an attempt that got no answer.
-NO_USAGE = {
-    "input_tokens": None,
-    "output_tokens": None,
-    "cache_read_input_tokens": None,
-    "cache_creation_input_tokens": None,
-    "cost_usd": 0.0,
-}
+from tests.unit.blobs import NO_USAGE, result_blob
 
 QUEUE = "test:batch"
 SCHEMA: dict[str, Any] = {"type": "object", "required": ["a"]}

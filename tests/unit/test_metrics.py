@@ -18,15 +18,7 @@ from llm_router.client.protocol import (
     RouteResult,
 )
 from llm_router.worker.metrics import Metrics, counter_fields, event_payload
-
-#: The usage fields of an attempt that got no answer.
-NO_USAGE = {
-    "input_tokens": None,
-    "output_tokens": None,
-    "cache_read_input_tokens": None,
-    "cache_creation_input_tokens": None,
-    "cost_usd": 0.0,
-}
+from tests.unit.blobs import NO_USAGE
 
 A, B, C = "ollama_chat/qwen", "anthropic/haiku", "anthropic/sonnet"
 
