@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llm_router.client.protocol import RouteRequest
-from llm_router.worker.lanes import Lanes, default_batch_max_jobs
+from llm_router.worker.lanes import Lanes, batch_share
 from llm_router.worker.router import Router
 from llm_router.worker.settings import ModelConfig, Settings, load_settings
 
@@ -48,10 +48,11 @@ def test_a_claim_that_got_all_it_asked_for_marks_a_backlog() -> None:
 
 
 def test_batch_share_defaults_to_four_fifths_and_never_all_when_it_can_help() -> None:
-    assert default_batch_max_jobs(10) == 8
-    assert default_batch_max_jobs(50) == 40
-    assert default_batch_max_jobs(2) == 1
-    assert default_batch_max_jobs(1) == 1  # one slot: nothing to keep back
+    assert batch_share(10) == 8
+    assert batch_share(50) == 40
+    assert batch_share(2) == 1
+    assert batch_share(1) == 1  # one slot: nothing to keep back
+    assert batch_share(10, 3) == 3
     assert lanes(max_jobs=4, batch_max_jobs=9).queues[1].max_jobs == 4
 
 

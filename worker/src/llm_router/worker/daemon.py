@@ -51,10 +51,9 @@ from llm_router.client.protocol import (
     idle_key,
     inbox_key,
     valid_reply_to,
-    wake_key,
 )
 from llm_router.worker import scripts
-from llm_router.worker.lanes import Lanes, Queue, default_batch_max_jobs
+from llm_router.worker.lanes import Lanes, Queue
 from llm_router.worker.outage import RedisOutage
 
 log = structlog.get_logger("llm_router.worker")
@@ -95,7 +94,7 @@ class RouterWorker(Worker):
             self.queue_name,
             batch_queue,
             max_jobs=self.max_jobs,
-            batch_max_jobs=batch_max_jobs or default_batch_max_jobs(self.max_jobs),
+            batch_max_jobs=batch_max_jobs,
             keep_result_s=keep_s,
             batch_keep_result_s=batch_keep_result or keep_s,
         )
@@ -103,7 +102,6 @@ class RouterWorker(Worker):
         self._queue_of: dict[str, Queue] = {}
         self.lease_ms = int(lease_seconds * 1000)
         self.token = uuid.uuid4().hex
-        self.wake_key = wake_key(self.queue_name)
         self.idle_key = idle_key(self.queue_name)
         self.inbox_key = inbox_key(self.queue_name, self.token)
         self._idle_member = f"{self.token}|{self.lease_ms}"

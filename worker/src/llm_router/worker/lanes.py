@@ -51,16 +51,14 @@ class Lanes:
         batch: str | None,
         *,
         max_jobs: int,
-        batch_max_jobs: int,
+        batch_max_jobs: int | None,
         keep_result_s: int,
         batch_keep_result_s: int,
     ) -> None:
         self.queues: list[Queue] = [Queue("interactive", interactive, max_jobs, keep_result_s)]
         if batch is not None and batch != interactive:
-            self.queues.append(
-                Queue("batch", batch, min(batch_max_jobs, max_jobs), batch_keep_result_s)
-            )
-        self.max_jobs = max_jobs
+            share = batch_share(max_jobs, batch_max_jobs)
+            self.queues.append(Queue("batch", batch, share, batch_keep_result_s))
         self.interactive = self.queues[0]
 
     @property
@@ -85,13 +83,10 @@ class Lanes:
         """A freed slot can take a job that is known to be waiting: claim now."""
         return any(q.backlog and q.room(free) > 0 for q in self.queues)
 
-    def by_name(self, name: str) -> Queue:
-        for queue in self.queues:
-            if queue.name == name:
-                return queue
-        raise KeyError(name)
 
-
-def default_batch_max_jobs(max_jobs: int) -> int:
-    """A fifth of the slots (at least one) stays free for interactive work."""
+def batch_share(max_jobs: int, batch_max_jobs: int | None = None) -> int:
+    """Slots batch work may fill: ``batch_max_jobs`` up to ``max_jobs``; by default a
+    fifth of them (at least one) stays free for interactive work."""
+    if batch_max_jobs is not None:
+        return min(batch_max_jobs, max_jobs)
     return max(1, max_jobs - max(1, max_jobs // 5))

@@ -31,7 +31,7 @@ from llm_router.client.protocol import (
 )
 from llm_router.client.schemas import CEILING, SchemaLimits
 from llm_router.worker.checks import AnswerLimits
-from llm_router.worker.lanes import default_batch_max_jobs
+from llm_router.worker.lanes import batch_share
 
 ENV_PREFIX = "LLM_ROUTER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -222,9 +222,7 @@ class Settings(BaseSettings):
     @property
     def batch_slots(self) -> int:
         """Job slots batch work may fill; the rest wait for interactive work."""
-        if self.batch_max_jobs is None:
-            return default_batch_max_jobs(self.max_jobs)
-        return min(self.batch_max_jobs, self.max_jobs)
+        return batch_share(self.max_jobs, self.batch_max_jobs)
 
     @property
     def schema_limits(self) -> SchemaLimits:
