@@ -371,3 +371,33 @@ def test_unknown_lower_case_variable_is_refused(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("llm_router_max_jbos", "3")
     with pytest.raises(ConfigError, match="llm_router_max_jbos"):
         load_settings()
+
+
+def test_budgets_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_ROUTER_BUDGETS", '{"default": 5.0}')
+    assert load_settings().budgets == {"default": 5.0}
+
+
+@pytest.mark.parametrize(
+    ("budgets", "says"),
+    [
+        ('{"nightly": 1}', "budget for unknown chain 'nightly'"),
+        ('{"default": -1}', "between 0 and 1e6"),
+        ('{"default": "a lot"}', "budgets.default"),
+    ],
+)
+def test_a_bad_budget_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, budgets: str, says: str
+) -> None:
+    monkeypatch.setenv("LLM_ROUTER_BUDGETS", budgets)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert says in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cache_prompt_is_a_model_field() -> None:
+    chain = [{"model": "anthropic/claude-haiku-4-5-20251001", "timeout": 5, "cache_prompt": True}]
+    settings = load_settings(chains={"default": chain})
+    assert settings.chains["default"][0].cache_prompt is True
+    assert ModelConfig(model="x", timeout=1).cache_prompt is False

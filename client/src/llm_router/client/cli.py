@@ -1,4 +1,4 @@
-"""The ``llm-router`` command: route one prompt, or backfill a JSONL file, from a shell."""
+"""The ``llm-router`` command: route one prompt, backfill a JSONL file, or report costs."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from rich.console import Console
 
 from llm_router.client.backfill import DEFAULT_MAX_IN_FLIGHT, Backfill, BackfillSummary
 from llm_router.client.client import DEFAULT_REDIS_URL, RouterClient
+from llm_router.client.costs import as_json as costs_json
+from llm_router.client.costs import render as render_costs
 from llm_router.client.progress import ProgressView, make_progress
 from llm_router.client.protocol import RouteResult
 from llm_router.client.rows import BackfillError
+from llm_router.client.spend import read_days
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REDIS, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -42,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--chain", help="named chain to use (default: the worker's 'default')")
     route.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     _add_backfill(sub)
+    costs = sub.add_parser(
+        "costs", help="spend per chain and per model per UTC day, from the workers' counters"
+    )
+    costs.add_argument(
+        "--days", type=_positive, default=7, help="days back, today included (default 7)"
+    )
+    costs.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -183,6 +194,22 @@ async def _backfill(args: argparse.Namespace) -> int:
     return _ended(summary)
 
 
+async def _costs(args: argparse.Namespace) -> int:
+    try:
+        redis = _connect(args.redis_url)
+    except ValueError as exc:
+        return _fail(EXIT_USAGE, f"invalid Redis URL: {type(exc).__name__}")
+    try:
+        days = await read_days(redis, min(args.days, 400))
+    finally:
+        await redis.aclose()
+    if args.json:
+        print(costs_json(days))
+    else:
+        render_costs(days, Console())
+    return EXIT_OK
+
+
 async def _run_with_view(backfill: Backfill, view: ProgressView) -> BackfillSummary:
     """Run with the view on; the first Ctrl-C stops cleanly, a second one at once."""
     loop = asyncio.get_running_loop()
@@ -221,7 +248,8 @@ def _ended(summary: BackfillSummary) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = _backfill(args) if args.command == "backfill" else _route(args)
+    commands = {"backfill": _backfill, "costs": _costs, "route": _route}
+    command = commands[args.command](args)
     try:
         return asyncio.run(command)
     except TimeoutError as exc:

@@ -140,6 +140,43 @@ def warm_up() -> None:
         pass
 
 
+def is_anthropic(cfg: ModelConfig) -> bool:
+    return cfg.provider == "anthropic" or cfg.model.startswith("claude")
+
+
+def cacheable_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark the last system message as a prompt-cache breakpoint: Anthropic caches the
+    prefix up to it (tools, then system), which every job sharing it then reads at a
+    tenth of the input price. A prefix below the model's minimum is not cached."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "system"), default=None)
+    if last is None:
+        return messages
+    content = messages[last].get("content")
+    ephemeral = {"cache_control": {"type": "ephemeral"}}
+    if isinstance(content, str):
+        blocks = [{"type": "text", "text": content, **ephemeral}]
+    elif isinstance(content, list) and content and isinstance(content[-1], dict):
+        blocks = [*content[:-1], {**content[-1], **ephemeral}]
+    else:
+        return messages
+    return [*messages[:last], {**messages[last], "content": blocks}, *messages[last + 1 :]]
+
+
+def max_output_tokens(cfg: ModelConfig, anthropic_max_tokens: int) -> int:
+    """The most a call may answer, for the budget's worst case."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = cfg.params.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    if is_anthropic(cfg):
+        return anthropic_max_tokens
+    try:
+        found = litellm.get_model_info(cfg.model).get("max_output_tokens")
+    except Exception:
+        found = None
+    return found if isinstance(found, int) and found > 0 else 4096
+
+
 def build_kwargs(
     cfg: ModelConfig,
     messages: list[dict[str, Any]],
@@ -156,8 +193,10 @@ def build_kwargs(
         kwargs["api_base"] = cfg.api_base
     if cfg.api_key is not None:
         kwargs["api_key"] = cfg.api_key.get_secret_value()
-    if cfg.provider == "anthropic" or cfg.model.startswith("claude"):
+    if is_anthropic(cfg):
         kwargs["max_tokens"] = anthropic_max_tokens
+        if cfg.cache_prompt:
+            kwargs["messages"] = cacheable_system(messages)
     if cfg.is_local and cfg.keep_alive is not None:
         kwargs["keep_alive"] = cfg.keep_alive
     if schema is not None and cfg.structured_output:

@@ -58,3 +58,23 @@ def cost_of(model: str, response: Any) -> float:
             log.warning("price_unknown", model=model, error=str(exc)[:200])
         return 0.0
     return cost if cost >= 0 else 0.0
+
+
+#: Tokens a request's framing may add beyond its text (roles, a JSON-mode tool, ...).
+FRAMING_TOKENS = 512
+
+
+def worst_case_usd(model: str, prompt_bytes: int, max_output_tokens: int) -> float:
+    """An upper bound of one call's price: no tokenizer makes more tokens than bytes, the
+    whole prompt may be written to the prompt cache, and the answer may use every
+    ``max_tokens``. Unknown prices bound at 0, as they are counted."""
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:
+        return 0.0
+    per_input = max(
+        info.get("input_cost_per_token") or 0.0,
+        info.get("cache_creation_input_token_cost") or 0.0,
+    )
+    per_output = info.get("output_cost_per_token") or 0.0
+    return (prompt_bytes + FRAMING_TOKENS) * per_input + max_output_tokens * per_output

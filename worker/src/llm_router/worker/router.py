@@ -6,6 +6,7 @@ Queue-agnostic: the arq job is a thin wrapper, and a service can use
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, NamedTuple
 
@@ -24,17 +25,19 @@ from llm_router.client.protocol import (
 from llm_router.client.schemas import CompiledSchema, InvalidSchemaError, compile_schema
 from llm_router.worker.breaker import Breakers
 from llm_router.worker.breaker import Verdict as Health
+from llm_router.worker.budgets import Ledger
 from llm_router.worker.calls import (
     ModelCallError,
     call_model,
     last_load_ms,
     last_retries,
     last_usage,
+    max_output_tokens,
     register_local_models,
 )
 from llm_router.worker.capacity import Busy, Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
-from llm_router.worker.costs import Usage
+from llm_router.worker.costs import Usage, worst_case_usd
 from llm_router.worker.lanes import Lane
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
@@ -100,6 +103,7 @@ class Router:
         self.metrics = Metrics(redis, channel=self.settings.metrics_channel)
         self.breakers = Breakers(redis)
         self.capacity = Capacity(redis)
+        self.ledger = Ledger(redis, self.settings.budgets)
         self.warmer = Warmer()
         register_local_models(self.models)
 
@@ -206,7 +210,9 @@ class Router:
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
             attempt_start = time.monotonic()
-            tried = await self._try(cfg, messages, schema, validator, lane)
+            tried = await self._try(
+                cfg, request.chain or DEFAULT_CHAIN, messages, schema, validator, lane
+            )
             verdict, text = tried.verdict, tried.text
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
             attempt = Attempt(
@@ -253,12 +259,37 @@ class Router:
     async def _try(
         self,
         cfg: ModelConfig,
+        chain: str,
         messages: list[dict[str, Any]],
         schema: dict[str, Any] | None,
         validator: Validator | None,
         lane: Lane,
     ) -> Tried:
-        """One model: its breaker, a slot, the call under its deadline, the checks."""
+        """One model: its budget, its breaker, a slot, the call under its deadline, the
+        checks; what the call used is counted whatever came of it."""
+        worst = 0.0
+        if self.ledger.capped(chain, cfg):
+            prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
+            out = max_output_tokens(cfg, self.settings.anthropic_max_tokens)
+            worst = worst_case_usd(cfg.model, prompt_bytes, out)
+        hold = await self.ledger.hold(chain, cfg, worst)
+        if isinstance(hold, str):
+            return Tried(Verdict(None, "skipped", hold))
+        tried: Tried | None = None
+        try:
+            tried = await self._admitted(cfg, messages, schema, validator, lane)
+        finally:
+            await self.ledger.settle(hold, cfg, tried.usage if tried else None)
+        return tried
+
+    async def _admitted(
+        self,
+        cfg: ModelConfig,
+        messages: list[dict[str, Any]],
+        schema: dict[str, Any] | None,
+        validator: Validator | None,
+        lane: Lane,
+    ) -> Tried:
         admission = await self.breakers.admit(cfg)
         if admission.skip_reason is not None:
             return Tried(Verdict(None, "skipped", admission.skip_reason))

@@ -81,6 +81,10 @@ class ModelConfig(BaseModel):
         le=10,
         description="retries of a transient failure within the timeout (2; local models 0)",
     )
+    cache_prompt: bool = Field(
+        default=False,
+        description="mark the system prompt cacheable (Anthropic prompt caching)",
+    )
     breaker_failures: int = Field(
         default=3, ge=1, le=1000, description="unwell failures in a row that open the breaker"
     )
@@ -159,6 +163,9 @@ class Settings(BaseSettings):
     )
     chains: dict[str, list[ModelConfig]] = Field(default_factory=default_chains)
     refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
+    budgets: dict[str, float] = Field(
+        default_factory=dict, description="USD per UTC day a chain's cloud models may spend"
+    )
     anthropic_max_tokens: int = Field(default=4096, ge=1, le=64_000)
     metrics_channel: str = Field(default=METRICS_CHANNEL, min_length=1)
     lease_seconds: float = Field(
@@ -210,6 +217,17 @@ class Settings(BaseSettings):
     def _lanes_are_distinct(self) -> Settings:
         if self.batch_queue_name == self.queue_name:
             raise ValueError("batch_queue_name must differ from queue_name")
+        return self
+
+    @model_validator(mode="after")
+    def _budgets_name_chains(self) -> Settings:
+        for chain, usd in self.budgets.items():
+            if chain not in self.chains:
+                raise ValueError(
+                    f"budget for unknown chain {chain!r} (known: {sorted(self.chains)})"
+                )
+            if not 0 <= usd < 1e6:
+                raise ValueError(f"budget of chain {chain!r} must be between 0 and 1e6 USD a day")
         return self
 
     @field_validator("refusal_patterns")

@@ -71,6 +71,30 @@ _ANTHROPIC_ERRORS = {
 }
 
 
+#: Anthropic's smallest cacheable prefix per model (its prompt-caching docs); shorter
+#: prefixes are processed at full price without an error, as there.
+_CACHE_MINIMUM = {"haiku-4-5": 4096, "sonnet-4-6": 2048, "opus-4-5": 4096, "opus-4-6": 4096}
+_CACHE_TTL_S = 300.0
+
+
+def _cache_minimum(model: str) -> int:
+    return next((n for key, n in _CACHE_MINIMUM.items() if key in model), 1024)
+
+
+def _cached_prefix(body: dict[str, Any]) -> str | None:
+    """The text Anthropic would cache: tools, then system blocks up to the last one
+    marked ``cache_control`` (breakpoints in messages are not modelled)."""
+    system = body.get("system")
+    if not isinstance(system, list):
+        return None
+    marked = [i for i, b in enumerate(system) if isinstance(b, dict) and b.get("cache_control")]
+    if not marked:
+        return None
+    parts = [json.dumps(body.get("tools") or [])]
+    parts += [str(b.get("text", "")) for b in system[: marked[-1] + 1] if isinstance(b, dict)]
+    return "\0".join(parts)
+
+
 class Behaviour(StrEnum):
     """How the stub answers a generation request."""
 
@@ -337,6 +361,7 @@ class StubServer:
         self._requests: list[RecordedRequest] = []
         self._defaults: dict[str, Behaviour] = {}
         self._failed: Counter[tuple[str, str]] = Counter()
+        self._prompt_cache: dict[tuple[str, str], float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -834,6 +859,28 @@ class StubServer:
         await response.write_eof()
         return response
 
+    def _cache_usage(self, body: dict[str, Any], input_tokens: int) -> dict[str, int]:
+        """Split the input as Anthropic's prompt cache does: a marked prefix is written on
+        its first call (at 1.25x) and read for five minutes after each use (at 0.1x)."""
+        usage = {"input_tokens": input_tokens}
+        prefix = _cached_prefix(body)
+        model = str(body.get("model"))
+        cached = _tokens([prefix]) if prefix is not None else 0
+        if prefix is None or cached < _cache_minimum(model):
+            return {**usage, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        entry = (model, hashlib.sha256(prefix.encode()).hexdigest())
+        now = time.monotonic()
+        with self._lock:
+            hit = self._prompt_cache.get(entry, 0.0) > now
+            self._prompt_cache[entry] = now + _CACHE_TTL_S
+        rest = max(0, input_tokens - cached)
+        read, created = (cached, 0) if hit else (0, cached)
+        return {
+            "input_tokens": rest,
+            "cache_creation_input_tokens": created,
+            "cache_read_input_tokens": read,
+        }
+
     async def _anthropic(
         self,
         request: web.Request,
@@ -853,12 +900,7 @@ class StubServer:
             "content": [block],
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": {
-                "input_tokens": usage[0],
-                "output_tokens": usage[1],
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
+            "usage": {"output_tokens": usage[1], **self._cache_usage(body, usage[0])},
         }
         headers = {"request-id": _rid("req_01")}
         if body.get("stream") is not True:

@@ -1,0 +1,218 @@
+"""Daily spend per chain, shared by every worker, and the budget that caps it.
+
+Before a cloud call of a chain with a budget, the worker *holds* the call's worst
+case (its prompt at full input price, plus ``max_tokens`` of output) against the
+day's spend; after the call it settles the hold to what the call really cost.
+A call is admitted while ``spent + held < budget``, so the day ends at most one
+call's worst case above its budget, however many workers run: every admitted
+call was covered by the room left when it was admitted.
+
+Holds carry an expiry (the call's deadline plus a margin), so a worker killed in
+mid-call does not keep its hold for the rest of the day. Local models are never
+held back: a budget only ever skips the cloud.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from llm_router.client.spend import (
+    SPEND_TTL_S,
+    holds_key,
+    spend_key,
+    to_nusd,
+    to_usd,
+    utc_day,
+)
+from llm_router.worker.costs import Usage
+from llm_router.worker.settings import ModelConfig
+
+log = structlog.get_logger("llm_router.budgets")
+
+#: A hold outlives its call's deadline by this long before it is dropped as stale.
+HOLD_MARGIN_S = 30.0
+
+# KEYS: the day's hash, its holds. ARGV: now, chain, hold (nusd), budget (nusd),
+# member, expiry, ttl. Returns {admitted, spent, held} (nusd) as seen before the hold.
+_HOLD_LUA = """
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, member in ipairs(stale) do
+  local chain, amount = string.match(member, '^(.*)|(%d+)|[^|]*$')
+  if chain then
+    redis.call('HINCRBY', KEYS[1], 'chain|' .. chain .. '|reserved_nusd', -tonumber(amount))
+  end
+  redis.call('ZREM', KEYS[2], member)
+end
+local prefix = 'chain|' .. ARGV[2] .. '|'
+local spent = tonumber(redis.call('HGET', KEYS[1], prefix .. 'spent_nusd') or '0')
+local held = tonumber(redis.call('HGET', KEYS[1], prefix .. 'reserved_nusd') or '0')
+redis.call('HSET', KEYS[1], prefix .. 'budget_nusd', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+if spent + held >= tonumber(ARGV[4]) then return {0, spent, held} end
+redis.call('HINCRBY', KEYS[1], prefix .. 'reserved_nusd', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+return {1, spent, held}
+"""
+
+# KEYS: the day's hash, its holds. ARGV: chain, model, member ('' for none), hold
+# (nusd), ttl, then cost (nusd) and the token counts; no counts when nothing answered.
+_SETTLE_LUA = """
+local prefix = 'chain|' .. ARGV[1] .. '|'
+if ARGV[3] ~= '' and redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then
+  redis.call('HINCRBY', KEYS[1], prefix .. 'reserved_nusd', -tonumber(ARGV[4]))
+end
+if #ARGV > 5 then
+  local model = 'model|' .. ARGV[2] .. '|'
+  redis.call('HINCRBY', KEYS[1], prefix .. 'spent_nusd', ARGV[6])
+  redis.call('HINCRBY', KEYS[1], prefix .. 'calls', 1)
+  redis.call('HINCRBY', KEYS[1], model .. 'cost_nusd', ARGV[6])
+  redis.call('HINCRBY', KEYS[1], model .. 'calls', 1)
+  redis.call('HINCRBY', KEYS[1], model .. 'input_tokens', ARGV[7])
+  redis.call('HINCRBY', KEYS[1], model .. 'output_tokens', ARGV[8])
+  redis.call('HINCRBY', KEYS[1], model .. 'cache_read_input_tokens', ARGV[9])
+  redis.call('HINCRBY', KEYS[1], model .. 'cache_creation_input_tokens', ARGV[10])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What one call holds against its chain's budget; ``member`` None: nothing held."""
+
+    day: str
+    chain: str
+    nusd: int = 0
+    member: str | None = None
+
+
+def budget_reason(chain: str, day: str, spent: int, held: int, budget: int) -> str:
+    detail = f" (${to_usd(held):.4f} more held by calls in flight)" if held else ""
+    return (
+        f"budget: chain {chain!r} has spent ${to_usd(spent):.4f} of its "
+        f"${to_usd(budget):.4f} for {day} (UTC){detail}"
+    )
+
+
+class Ledger:
+    """Holds and settles calls; counts every call's tokens and cost per model and chain.
+
+    Without Redis (a :class:`~llm_router.worker.router.Router` used in-process) the
+    same rules hold within the process.
+    """
+
+    def __init__(
+        self,
+        redis: Redis | None,
+        budgets: dict[str, float],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.budgets = {chain: to_nusd(usd) for chain, usd in budgets.items()}
+        self.clock = clock
+        self.local: Counter[str] = Counter()
+        self._local_holds: dict[str, tuple[str, int]] = {}
+        if redis is not None:
+            self._hold = redis.register_script(_HOLD_LUA)
+            self._settle = redis.register_script(_SETTLE_LUA)
+
+    def capped(self, chain: str, cfg: ModelConfig) -> bool:
+        return not cfg.is_local and chain in self.budgets
+
+    async def hold(self, chain: str, cfg: ModelConfig, worst_usd: float) -> Hold | str:
+        """Room for this call's worst case, or the ``budget: ...`` reason to skip it.
+
+        If Redis does not answer, the call goes ahead unheld: Redis being away stops
+        new jobs anyway, and the call in hand is already paid for in waiting.
+        """
+        now = self.clock()
+        day = utc_day(now)
+        if not self.capped(chain, cfg):
+            return Hold(day, chain)
+        budget = self.budgets[chain]
+        nusd = max(1, to_nusd(worst_usd))
+        member = f"{chain}|{nusd}|{uuid.uuid4().hex}"
+        expiry = now + cfg.timeout + cfg.max_wait + HOLD_MARGIN_S
+        if self.redis is None:
+            admitted, spent, held = self._hold_locally(day, chain, nusd, budget, member)
+        else:
+            keys = [spend_key(day), holds_key(day)]
+            args: list[str | int | float] = [now, chain, nusd, budget, member, expiry, SPEND_TTL_S]
+            try:
+                admitted, spent, held = await self._hold(keys=keys, args=args)
+            except (RedisError, OSError) as exc:
+                log.warning("budget_unchecked", chain=chain, error=type(exc).__name__)
+                return Hold(day, chain)
+        if not admitted:
+            return budget_reason(chain, day, int(spent), int(held), budget)
+        return Hold(day, chain, nusd, member)
+
+    async def settle(self, hold: Hold, cfg: ModelConfig, usage: Usage | None) -> None:
+        """Release the hold and count what the call used (nothing if it never answered)."""
+        if hold.member is None and usage is None:
+            return
+        if self.redis is None:
+            self._settle_locally(hold, cfg, usage)
+            return
+        args: list[str | int] = [hold.chain, cfg.model, hold.member or "", hold.nusd, SPEND_TTL_S]
+        if usage is not None:
+            args += [
+                to_nusd(usage.cost_usd),
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_read_input_tokens,
+                usage.cache_creation_input_tokens,
+            ]
+        try:
+            await self._settle(keys=[spend_key(hold.day), holds_key(hold.day)], args=args)
+        except (RedisError, OSError) as exc:
+            # The hold expires by itself; the call's cost is in its attempt and event.
+            log.warning(
+                "spend_uncounted",
+                chain=hold.chain,
+                model=cfg.model,
+                cost_usd=usage.cost_usd if usage else 0.0,
+                error=type(exc).__name__,
+            )
+
+    def _hold_locally(
+        self, day: str, chain: str, nusd: int, budget: int, member: str
+    ) -> tuple[int, int, int]:
+        prefix = f"{day}|chain|{chain}|"
+        spent, held = self.local[prefix + "spent_nusd"], self.local[prefix + "reserved_nusd"]
+        if spent + held >= budget:
+            return 0, spent, held
+        self.local[prefix + "reserved_nusd"] += nusd
+        self._local_holds[member] = (prefix, nusd)
+        return 1, spent, held
+
+    def _settle_locally(self, hold: Hold, cfg: ModelConfig, usage: Usage | None) -> None:
+        if hold.member is not None and (found := self._local_holds.pop(hold.member, None)):
+            self.local[found[0] + "reserved_nusd"] -= found[1]
+        if usage is None:
+            return
+        chain, model = f"{hold.day}|chain|{hold.chain}|", f"{hold.day}|model|{cfg.model}|"
+        cost = to_nusd(usage.cost_usd)
+        self.local.update(
+            {
+                chain + "spent_nusd": cost,
+                chain + "calls": 1,
+                model + "cost_nusd": cost,
+                model + "calls": 1,
+                model + "input_tokens": usage.input_tokens,
+                model + "output_tokens": usage.output_tokens,
+                model + "cache_read_input_tokens": usage.cache_read_input_tokens,
+                model + "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            }
+        )
