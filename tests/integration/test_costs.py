@@ -113,16 +113,31 @@ async def test_a_transient_error_is_retried_in_the_worker_and_the_job_stays_on_h
     assert len(haiku_calls) == 2
 
 
-async def test_an_authentication_error_falls_back_at_once(
-    producer: RouterClient, cloud_stub: StubServer
+@pytest.mark.parametrize(
+    ("status", "kind"), [(401, "authentication_error"), (404, "not_found_error")]
+)
+async def test_a_permanent_error_falls_back_at_once(
+    producer: RouterClient, cloud_stub: StubServer, status: int, kind: str
 ) -> None:
     marker = tag()
-    result = await producer.route(f"stub-fail:haiku=401x1 {marker}", chain=CLOUD, timeout=30)
+    result = await producer.route(f"stub-fail:haiku={status}x1 {marker}", chain=CLOUD, timeout=30)
     first = result.attempts[0]
     assert result.model_used == SONNET
     assert (first.outcome, first.retries) == ("rejected", 0)
-    assert "authentication_error" in (first.reason or "")
+    assert kind in (first.reason or "")
     assert first.cost_usd == 0  # a refused call is not billed
+    assert sum(marker in str(r.body) and "haiku" in str(r.model) for r in cloud_stub.requests) == 1
+
+
+async def test_a_retry_that_would_overrun_the_deadline_is_not_made(
+    producer: RouterClient, cloud_stub: StubServer
+) -> None:
+    marker = tag()  # the stub asks for 8 s; Haiku's deadline is 5 s
+    result = await producer.route(f"stub-fail:haiku=429x1@8 {marker}", chain=CLOUD, timeout=30)
+    first = result.attempts[0]
+    assert result.model_used == SONNET
+    assert first.retries == 0
+    assert first.latency_ms < 2000  # it fell back at once, not at the deadline
     assert sum(marker in str(r.body) and "haiku" in str(r.model) for r in cloud_stub.requests) == 1
 
 
