@@ -70,6 +70,42 @@ async def test_calls_are_admitted_while_spent_plus_held_is_below_the_budget(
     assert f"for {day} (UTC)" in refused
 
 
+async def test_a_call_waits_for_holds_in_flight_instead_of_being_skipped(
+    redis: Redis, day: str
+) -> None:
+    ledger = Ledger(redis, {"c": 1.0}, clock=Clock())
+    first = await ledger.hold("c", HAIKU, 1.0)  # a worst case; it will cost far less
+    assert isinstance(first, Hold)
+
+    async def settle_soon() -> None:
+        await asyncio.sleep(0.3)
+        await ledger.settle(first, HAIKU, usage(0.01))
+
+    settling = asyncio.create_task(settle_soon())
+    started = asyncio.get_running_loop().time()
+    second = await ledger.hold("c", HAIKU, 1.0, wait_s=5.0)
+    waited = asyncio.get_running_loop().time() - started
+    await settling
+    assert isinstance(second, Hold)
+    assert 0.25 < waited < 4.0
+    timed_out = await ledger.hold("c", HAIKU, 0.9, wait_s=0.3)  # held, and nothing settles
+    assert isinstance(timed_out, str)
+    assert "more held by calls in flight" in timed_out
+
+
+async def test_a_spent_budget_skips_at_once_however_long_a_call_may_wait(
+    redis: Redis, day: str
+) -> None:
+    ledger = Ledger(redis, {"c": 0.5}, clock=Clock())
+    first = await ledger.hold("c", HAIKU, 0.1)
+    assert isinstance(first, Hold)
+    await ledger.settle(first, HAIKU, usage(0.6))
+    started = asyncio.get_running_loop().time()
+    refused = await ledger.hold("c", HAIKU, 0.1, wait_s=30.0)
+    assert isinstance(refused, str)
+    assert asyncio.get_running_loop().time() - started < 1.0
+
+
 async def test_counters_hold_spend_tokens_and_the_budget(redis: Redis, day: str) -> None:
     ledger = Ledger(redis, {"c": 2.0}, clock=Clock())
     hold = await ledger.hold("c", HAIKU, 0.5)

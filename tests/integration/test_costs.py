@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -206,6 +207,10 @@ async def test_a_budget_reached_mid_run_skips_the_cloud_across_two_workers(
     for r in capped:
         assert [a.outcome for a in r.attempts] == ["rejected", "skipped", "skipped"]
         assert all((a.reason or "").startswith("budget") for a in r.attempts[1:])
+        # Skipped because the budget was spent, not because calls in flight held it.
+        spent_then = re.search(r"has spent \$([\d.]+) of", r.attempts[1].reason or "")
+        assert spent_then is not None
+        assert float(spent_then[1]) >= BUDGET_USD
     skipped_by = {w.worker_id for r in capped for w in fleet.routed(r.job_id or "")}
     assert len(skipped_by) == 2, "both workers should see the shared spend"
 

@@ -5,7 +5,10 @@ case (its prompt at full input price, plus ``max_tokens`` of output) against the
 day's spend; after the call it settles the hold to what the call really cost.
 A call is admitted while ``spent + held < budget``, so the day ends at most one
 call's worst case above its budget, however many workers run: every admitted
-call was covered by the room left when it was admitted.
+call was covered by the room left when it was admitted. A call that finds the
+room held by calls in flight waits for them to settle (``budget_wait``) rather
+than being skipped: they usually cost a small part of what they hold. Only a
+budget really spent skips a call at once.
 
 Holds carry an expiry (the call's deadline plus a margin), so a worker killed in
 mid-call does not keep its hold for the rest of the day. Local models are never
@@ -14,6 +17,7 @@ held back: a budget only ever skips the cloud.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import Counter
@@ -39,6 +43,8 @@ log = structlog.get_logger("llm_router.budgets")
 
 #: A hold outlives its call's deadline by this long before it is dropped as stale.
 HOLD_MARGIN_S = 30.0
+#: While calls in flight hold the room left, look again this often.
+RECHECK_S = 0.1
 
 # KEYS: the day's hash, its holds. ARGV: now, chain, hold (nusd), budget (nusd),
 # member, expiry, ttl. Returns {admitted, spent, held} (nusd) as seen before the hold.
@@ -130,33 +136,42 @@ class Ledger:
     def capped(self, chain: str, cfg: ModelConfig) -> bool:
         return not cfg.is_local and chain in self.budgets
 
-    async def hold(self, chain: str, cfg: ModelConfig, worst_usd: float) -> Hold | str:
+    async def hold(
+        self, chain: str, cfg: ModelConfig, worst_usd: float, *, wait_s: float = 0.0
+    ) -> Hold | str:
         """Room for this call's worst case, or the ``budget: ...`` reason to skip it.
 
-        If Redis does not answer, the call goes ahead unheld: Redis being away stops
-        new jobs anyway, and the call in hand is already paid for in waiting.
+        While the budget is not spent but calls in flight hold the rest, wait up to
+        ``wait_s`` for them to settle. If Redis does not answer, the call goes ahead
+        unheld: Redis being away stops new jobs anyway.
         """
-        now = self.clock()
-        day = utc_day(now)
         if not self.capped(chain, cfg):
-            return Hold(day, chain)
+            return Hold(utc_day(self.clock()), chain)
         budget = self.budgets[chain]
         nusd = max(1, to_nusd(worst_usd))
-        member = f"{chain}|{nusd}|{uuid.uuid4().hex}"
-        expiry = now + cfg.timeout + cfg.max_wait + HOLD_MARGIN_S
-        if self.redis is None:
-            admitted, spent, held = self._hold_locally(day, chain, nusd, budget, member)
-        else:
-            keys = [spend_key(day), holds_key(day)]
-            args: list[str | int | float] = [now, chain, nusd, budget, member, expiry, SPEND_TTL_S]
-            try:
-                admitted, spent, held = await self._hold(keys=keys, args=args)
-            except (RedisError, OSError) as exc:
-                log.warning("budget_unchecked", chain=chain, error=type(exc).__name__)
-                return Hold(day, chain)
-        if not admitted:
-            return budget_reason(chain, day, int(spent), int(held), budget)
-        return Hold(day, chain, nusd, member)
+        give_up = time.monotonic() + wait_s
+        while True:
+            now = self.clock()
+            day = utc_day(now)
+            member = f"{chain}|{nusd}|{uuid.uuid4().hex}"
+            expiry = now + cfg.timeout + cfg.max_wait + HOLD_MARGIN_S
+            if self.redis is None:
+                admitted, spent, held = self._hold_locally(day, chain, nusd, budget, member)
+            else:
+                keys = [spend_key(day), holds_key(day)]
+                args: list[str | int | float] = [
+                    now, chain, nusd, budget, member, expiry, SPEND_TTL_S
+                ]  # fmt: skip
+                try:
+                    admitted, spent, held = await self._hold(keys=keys, args=args)
+                except (RedisError, OSError) as exc:
+                    log.warning("budget_unchecked", chain=chain, error=type(exc).__name__)
+                    return Hold(day, chain)
+            if admitted:
+                return Hold(day, chain, nusd, member)
+            if int(spent) >= budget or time.monotonic() + RECHECK_S > give_up:
+                return budget_reason(chain, day, int(spent), int(held), budget)
+            await asyncio.sleep(RECHECK_S)
 
     async def settle(self, hold: Hold, cfg: ModelConfig, usage: Usage | None) -> None:
         """Release the hold and count what the call used (nothing if it never answered)."""

@@ -272,7 +272,7 @@ class Router:
             prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
             out = max_output_tokens(cfg, self.settings.anthropic_max_tokens)
             worst = worst_case_usd(cfg.model, prompt_bytes, out)
-        hold = await self.ledger.hold(chain, cfg, worst)
+        hold = await self.ledger.hold(chain, cfg, worst, wait_s=self.settings.budget_wait)
         if isinstance(hold, str):
             return Tried(Verdict(None, "skipped", hold))
         tried: Tried | None = None

@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     budgets: dict[str, float] = Field(
         default_factory=dict, description="USD per UTC day a chain's cloud models may spend"
     )
+    budget_wait: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="seconds a cloud call waits while calls in flight hold its budget's rest",
+    )
     anthropic_max_tokens: int = Field(default=4096, ge=1, le=64_000)
     metrics_channel: str = Field(default=METRICS_CHANNEL, min_length=1)
     lease_seconds: float = Field(
@@ -257,8 +263,17 @@ class Settings(BaseSettings):
     @property
     def job_timeout(self) -> float:
         """Longest a job can take: every model of the longest chain waiting its longest
-        for a slot, then running to its deadline."""
-        return max(sum(m.max_wait + m.timeout for m in c) for c in self.chains.values()) + 30
+        for a slot (and for budget room), then running to its deadline."""
+        return (
+            max(
+                sum(m.max_wait + m.timeout + self._budget_wait(name, m) for m in chain)
+                for name, chain in self.chains.items()
+            )
+            + 30
+        )
+
+    def _budget_wait(self, chain: str, model: ModelConfig) -> float:
+        return self.budget_wait if chain in self.budgets and not model.is_local else 0.0
 
     @classmethod
     def settings_customise_sources(
