@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,12 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
-
-os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
 import litellm
+import pytest
 from litellm.exceptions import AuthenticationError, InternalServerError, RateLimitError
 
 from llm_router.worker import stubs

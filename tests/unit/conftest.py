@@ -9,11 +9,6 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-# Before any test module imports litellm (through llm_router.worker.calls): no price
-# list or header config from the internet.
-os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
 
 @pytest.fixture(autouse=True)
 def _clean_router_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,3 +61,27 @@ def test_worst_case_prices_every_byte_at_the_cache_write_price() -> None:
     # Haiku 4.5: cache writes $1.25/MTok (above input's $1), output $5/MTok.
     assert worst == pytest.approx((1000 + FRAMING_TOKENS) * 1.25e-6 + 64 * 5e-6)
     assert worst_case_usd("ollama_chat/never-heard-of-it", 1000, 64) == 0.0
+
+
+def test_importing_any_worker_module_keeps_litellm_offline() -> None:
+    """Whichever module imports litellm first, it never tries the internet for prices."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITELLM_")}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import llm_router.worker.costs, os; print(os.environ['LITELLM_LOCAL_MODEL_COST_MAP'])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "True"
+    assert "fetch" not in run.stderr.lower()
+    assert "githubusercontent" not in run.stderr

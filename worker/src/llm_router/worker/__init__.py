@@ -13,7 +13,13 @@ settings check (or a settings error) should not wait for it.
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
+
+# Before any module of the worker imports litellm: no price list, header config or
+# anything else from the internet; litellm's bundled model-cost map instead.
+os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:

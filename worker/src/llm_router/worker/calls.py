@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import weakref
 from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any
 
-# Before litellm is imported anywhere: no price list or header config from the internet.
-os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
+# litellm runs offline: the package's __init__ set its environment before this import.
 import httpx
 import litellm
 from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
