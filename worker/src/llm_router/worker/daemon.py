@@ -192,9 +192,10 @@ class RouterWorker(Worker):
                     await self.pool.lpush(key.decode(), "1")
 
     def _take_handed_job(self, message: bytes) -> None:
-        """A producer leased this job to us in its enqueue script: run it (or hand it back)."""
+        """A producer leased this job to us in its enqueue script: run it, or hand it back
+        when stopping or full (the poll may have filled the slot the producer saw free)."""
         job_id, tries, score, blob = message.split(b" ", 3)
-        if self.allow_pick_jobs:
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
             self._start(
                 job_id.decode(), int(float(score)), blob, int(tries), self.lanes.interactive
             )
@@ -226,7 +227,9 @@ class RouterWorker(Worker):
                 continue
             self.outage.ok()
             for key in lost:
-                log.warning("lease_lost", job_id=key.decode()[len(in_progress_key_prefix) :])
+                job_id = key.decode()[len(in_progress_key_prefix) :]
+                if job_id in self._leased:  # not a job that finished during the renewal
+                    log.warning("lease_lost", job_id=job_id)
 
     async def _poll_iteration(self) -> None:
         for job_id, task in list(self.tasks.items()):
