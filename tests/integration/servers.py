@@ -7,6 +7,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+from redis import Redis as SyncRedis
 
 from llm_router.worker.demo import redis_answers
 
@@ -101,3 +104,154 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+class ReplicatedRedisServer(RedisServer):
+    """A redis-server in its own directory that replicates ``replica_of`` (a port) if given;
+    a full sync starts at once (no diskless-sync delay), so a replica is ready in ms."""
+
+    def __init__(self, directory: Path, *, replica_of: int | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(directory)
+        self.replica_of = replica_of
+
+    def args(self) -> list[str]:
+        args = [*super().args(), "--repl-diskless-sync-delay", "0"]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        return args
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to replicas, sentinels or clients."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def info(self, section: str = "replication") -> dict[str, Any]:
+        client = SyncRedis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            info: dict[str, Any] = client.info(section)  # type: ignore[assignment]
+            return info
+        finally:
+            client.close()
+
+    def role(self) -> str:
+        """``master`` or ``slave``, as the server's ``ROLE`` command says."""
+        client = SyncRedis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            role: str = client.execute_command("ROLE")[0].decode()  # type: ignore[no-untyped-call]
+            return role
+        finally:
+            client.close()
+
+
+class SentinelServer:
+    """One Redis Sentinel (``redis-server <conf> --sentinel``) watching ``master_port``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        master_port: int,
+        *,
+        master: str = "mymaster",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+        password: str | None = None,
+        master_password: str | None = None,
+        tls: dict[str, Path] | None = None,
+    ) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.password = password  # plain words only: they go into the config file as they are
+        self.master_password = master_password
+        self.tls = tls
+        self.binary = binary
+        self.directory = directory
+        self.master = master
+        self.master_port = master_port
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SentinelServer:
+        conf = self.directory / "sentinel.conf"  # the sentinel rewrites it as it learns
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"sentinel monitor {self.master} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n"
+            + self._secured_conf()
+        )
+        log = (self.directory / "sentinel.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.ping():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.directory / "sentinel.log").read_text())
+            time.sleep(0.05)
+        raise TimeoutError("redis sentinel did not answer")
+
+    def _secured_conf(self) -> str:
+        lines = []
+        if self.password is not None:
+            lines.append(f"requirepass {self.password}")
+        if self.master_password is not None:
+            lines.append(f"sentinel auth-pass {self.master} {self.master_password}")
+        if self.tls is not None:  # TLS only, to clients and to the servers it watches
+            lines += [f"port 0\ntls-port {self.port}", "tls-auth-clients no", "tls-replication yes"]
+            lines += [f"tls-{name}-file {self.tls[key]}" for name, key in
+                      (("cert", "cert"), ("key", "key"), ("ca-cert", "ca"))]  # fmt: skip
+        return "".join(line + "\n" for line in lines)
+
+    def ping(self) -> bool:
+        scheme = "redis" if self.tls is None else "rediss"
+        kwargs = {} if self.tls is None else {"ssl_ca_certs": str(self.tls["ca"])}
+        return redis_answers(f"{scheme}://127.0.0.1:{self.port}", password=self.password, **kwargs)
+
+    def client(self) -> SyncRedis:
+        return SyncRedis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
+
+    def master_address(self) -> tuple[str, int] | None:
+        client = self.client()
+        try:
+            address = client.sentinel_get_master_addr_by_name(self.master)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        if address is None:
+            return None
+        host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+        return host, int(address[1])
+
+    def good_replicas(self) -> int:
+        """Replicas the sentinel would promote: up, and their link to the master up."""
+        client = self.client()
+        try:
+            replicas = client.sentinel_slaves(self.master)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        return sum(
+            1
+            for r in replicas
+            if not r["is_sdown"] and not r["is_odown"] and r.get("master-link-status") == "ok"
+        )
+
+    def log_text(self) -> str:
+        path = self.directory / "sentinel.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from llm_router.client.connections import redis_from_url
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
     JOB_TTL_MS,
@@ -65,6 +66,14 @@ return 1
 """
 
 MessagesLike = str | Sequence[dict[str, Any]]
+
+
+class NotReplicated(RedisConnectionError):
+    """An enqueue the master took but fewer replicas than asked for confirmed in time.
+
+    A connection error to the enqueue's retry loop (and to callers): a job only on
+    the master is lost if a failover comes first. Repeating the enqueue is safe.
+    """
 
 
 class RouteFailed(Exception):
@@ -130,14 +139,20 @@ class RouterClient:
         redis: Redis | None = None,
         fallback_poll: float = 2.0,
         reconnect_for: float = 30.0,
+        wait_for_replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         self.redis_url = redis_url or os.environ.get("LLM_ROUTER_REDIS_URL", DEFAULT_REDIS_URL)
         self.queue_name = queue_name or os.environ.get("LLM_ROUTER_QUEUE_NAME", DEFAULT_QUEUE)
         self._owns_redis = redis is None
-        self.redis: Redis = redis or Redis.from_url(
+        self.redis: Redis = redis or redis_from_url(
             self.redis_url, socket_connect_timeout=5, health_check_interval=30
         )
         self.reconnect_for = reconnect_for
+        # With N > 0, an enqueue returns once N replicas have the job (Redis WAIT),
+        # so a failover cannot lose it; it is retried until then (see NotReplicated).
+        self.wait_for_replicas = wait_for_replicas
+        self.replica_timeout = replica_timeout
         self._enqueue_script = self.redis.register_script(_ENQUEUE_LUA)
         self._wake_key = wake_key(self.queue_name)
         self._idle_key = idle_key(self.queue_name)
@@ -201,18 +216,41 @@ class RouterClient:
         # Safe to repeat: the script does nothing for a job id that is already there.
         deadline = time.monotonic() + self.reconnect_for
         delay = 0.1
+        added = 0
         while True:
             try:
-                added = await self._enqueue_script(keys=keys, args=args)
+                added = await self._run_enqueue(keys, args) or added
                 break
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                if time.monotonic() + delay > deadline:
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Not replicated: the master took it (its reply comes to our list) and
+                # WAIT has already waited; try again at once, on the master of the moment.
+                replicating = isinstance(exc, NotReplicated)
+                added = 1 if replicating else added
+                pause = 0.05 if replicating else delay
+                if time.monotonic() + pause > deadline:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(pause)
+                delay = delay if replicating else min(delay * 2, 2.0)
         if added:
             self.inbox.expect(job_id)
         return JobHandle(self, job_id)
+
+    async def _run_enqueue(self, keys: list[str], args: list[bytes | str | int]) -> int:
+        if self.wait_for_replicas <= 0:
+            added: int = await self._enqueue_script(keys=keys, args=args)
+            return added
+        # One connection for both: WAIT counts the replicas that have this client's writes.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._enqueue_script(keys=keys, args=args, client=pipe)
+            wait_ms = max(1, int(self.replica_timeout * 1000))  # WAIT n 0 would block for ever
+            pipe.execute_command("WAIT", self.wait_for_replicas, wait_ms)
+            added, replicas = await pipe.execute()
+        if int(replicas) < self.wait_for_replicas:
+            raise NotReplicated(
+                f"enqueue confirmed by {replicas} of {self.wait_for_replicas} replicas"
+                f" within {self.replica_timeout}s"
+            )
+        return int(added)
 
     async def wait(self, job_id: str, *, timeout: float | None = 120.0) -> RouteResult:
         """Wait for a job's result; ``TimeoutError`` when it does not come in time."""

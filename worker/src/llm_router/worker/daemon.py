@@ -44,10 +44,12 @@ from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import JobExecutionFailed, Worker
 from redis.exceptions import RedisError
 
+from llm_router.client.connections import SentinelURL, sentinel_redis
 from llm_router.client.protocol import (
     REPLY_TTL_S,
     RETRY_KEY_TTL_S,
     WAKE_TOKENS_MAX,
+    RouteResult,
     idle_key,
     inbox_key,
     valid_reply_to,
@@ -117,6 +119,12 @@ class RouterWorker(Worker):
         self.after_finish: dict[str, AfterFinish] = self.ctx.setdefault("after_finish", {})
         # The value of this worker's leases (arq:in-progress:<id>), also in its logs.
         self.ctx["worker_id"] = self.token
+        self.ctx["worker"] = self
+        # Told of every result this worker stores (the route job tells of its own),
+        # and of SIGTERM: the heartbeat, systemd and Prometheus hang off these.
+        self.observers: list[Callable[[RouteResult], None]] = self.ctx.setdefault("observers", [])
+        self.on_stopping: list[Callable[[], None]] = []
+        self.stopping = False
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -147,6 +155,20 @@ class RouterWorker(Worker):
                     await self._wake.wait()
 
     async def _connect(self) -> ArqRedis:
+        sentinel = getattr(self.redis_settings, "sentinel_url", None)
+        if isinstance(sentinel, SentinelURL):
+            # Not arq's Sentinel pool: ours takes the sentinels' password, TLS options and
+            # timeouts, and moves to a new master as soon as the sentinels name one.
+            timeout = self.redis_settings.conn_timeout if self.redis_settings else 5
+            pool = sentinel_redis(sentinel, redis_class=ArqRedis, socket_connect_timeout=timeout)
+            pool.job_serializer, pool.job_deserializer = self.job_serializer, self.job_deserializer
+            pool.default_queue_name, pool.expires_extra_ms = self.queue_name, self.expires_extra_ms
+            try:
+                await pool.ping()
+            except BaseException:
+                await pool.aclose()
+                raise
+            return pool
         return await create_pool(
             self.redis_settings,
             job_deserializer=self.job_deserializer,
@@ -340,6 +362,7 @@ class RouterWorker(Worker):
             return
         except Exception as exc:  # the job function catches its own; this is a bug or timeout
             result, success = exc, False
+            self._observe(job_id, exc)
         self.jobs_complete += success
         self.jobs_failed += not success
         encoded = self._result_blob(job_id, result, success, started_ms, job_try, name, enqueued_ms)
@@ -349,6 +372,7 @@ class RouterWorker(Worker):
         """A job that cannot run gets a result too, pushed to the reply list its blob names."""
         self.jobs_failed += 1
         log.warning("job_failed_to_start", job_id=job_id, error=str(exc)[:200])
+        self._observe(job_id, exc)
         encoded = self._result_blob(job_id, exc, False, timestamp_ms())
         await self._store(job_id, encoded, reply_to_of(blob))
 
@@ -369,6 +393,11 @@ class RouterWorker(Worker):
              "r": result, "st": started_ms, "ft": timestamp_ms(), "q": self._queue(job_id).name,
              "id": job_id}
         )  # fmt: skip
+
+    def _observe(self, job_id: str, exc: BaseException) -> None:
+        failed = RouteResult(status="failed", error=f"{type(exc).__name__}: {exc}", job_id=job_id)
+        for observe in self.observers:
+            observe(failed)
 
     def _queue(self, job_id: str) -> Queue:
         return self._queue_of.get(job_id, self.lanes.interactive)
@@ -419,7 +448,18 @@ class RouterWorker(Worker):
             running=running,
             grace_s=self._job_completion_wait,
         )
+        self._begin_stopping()
         super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        self._begin_stopping()
+        super().handle_sig(signum)
+
+    def _begin_stopping(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            for hook in self.on_stopping:
+                hook()
 
     async def _sleep_until_tasks_complete(self) -> None:
         running = [task for task in self.tasks.values() if not task.done()]

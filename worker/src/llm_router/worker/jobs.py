@@ -7,8 +7,8 @@ exception raised by an arq job reaches the producer only as a lost string.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -18,6 +18,7 @@ from arq.jobs import SerializationError
 from arq.worker import Function, JobExecutionFailed, func
 from pydantic import ValidationError
 
+from llm_router.client.connections import SentinelURL, is_sentinel_url, parse_sentinel_url
 from llm_router.client.protocol import (
     JOB_FUNCTION,
     RouteRequest,
@@ -26,8 +27,8 @@ from llm_router.client.protocol import (
     valid_reply_to,
 )
 from llm_router.client.untrusted import loads
+from llm_router.worker import services
 from llm_router.worker.daemon import RouterWorker
-from llm_router.worker.lag import LoopLag, exempt_start_up_objects
 from llm_router.worker.router import Router, invalid_result
 from llm_router.worker.settings import Settings
 
@@ -168,6 +169,8 @@ async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any
         result = await router.run(
             request, job_id=job_id, record=False, lane=ctx.get("lane", "interactive")
         )
+    for observe in ctx.get("observers", ()):
+        observe(result)
     # Counted and announced once the result is stored, off the producer's clock.
     breakers = router.breaker_states(result.chain)
     ctx.setdefault("after_finish", {})[job_id] = functools.partial(
@@ -176,8 +179,38 @@ async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any
     return result.model_dump(mode="json")
 
 
+@dataclasses.dataclass(repr=False)
+class SentinelRedisSettings(RedisSettings):
+    """arq's settings for a Sentinel URL, with the parsed URL for ``RouterWorker._connect``
+    (arq's own Sentinel pool takes no sentinel password, TLS options or timeouts)."""
+
+    sentinel_url: SentinelURL | None = None
+
+    def __repr__(self) -> str:  # arq's would show the password
+        return f"SentinelRedisSettings({self.sentinel_url!r})"
+
+
 def redis_settings(url: str) -> RedisSettings:
-    """arq's DSN parser plus what it misses: percent-encoded credentials, TLS options."""
+    """arq's DSN parser plus what it misses: percent-encoded credentials, TLS options,
+    Sentinel URLs (``redis+sentinel://``, parsed by :mod:`llm_router.client.connections`)."""
+    if is_sentinel_url(url):
+        info = parse_sentinel_url(url)
+        return SentinelRedisSettings(
+            host=list(info.sentinels),
+            sentinel=True,
+            sentinel_master=info.master,
+            database=info.db,
+            username=info.username,
+            password=info.password,
+            ssl=info.ssl,
+            ssl_cert_reqs=info.ssl_cert_reqs or "required",
+            ssl_ca_certs=info.ssl_ca_certs,
+            ssl_certfile=info.ssl_certfile,
+            ssl_keyfile=info.ssl_keyfile,
+            ssl_check_hostname=bool(info.ssl_check_hostname),
+            conn_timeout=5,
+            sentinel_url=info,
+        )
     settings = RedisSettings.from_dsn(url)
     if settings.username:
         settings.username = unquote(settings.username)
@@ -196,35 +229,6 @@ def redis_settings(url: str) -> RedisSettings:
         settings.ssl_check_hostname = query["ssl_check_hostname"].lower() in {"1", "true", "yes"}
     settings.conn_timeout = 5
     return settings
-
-
-async def _startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    router = ctx["router"] = Router(settings, redis=ctx["redis"])
-    router.warmer.warm(router.models)
-    exempt_start_up_objects()
-    ctx["loop_lag"] = LoopLag().start()
-    log.info(
-        "worker_ready",
-        worker_id=ctx.get("worker_id"),
-        pid=os.getpid(),
-        queue=settings.queue_name,
-        batch_queue=settings.batch_queue_name,
-        max_jobs=settings.max_jobs,
-        batch_max_jobs=settings.batch_slots,
-        chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
-    )
-
-
-async def _shutdown(ctx: dict[str, Any]) -> None:
-    router: Router | None = ctx.get("router")
-    if router is not None:
-        await router.aclose()
-    lag: LoopLag | None = ctx.get("loop_lag")
-    if lag is not None:
-        lag.stop()
-        log.info("event_loop_lag", **lag.summary())
-    log.info("worker_stopped", worker_id=ctx.get("worker_id"))
 
 
 def route_function(settings: Settings) -> Function:
@@ -249,8 +253,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "batch_queue": settings.batch_queue_name,
         "batch_max_jobs": settings.batch_slots,
         "batch_keep_result": settings.batch_keep_result,
-        "on_startup": _startup,
-        "on_shutdown": _shutdown,
+        "on_startup": services.start,
+        "on_shutdown": services.stop,
         "ctx": {"settings": settings},
         "log_results": False,
         "allow_abort_jobs": False,

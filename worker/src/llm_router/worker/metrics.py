@@ -181,10 +181,10 @@ class Metrics:
         if self.redis is None:
             return _snapshot(self._local)
         raw: dict[bytes, bytes] = await self.redis.hgetall(METRICS_COUNTERS_KEY)  # type: ignore[misc]
-        return _parse_hash(raw)
+        return parse_counters(raw)
 
 
-def _parse_hash(raw: Any) -> Snapshot:
+def parse_counters(raw: Any) -> Snapshot:
     """Turn ``HGETALL`` output (a flat list from Lua, a dict from redis-py) into a snapshot."""
     items = (
         list(raw.items()) if isinstance(raw, dict) else list(zip(raw[::2], raw[1::2], strict=True))

@@ -174,6 +174,10 @@ class Settings(BaseSettings):
     )
     anthropic_max_tokens: int = Field(default=4096, ge=1, le=64_000)
     metrics_channel: str = Field(default=METRICS_CHANNEL, min_length=1)
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65_535, description="serve Prometheus /metrics on this port"
+    )
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     lease_seconds: float = Field(
         default=10.0, ge=2, le=300, description="a dead worker's job is taken over after this"
     )
