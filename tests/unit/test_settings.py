@@ -1,17 +1,20 @@
-"""Worker settings (environment, TOML file) and the ``llm-router-worker --check`` command."""
+"""Worker settings (environment, TOML file) and ``llm-router-worker --check(-config)``."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 import structlog
 from pydantic import SecretStr
 
+from llm_router.client.heartbeats import WORKERS_KEY, Heartbeat, heartbeat_key
 from llm_router.worker.cli import main as worker_main
 from llm_router.worker.logs import QUIET_AT_INFO
 from llm_router.worker.settings import (
@@ -302,8 +305,8 @@ def restore_logging() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("restore_logging")
-def test_cli_check_prints_chains(capsys: pytest.CaptureFixture[str]) -> None:
-    assert worker_main(["--check"]) == 0
+def test_cli_check_config_prints_chains(capsys: pytest.CaptureFixture[str]) -> None:
+    assert worker_main(["--check-config"]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert len(lines) == 1
@@ -315,11 +318,88 @@ def test_cli_check_prints_chains(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.usefixtures("restore_logging")
-def test_cli_check_with_toml(capsys: pytest.CaptureFixture[str], toml_file: Path) -> None:
-    assert worker_main(["--config", str(toml_file), "--check"]) == 0
+def test_cli_check_config_with_toml(capsys: pytest.CaptureFixture[str], toml_file: Path) -> None:
+    assert worker_main(["--config", str(toml_file), "--check-config"]) == 0
     out = capsys.readouterr().out
     assert "ollama_chat/tiny" in out
     assert "qwen2.5" not in out
+
+
+@pytest.fixture
+def fake_redis_for_cli(monkeypatch: pytest.MonkeyPatch) -> fakeredis.FakeServer:
+    """``--check`` connects through the client's ``_connect``: to this fake server."""
+    server = fakeredis.FakeServer()
+    monkeypatch.setattr(
+        "llm_router.client.cli._connect",
+        lambda url: fakeredis.FakeAsyncRedis(server=server),
+    )
+    return server
+
+
+def _beat(server: fakeredis.FakeServer, queue: str, state: str = "serving") -> None:
+    now = time.time()
+    beat = Heartbeat(
+        worker_id="w1",
+        host="piha",
+        pid=1,
+        version="0.1.0",
+        state=state,  # type: ignore[arg-type]
+        started_at=now - 60,
+        at=now,
+        queues=[queue, queue + ":batch"],
+        max_jobs=4,
+        batch_max_jobs=1,
+        running={queue: 2},
+    )
+    sync = fakeredis.FakeRedis(server=server)
+    sync.set(heartbeat_key("w1"), beat.model_dump_json(), ex=15)
+    sync.zadd(WORKERS_KEY, {"w1": int(now * 1000) + 15_000})
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_cli_check_is_unhealthy_without_a_worker(
+    capsys: pytest.CaptureFixture[str], fake_redis_for_cli: fakeredis.FakeServer
+) -> None:
+    assert worker_main(["--check"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("default: ")  # the settings are checked first
+    assert captured.err.splitlines() == [
+        "llm-router-worker: unhealthy: no live worker serves queue 'llm_router:queue' "
+        "(no live workers at all)"
+    ]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_cli_check_is_healthy_with_a_live_worker(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake_redis_for_cli: fakeredis.FakeServer,
+) -> None:
+    monkeypatch.setenv("LLM_ROUTER_QUEUE_NAME", "q-check")
+    _beat(fake_redis_for_cli, "q-check", state="stopping")
+    assert worker_main(["--check"]) == 1
+    assert "(1 worker stopping)" in capsys.readouterr().err
+    _beat(fake_redis_for_cli, "q-check")
+    assert worker_main(["--check"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines()[-1] == "healthy: 1 worker serves 'q-check' (2 jobs running)"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_cli_check_with_redis_away_is_one_line_without_the_url(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake_redis_for_cli: fakeredis.FakeServer,
+) -> None:
+    monkeypatch.setenv("LLM_ROUTER_REDIS_URL", "redis://:hunter2pass@127.0.0.1:6379/0")
+    fake_redis_for_cli.connected = False
+    assert worker_main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "llm-router-worker: unhealthy: Redis at the configured URL does not answer: ConnectionError"
+    ]
+    assert "hunter2pass" not in err
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The ``llm-router`` command: route one prompt, backfill a JSONL file, or report costs."""
+"""The ``llm-router`` command: route one prompt, backfill a JSONL file, report costs, or
+look at the fleet (health, status, metrics)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,35 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.text import Text
 
-from llm_router.client.backfill import DEFAULT_MAX_IN_FLIGHT, Backfill, BackfillSummary
+from llm_router.client.backfill import (
+    DEFAULT_MAX_IN_FLIGHT,
+    Backfill,
+    BackfillSummary,
+    default_batch_queue,
+)
 from llm_router.client.client import DEFAULT_REDIS_URL, RouterClient
+from llm_router.client.connections import redis_from_url
 from llm_router.client.costs import as_json as costs_json
 from llm_router.client.costs import render as render_costs
+from llm_router.client.follow import follow, styled_line
+from llm_router.client.health import check
 from llm_router.client.progress import ProgressView, make_progress
-from llm_router.client.protocol import RouteResult
+from llm_router.client.protocol import DEFAULT_QUEUE, METRICS_CHANNEL, RouteResult
 from llm_router.client.rows import BackfillError
 from llm_router.client.spend import read_days
+from llm_router.client.status import (
+    Status,
+    collect,
+    models_json,
+    models_table,
+    read_counters,
+)
+from llm_router.client.status import as_json as status_json
+from llm_router.client.status import render as render_status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REDIS, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -53,7 +73,58 @@ def _parser() -> argparse.ArgumentParser:
         "--days", type=_positive, default=7, help="days back, today included (default 7)"
     )
     costs.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_ops(sub)
     return parser
+
+
+def _add_ops(sub: Any) -> None:
+    sub.add_parser(
+        "health",
+        help="exit 0 if Redis answers and a live worker serves the queue, else 1",
+        description=(
+            "One line: on stdout and exit 0 when Redis answers and at least one live worker "
+            "serves --queue; on stderr and exit 1 otherwise. For systemd, cron and probes."
+        ),
+    )
+    status = sub.add_parser(
+        "status", help="workers, queues, models, breakers and today's spend on one screen"
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=_seconds,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until Ctrl-C",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object instead")
+    status.add_argument(
+        "--batch-queue",
+        metavar="NAME",
+        help="batch queue (default: LLM_ROUTER_BATCH_QUEUE_NAME, else llm_router:batch)",
+    )
+    metrics = sub.add_parser(
+        "metrics", help="the shared counters per model, or --follow the metrics events"
+    )
+    metrics.add_argument(
+        "--follow",
+        action="store_true",
+        help="print each routed job's event as it is published, until Ctrl-C",
+    )
+    metrics.add_argument(
+        "--channel",
+        help="metrics channel (default: LLM_ROUTER_METRICS_CHANNEL, else llm_router_metrics)",
+    )
+    metrics.add_argument(
+        "--json", action="store_true", help="JSON (with --follow: raw events even on a terminal)"
+    )
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0.1:  # also NaN
+        raise argparse.ArgumentTypeError("must be at least 0.1")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -137,8 +208,7 @@ async def _route(args: argparse.Namespace) -> int:
 
 def _connect(url: str | None) -> Redis:
     url = url or os.environ.get("LLM_ROUTER_REDIS_URL", DEFAULT_REDIS_URL)
-    redis: Redis = Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
-    return redis
+    return redis_from_url(url, socket_connect_timeout=5, health_check_interval=30)
 
 
 def _read_schema(path: Path | None) -> dict[str, Any] | None:
@@ -210,6 +280,140 @@ async def _costs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _queue(args: argparse.Namespace) -> str:
+    name: str = args.queue or os.environ.get("LLM_ROUTER_QUEUE_NAME") or DEFAULT_QUEUE
+    return name
+
+
+async def _health(args: argparse.Namespace) -> int:
+    try:
+        redis = _connect(args.redis_url)
+    except ValueError as exc:  # unhealthy too: a probe only needs "not 0"
+        return _fail(EXIT_FAILED, f"unhealthy: the Redis URL is invalid: {type(exc).__name__}")
+    try:
+        health = await check(redis, _queue(args))
+    finally:
+        await redis.aclose()
+    if not health.ok:
+        return _fail(EXIT_FAILED, health.line)
+    print(health.line)
+    return EXIT_OK
+
+
+async def _status(args: argparse.Namespace) -> int:
+    try:
+        redis = _connect(args.redis_url)
+    except ValueError as exc:
+        return _fail(EXIT_USAGE, f"invalid Redis URL: {type(exc).__name__}")
+    queues = list(dict.fromkeys([_queue(args), args.batch_queue or default_batch_queue()]))
+    try:
+        try:
+            status = await collect(redis, queues)
+        except (RedisError, OSError) as exc:
+            return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
+        if args.json and args.watch is None:
+            print(json.dumps(status_json(status), indent=2))
+            return EXIT_OK
+        if args.watch is None:
+            console = Console()
+            console.print(_screen(console, status))
+            return EXIT_OK
+        return await _watch_status(redis, queues, args.watch, status, as_json=args.json)
+    finally:
+        await redis.aclose()
+
+
+def _screen(console: Console, status: Status) -> RenderableType:
+    """Fitted to a terminal's width; for a pipe or a file, every column."""
+    return render_status(status, console.width if console.is_terminal else None)
+
+
+async def _watch_status(
+    redis: Redis, queues: list[str], every: float, first: Status, *, as_json: bool
+) -> int:
+    """Refresh until Ctrl-C: JSON lines (exit 3 when Redis goes), or the screen in place
+    (which says Redis is away and keeps trying)."""
+    if as_json:
+        status = first
+        while True:
+            print(json.dumps(status_json(status)), flush=True)
+            await asyncio.sleep(every)
+            try:
+                status = await collect(redis, queues)
+            except (RedisError, OSError) as exc:
+                return _fail(EXIT_REDIS, f"lost Redis: {type(exc).__name__}")
+    console = Console()
+    last = first
+    with Live(_screen(console, first), console=console, auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                last = await collect(redis, queues)
+            except (RedisError, OSError) as exc:
+                away = Text(
+                    f"Redis does not answer ({type(exc).__name__}); "
+                    f"trying again every {every:g} s — the last view:",
+                    style="bold red",
+                )
+                live.update(Group(away, _screen(console, last)), refresh=True)
+            else:
+                live.update(_screen(console, last), refresh=True)
+
+
+async def _metrics(args: argparse.Namespace) -> int:
+    try:
+        redis = _connect(args.redis_url)
+    except ValueError as exc:
+        return _fail(EXIT_USAGE, f"invalid Redis URL: {type(exc).__name__}")
+    try:
+        if args.follow:
+            return await _follow(redis, args)
+        try:
+            models = await read_counters(redis)
+        except (RedisError, OSError) as exc:
+            return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
+        if args.json:
+            print(json.dumps(models_json(models), indent=2))
+        elif models:
+            Console().print(models_table(models, "Counters per model (all workers, all time)"))
+        else:
+            print("No jobs counted yet.")
+        return EXIT_OK
+    finally:
+        await redis.aclose()
+
+
+async def _follow(redis: Redis, args: argparse.Namespace) -> int:
+    channel = args.channel or os.environ.get("LLM_ROUTER_METRICS_CHANNEL") or METRICS_CHANNEL
+    raw = args.json or not sys.stdout.isatty()
+    subscribed = False
+    console = Console(highlight=False)
+
+    def emit(data: str) -> None:
+        if raw:
+            sys.stdout.write(data + "\n")
+            sys.stdout.flush()
+        else:
+            console.print(styled_line(data), soft_wrap=True)  # one line, however long
+
+    def ready() -> None:
+        nonlocal subscribed
+        subscribed = True
+        if sys.stderr.isatty():
+            print(f"following {channel!r} (Ctrl-C stops)", file=sys.stderr)
+
+    try:
+        await follow(redis, channel, emit, on_subscribed=ready)
+    except BrokenPipeError:  # the reader went away (| head -1): done
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except (RedisError, OSError) as exc:
+        verb = "lost" if subscribed else "cannot reach"
+        return _fail(EXIT_REDIS, f"{verb} Redis: {type(exc).__name__}")
+    return EXIT_OK  # pragma: no cover - follow() returns only by raising
+
+
 async def _run_with_view(backfill: Backfill, view: ProgressView) -> BackfillSummary:
     """Run with the view on; the first Ctrl-C stops cleanly, a second one at once."""
     loop = asyncio.get_running_loop()
@@ -248,7 +452,14 @@ def _ended(summary: BackfillSummary) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"backfill": _backfill, "costs": _costs, "route": _route}
+    commands = {
+        "backfill": _backfill,
+        "costs": _costs,
+        "health": _health,
+        "metrics": _metrics,
+        "route": _route,
+        "status": _status,
+    }
     command = commands[args.command](args)
     try:
         return asyncio.run(command)

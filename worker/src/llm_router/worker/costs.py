@@ -57,7 +57,7 @@ def cost_of(model: str, response: Any) -> float:
             _unpriced.add(model)
             log.warning("price_unknown", model=model, error=str(exc)[:200])
         return 0.0
-    return cost if cost >= 0 else 0.0
+    return round(cost, 12) if cost >= 0 else 0.0  # no float noise in results and events
 
 
 #: Tokens a request's framing may add beyond its text (roles, a JSON-mode tool, ...).
