@@ -15,11 +15,19 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import backfill, hostile, idle, local_model, queue_overhead, throughput
+from bench import backfill, cloud, hostile, idle, local_model, queue_overhead, throughput
 from bench.common import DEFAULT_REDIS_URL, REPO_ROOT, emit, new_run_id, note, say
 from bench.procs import start_stub, stop_all
 
-NAMES = ("queue_overhead", "throughput", "idle", "hostile", "local_model", "backfill")
+NAMES = (
+    "queue_overhead",
+    "throughput",
+    "idle",
+    "hostile",
+    "local_model",
+    "backfill",
+    "cloud",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +55,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--client-rows", type=int, help="sequential RouterClient enqueues (5000)")
     g.add_argument("--rounds", type=int, help="rounds of the enqueue-rate comparison (3)")
     g.add_argument("--e2e-rounds", type=int, help="backfill command runs per row count (1)")
+    g = p.add_argument_group("cloud")
+    g.add_argument("--retry-jobs", type=int, help="jobs per retries variant (200)")
+    g.add_argument(
+        "--retry-concurrency", type=int, default=20, help="retries producers (%(default)s)"
+    )
+    g.add_argument("--budget-jobs", type=int, help="jobs per budget setting (300)")
+    g.add_argument(
+        "--budget-concurrency", type=int, default=40, help="budget producers (%(default)s)"
+    )
+    g.add_argument(
+        "--budget-max-jobs",
+        type=int,
+        default=20,
+        help="max_jobs of each of the 2 budget workers (%(default)s)",
+    )
+    g.add_argument(
+        "--budget-usd",
+        type=float,
+        default=0.002,
+        help="the chain's budget, USD a day (%(default)s)",
+    )
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in NAMES]
     if unknown:
@@ -69,10 +98,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.client_rows = pick(args.client_rows, 5_000, 2_000)
     args.rounds = pick(args.rounds, 3, 1)
     args.e2e_rounds = pick(args.e2e_rounds, 1, 1)
+    args.retry_jobs = pick(args.retry_jobs, 200, 60)
+    args.budget_jobs = pick(args.budget_jobs, 300, 100)
     counts = [args.jobs, args.jobs_arq_default, args.overhead_rounds, args.concurrency]
     counts += [args.rows, args.rss_rows, args.client_rows, args.rounds, args.e2e_rounds]
+    counts += [args.retry_jobs, args.retry_concurrency, args.budget_jobs]
+    counts += [args.budget_concurrency, args.budget_max_jobs]
     if min(counts) < 1:
         p.error("counts must be at least 1")
+    if not 0 < args.budget_usd < 1e6:
+        p.error("--budget-usd must be above 0 (and below 1e6)")
     if args.producers < 1 or args.producers > args.concurrency:
         p.error("--producers must be between 1 and N")
     return args
@@ -161,6 +196,17 @@ async def main_async(args: argparse.Namespace) -> int:
                     warmup=args.tput_warmup,
                 )
                 data = await backfill.run(cfg_b, stub_url, stub.pid, run_id)
+            elif name == "cloud":
+                cfg_c = cloud.CloudConfig(
+                    args.redis_url,
+                    retry_jobs=args.retry_jobs,
+                    retry_concurrency=args.retry_concurrency,
+                    budget_jobs=args.budget_jobs,
+                    budget_concurrency=args.budget_concurrency,
+                    budget_max_jobs=args.budget_max_jobs,
+                    budget_usd=args.budget_usd,
+                )
+                data = await cloud.run(cfg_c, stub_url, run_id)
             else:
                 data = await local_model.run(args.redis_url, run_id)
             data |= {"run_id": run_id, "quick": args.quick, "environment": env}
