@@ -85,3 +85,30 @@ def test_importing_any_worker_module_keeps_litellm_offline() -> None:
     assert run.stdout.strip() == "True"
     assert "fetch" not in run.stderr.lower()
     assert "githubusercontent" not in run.stderr
+
+
+def test_the_warm_up_looks_up_no_host() -> None:
+    """Start-up loads what litellm needs from its own files: no name is resolved."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import socket\n"
+        "asked = []\n"
+        "real = socket.getaddrinfo\n"
+        "def spy(host, *a, **k):\n"
+        "    asked.append(host)\n"
+        "    return real(host, *a, **k)\n"
+        "socket.getaddrinfo = spy\n"
+        "from llm_router.worker import calls\n"
+        "calls.warm_up()\n"
+        "print(asked)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITELLM_")}
+    env.pop("TIKTOKEN_CACHE_DIR", None)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -126,14 +126,10 @@ def register_local_models(models: Iterable[ModelConfig]) -> None:
 
 def warm_up() -> None:
     """Pay litellm's lazy imports at start-up, not on the first job's clock."""
+    # litellm's own loader points tiktoken at the tokenizer files litellm ships; a bare
+    # tiktoken.get_encoding() would try to download them from the internet.
+    import litellm.litellm_core_utils.default_encoding
     import litellm.proxy._types  # noqa: F401
-
-    try:
-        import tiktoken
-
-        tiktoken.get_encoding("cl100k_base")
-    except Exception:
-        pass
 
 
 def is_anthropic(cfg: ModelConfig) -> bool:
