@@ -53,7 +53,10 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            values[(sample.name, frozenset(sample.labels.items()))] = sample.value
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in values, f"{key} twice: Prometheus rejects the scrape"
+            values[key] = sample.value
+    assert not any(name.endswith("_created") for name, _ in values)
     return values
 
 

@@ -29,6 +29,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -73,7 +74,8 @@ class _Live(Collector):
             "1 for the state of each model's circuit breaker, as this process last saw it",
             labels=["model", "local", "state"],
         )
-        for cfg in e.router.models:
+        unique = {cfg.model: cfg for cfg in e.router.models}  # a model may be in many chains
+        for cfg in unique.values():
             seen = e.router.breakers.seen.get(cfg.model, "closed")
             for state in _BREAKER_STATES:
                 local = "true" if cfg.is_local else "false"
@@ -93,6 +95,7 @@ class Exporter:
         self._shared: dict[str, Any] = {}
         self._server: WSGIServer | None = None
         self._task: asyncio.Task[None] | None = None
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.jobs = Counter(
