@@ -36,8 +36,17 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.common import PYTHON, base_env, note, quantile, ratio, say, set_offline_env, table
-from bench.procs import Managed, wait_listening
+from bench.common import (
+    COUNTED_PREFIX,
+    PER_JOB_PREFIXES,
+    note,
+    quantile,
+    ratio,
+    say,
+    set_offline_env,
+    table,
+)
+from bench.procs import start_ours, wait_listening
 from llm_router.client import RouterClient, RouteResult, build_request
 from llm_router.client.protocol import METRICS_COUNTERS_KEY
 from llm_router.client.spend import ChainSpend, read_days, spend_key, to_nusd, utc_day
@@ -58,14 +67,6 @@ FILLER = (
     "the late deliveries of the week; summarise what changed and what needs a decision. "
 )
 
-_PER_JOB_PREFIXES = (
-    "arq:result:",
-    "arq:job:",
-    "arq:in-progress:",
-    "arq:retry:",
-    "llm_router:metrics:counted:",
-)
-_COUNTED_PREFIX = "llm_router:metrics:counted:"
 _BREAKER_PREFIX = "llm_router:breaker:"
 _CHAIN_FIELDS = ("spent_nusd", "calls", "reserved_nusd", "budget_nusd")
 # Take back what this run added to a shared hash field; drop a field that reaches zero.
@@ -109,34 +110,6 @@ def _chains(stub_url: str, chain: str, haiku_retries: int | None = None) -> str:
     extra = {} if haiku_retries is None else {"max_retries": haiku_retries}
     models = [_model(stub_url, HAIKU, **extra), _model(stub_url, SONNET)]
     return json.dumps({"default": models, chain: models})
-
-
-def _start_worker(
-    name: str,
-    *,
-    redis_url: str,
-    queue: str,
-    chains: str,
-    channel: str,
-    max_jobs: int,
-    extra: dict[str, str] | None = None,
-) -> Managed:
-    """``python -m llm_router.worker.cli`` as ``procs.start_ours`` starts it, plus ``extra``."""
-    env = base_env()
-    env.update(
-        {
-            "LLM_ROUTER_REDIS_URL": redis_url,
-            "LLM_ROUTER_QUEUE_NAME": queue,
-            "LLM_ROUTER_BATCH_QUEUE_NAME": queue + ":batch",
-            "LLM_ROUTER_CHAINS": chains,
-            "LLM_ROUTER_METRICS_CHANNEL": channel,
-            "LLM_ROUTER_LOG_LEVEL": "WARNING",
-            "LLM_ROUTER_LOG_FORMAT": "json",
-            "LLM_ROUTER_MAX_JOBS": str(max_jobs),
-            **(extra or {}),
-        }
-    )
-    return Managed(name, [PYTHON, "-m", "llm_router.worker.cli"], env)
 
 
 async def _drive(
@@ -192,12 +165,12 @@ async def _take_back(
         chunk = ids[start : start + 500]
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in chunk:
-                pipe.exists(_COUNTED_PREFIX + job_id)
+                pipe.exists(COUNTED_PREFIX + job_id)
             marks: list[int] = await pipe.execute()
         for job_id, mark in zip(chunk, marks, strict=True):
             if mark and job_id in by_id:
                 counted.update(f"{m}|{o}" for m, o in counter_fields(by_id[job_id]))
-        await redis.delete(*(prefix + j for j in chunk for prefix in _PER_JOB_PREFIXES))
+        await redis.delete(*(prefix + j for j in chunk for prefix in PER_JOB_PREFIXES))
     for name, n in counted.items():
         await redis.eval(_UNCOUNT_LUA, 1, METRICS_COUNTERS_KEY, name, str(n))  # type: ignore[misc]
     spent: Counter[str] = Counter()
@@ -293,12 +266,12 @@ async def retries(
         chain = f"bench_retry_{tag}_r{haiku_retries}"
         queue = f"bench:{run_id}:cloud:retry:{haiku_retries}"
         prompts, failing = _retry_prompts(run_id, f"r{haiku_retries}", cfg.retry_jobs)
-        worker = _start_worker(
+        worker = start_ours(
             f"cloud-retry-{haiku_retries}",
             redis_url=cfg.redis_url,
             queue=queue,
             chains=_chains(stub_url, chain, haiku_retries),
-            channel=f"bench:{run_id}:metrics",
+            metrics_channel=f"bench:{run_id}:metrics",
             max_jobs=cfg.retry_concurrency,
         )
         ran = Ran([], 0.0, [])
@@ -407,12 +380,12 @@ async def _budget_run(
     if max_tokens is not None:
         extra["LLM_ROUTER_ANTHROPIC_MAX_TOKENS"] = str(max_tokens)
     workers = [
-        _start_worker(
+        start_ours(
             f"cloud-budget-{setting}-{i}",
             redis_url=cfg.redis_url,
             queue=queue,
             chains=_chains(stub_url, chain),
-            channel=f"bench:{run_id}:metrics",
+            metrics_channel=f"bench:{run_id}:metrics",
             max_jobs=cfg.budget_max_jobs,
             extra=extra,
         )

@@ -29,7 +29,7 @@ JOB_TIMEOUT_S = 10.0
 ARQ_POLL: dict[str, float | None] = {"arq_10ms": 0.01, "arq_default": None}
 
 # Keys the worker side writes per job (arq and our metrics), deleted after each benchmark.
-_PER_JOB_PREFIXES = (
+PER_JOB_PREFIXES = (
     "arq:result:",
     "arq:job:",
     "arq:in-progress:",
@@ -37,7 +37,7 @@ _PER_JOB_PREFIXES = (
     "llm_router:metrics:counted:",
 )
 _COUNTERS_KEY = "llm_router:metrics:counters"
-_COUNTED_PREFIX = "llm_router:metrics:counted:"
+COUNTED_PREFIX = "llm_router:metrics:counted:"
 # Take back what this run added to the shared counters; drop a field that reaches zero.
 _UNCOUNT_LUA = """
 local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
@@ -204,8 +204,8 @@ async def forget_jobs(redis: Redis, job_ids: Sequence[str]) -> int:
     ids = [j for j in job_ids if j]
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        counted += int(await redis.exists(*(_COUNTED_PREFIX + j for j in chunk)))
-        await redis.delete(*(prefix + j for j in chunk for prefix in _PER_JOB_PREFIXES))
+        counted += int(await redis.exists(*(COUNTED_PREFIX + j for j in chunk)))
+        await redis.delete(*(prefix + j for j in chunk for prefix in PER_JOB_PREFIXES))
     if counted > 0:
         await redis.eval(_UNCOUNT_LUA, 1, _COUNTERS_KEY, f"{MODEL}|success", str(counted))  # type: ignore[misc]
     return counted

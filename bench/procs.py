@@ -148,8 +148,10 @@ def start_ours(
     chains: str,
     metrics_channel: str,
     max_jobs: int | None = None,
+    extra: dict[str, str] | None = None,
 ) -> Managed:
-    """``python -m llm_router.worker.cli`` with settings from the environment only."""
+    """``python -m llm_router.worker.cli`` with settings from the environment only
+    (``extra``: more ``LLM_ROUTER_*`` variables)."""
     env = base_env()
     env.update(
         {
@@ -164,6 +166,7 @@ def start_ours(
     )
     if max_jobs is not None:
         env["LLM_ROUTER_MAX_JOBS"] = str(max_jobs)
+    env.update(extra or {})
     return Managed(name, [PYTHON, "-m", "llm_router.worker.cli"], env)
 
 

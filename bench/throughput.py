@@ -125,9 +125,15 @@ async def run(cfg: ThroughputConfig, stub_url: str, stub_pid: int, run_id: str) 
     started: list[Managed] = []
     rounds: list[dict[str, Any]] = []
     try:
-        common = {"redis_url": cfg.redis_url, "chains": chains, "metrics_channel": channel}
         workers = {
-            name: start_ours(f"tput-{name}", queue=queues[q], max_jobs=cfg.max_jobs, **common)
+            name: start_ours(
+                f"tput-{name}",
+                redis_url=cfg.redis_url,
+                queue=queues[q],
+                chains=chains,
+                metrics_channel=channel,
+                max_jobs=cfg.max_jobs,
+            )
             for name, q in (("w1", "q1"), ("w2a", "q2"), ("w2b", "q2"))
         }
         ceilings = [

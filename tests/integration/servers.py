@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,24 @@ def make_tls_files(directory: Path) -> dict[str, Path]:
     openssl("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial",
             "-days", "1", "-extfile", ext, "-out", crt)  # fmt: skip
     return {"ca": ca_crt, "cert": crt, "key": key}
+
+
+def launch(
+    args: list[str], log_path: Path, answers: Callable[[], bool], what: str
+) -> subprocess.Popen[bytes]:
+    """Start a server, its output to ``log_path``; return once ``answers()`` (10 s at most)."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if answers():
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(log_path.read_text())
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise TimeoutError(f"{what} did not answer")
 
 
 class RedisServer:
@@ -81,17 +100,8 @@ class RedisServer:
         return args
 
     def start(self) -> RedisServer:
-        log = (self.directory / "redis.log").open("ab")
-        self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.ping():
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.directory / "redis.log").read_text())
-            time.sleep(0.05)
-        raise TimeoutError("redis-server did not answer")
+        self.proc = launch(self.args(), self.directory / "redis.log", self.ping, "redis-server")
+        return self
 
     def ping(self) -> bool:
         scheme = "redis" if self.tls is None else "rediss"
@@ -185,19 +195,9 @@ class SentinelServer:
             f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n"
             + self._secured_conf()
         )
-        log = (self.directory / "sentinel.log").open("ab")
-        self.proc = subprocess.Popen(
-            [self.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.ping():
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.directory / "sentinel.log").read_text())
-            time.sleep(0.05)
-        raise TimeoutError("redis sentinel did not answer")
+        args = [self.binary, str(conf), "--sentinel"]
+        self.proc = launch(args, self.directory / "sentinel.log", self.ping, "redis sentinel")
+        return self
 
     def _secured_conf(self) -> str:
         lines = []

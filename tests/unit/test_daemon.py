@@ -247,13 +247,19 @@ async def test_a_handed_job_starts_at_once(
     assert await redis.get("arq:result:h1") is not None
 
 
-async def test_a_stopping_worker_hands_a_handed_job_back(
-    worker: RouterWorker, redis: fakeredis.FakeAsyncRedis
+@pytest.mark.parametrize("why", ["stopping", "full"])
+async def test_a_handed_job_goes_back_when_stopping_or_full(
+    worker: RouterWorker, redis: fakeredis.FakeAsyncRedis, why: str
 ) -> None:
+    """Full: the producer saw a free slot, the poll filled it meanwhile; never run
+    max_jobs + 1."""
     await redis.zadd(Q, {"h2": 5})
     await redis.set(f"{IP}h2", worker.token)
     await redis.set("arq:retry:h2", 1)
-    worker.allow_pick_jobs = False
+    if why == "stopping":
+        worker.allow_pick_jobs = False
+    else:
+        worker.job_counter = worker.max_jobs
     worker._take_handed_job(b"h2 1 5 {}")
     await asyncio.gather(*worker._background)
     assert "h2" not in worker.tasks
@@ -261,23 +267,6 @@ async def test_a_stopping_worker_hands_a_handed_job_back(
     assert await redis.get("arq:retry:h2") == b"0"
     assert await redis.llen(wake_key(Q)) == 1  # type: ignore[misc]
     assert await redis.zscore(Q, "h2") == 5
-
-
-async def test_a_full_worker_hands_a_handed_job_back(
-    worker: RouterWorker, redis: fakeredis.FakeAsyncRedis
-) -> None:
-    """The producer saw a free slot, the poll filled it meanwhile: never run max_jobs + 1."""
-    await redis.zadd(Q, {"h3": 5})
-    await redis.set(f"{IP}h3", worker.token)
-    await redis.set("arq:retry:h3", 1)
-    worker.job_counter = worker.max_jobs
-    worker._take_handed_job(b"h3 1 5 {}")
-    await asyncio.gather(*worker._background)
-    assert "h3" not in worker.tasks
-    assert await redis.exists(f"{IP}h3") == 0
-    assert await redis.get("arq:retry:h3") == b"0"
-    assert await redis.llen(wake_key(Q)) == 1  # type: ignore[misc]
-    assert await redis.zscore(Q, "h3") == 5
 
 
 def test_a_freed_slot_claims_again_while_a_queue_has_a_backlog(worker: RouterWorker) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,32 @@ def _connect(url: str | None) -> Redis:
     return redis_from_url(url, socket_connect_timeout=5, health_check_interval=30)
 
 
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _with_redis(
+    code: int = EXIT_USAGE, message: str = "invalid Redis URL"
+) -> Callable[[Callable[[argparse.Namespace, Redis], Awaitable[int]]], Command]:
+    """Give a command its Redis connection, closed after it; a malformed URL is one line
+    (never the URL itself: it may hold a password) and exit ``code``."""
+
+    def wrap(command: Callable[[argparse.Namespace, Redis], Awaitable[int]]) -> Command:
+        @functools.wraps(command)
+        async def run(args: argparse.Namespace) -> int:
+            try:
+                redis = _connect(args.redis_url)
+            except ValueError as exc:
+                return _fail(code, f"{message}: {type(exc).__name__}")
+            try:
+                return await command(args, redis)
+            finally:
+                await redis.aclose()
+
+        return run
+
+    return wrap
+
+
 def _read_schema(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
@@ -223,56 +251,44 @@ def _read_schema(path: Path | None) -> dict[str, Any] | None:
     return schema
 
 
-async def _backfill(args: argparse.Namespace) -> int:
+@_with_redis()
+async def _backfill(args: argparse.Namespace, redis: Redis) -> int:
     try:
-        redis = _connect(args.redis_url)
-    except ValueError as exc:  # a malformed URL (never printed: it may hold a password)
-        return _fail(EXIT_USAGE, f"invalid Redis URL: {type(exc).__name__}")
+        backfill = Backfill(
+            redis,
+            args.input,
+            args.output,
+            schema=_read_schema(args.schema),
+            chain=args.chain,
+            context=args.context,
+            max_in_flight=args.max_in_flight,
+            batch_queue=args.batch_queue,
+        )
+    except (BackfillError, ValueError) as exc:
+        return _fail(EXIT_USAGE, str(exc))
     try:
-        try:
-            backfill = Backfill(
-                redis,
-                args.input,
-                args.output,
-                schema=_read_schema(args.schema),
-                chain=args.chain,
-                context=args.context,
-                max_in_flight=args.max_in_flight,
-                batch_queue=args.batch_queue,
-            )
-        except (BackfillError, ValueError) as exc:
-            return _fail(EXIT_USAGE, str(exc))
-        try:
-            await redis.ping()
-        except (RedisError, OSError) as exc:
-            return _fail(EXIT_REDIS, f"cannot reach Redis: {exc}")
-        view = make_progress()
-        # What start-up made (pydantic's and rich's tables, modules) lives as long as the
-        # process: out of the collector's sight, a full collection costs the rows only.
-        gc.collect()
-        gc.freeze()
-        try:
-            summary = await _run_with_view(backfill, view)
-        except BackfillError as exc:
-            return _fail(EXIT_USAGE, str(exc))
-        except RedisError as exc:
-            return _fail(EXIT_REDIS, f"cannot reach Redis: {exc}")
-        except OSError as exc:
-            return _fail(EXIT_FAILED, f"cannot write the output: {exc}")
-    finally:
-        await redis.aclose()
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        return _fail(EXIT_REDIS, f"cannot reach Redis: {exc}")
+    view = make_progress()
+    # What start-up made (pydantic's and rich's tables, modules) lives as long as the
+    # process: out of the collector's sight, a full collection costs the rows only.
+    gc.collect()
+    gc.freeze()
+    try:
+        summary = await _run_with_view(backfill, view)
+    except BackfillError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except RedisError as exc:
+        return _fail(EXIT_REDIS, f"cannot reach Redis: {exc}")
+    except OSError as exc:
+        return _fail(EXIT_FAILED, f"cannot write the output: {exc}")
     return _ended(summary)
 
 
-async def _costs(args: argparse.Namespace) -> int:
-    try:
-        redis = _connect(args.redis_url)
-    except ValueError as exc:
-        return _fail(EXIT_USAGE, f"invalid Redis URL: {type(exc).__name__}")
-    try:
-        days = await read_days(redis, min(args.days, 400))
-    finally:
-        await redis.aclose()
+@_with_redis()
+async def _costs(args: argparse.Namespace, redis: Redis) -> int:
+    days = await read_days(redis, min(args.days, 400))
     if args.json:
         print(costs_json(days))
     else:
@@ -285,42 +301,30 @@ def _queue(args: argparse.Namespace) -> str:
     return name
 
 
-async def _health(args: argparse.Namespace) -> int:
-    try:
-        redis = _connect(args.redis_url)
-    except ValueError as exc:  # unhealthy too: a probe only needs "not 0"
-        return _fail(EXIT_FAILED, f"unhealthy: the Redis URL is invalid: {type(exc).__name__}")
-    try:
-        health = await check(redis, _queue(args))
-    finally:
-        await redis.aclose()
+@_with_redis(EXIT_FAILED, "unhealthy: the Redis URL is invalid")  # a probe needs "not 0"
+async def _health(args: argparse.Namespace, redis: Redis) -> int:
+    health = await check(redis, _queue(args))
     if not health.ok:
         return _fail(EXIT_FAILED, health.line)
     print(health.line)
     return EXIT_OK
 
 
-async def _status(args: argparse.Namespace) -> int:
-    try:
-        redis = _connect(args.redis_url)
-    except ValueError as exc:
-        return _fail(EXIT_USAGE, f"invalid Redis URL: {type(exc).__name__}")
+@_with_redis()
+async def _status(args: argparse.Namespace, redis: Redis) -> int:
     queues = list(dict.fromkeys([_queue(args), args.batch_queue or default_batch_queue()]))
     try:
-        try:
-            status = await collect(redis, queues)
-        except (RedisError, OSError) as exc:
-            return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
-        if args.json and args.watch is None:
-            print(json.dumps(status_json(status), indent=2))
-            return EXIT_OK
-        if args.watch is None:
-            console = Console()
-            console.print(_screen(console, status))
-            return EXIT_OK
-        return await _watch_status(redis, queues, args.watch, status, as_json=args.json)
-    finally:
-        await redis.aclose()
+        status = await collect(redis, queues)
+    except (RedisError, OSError) as exc:
+        return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
+    if args.json and args.watch is None:
+        print(json.dumps(status_json(status), indent=2))
+        return EXIT_OK
+    if args.watch is None:
+        console = Console()
+        console.print(_screen(console, status))
+        return EXIT_OK
+    return await _watch_status(redis, queues, args.watch, status, as_json=args.json)
 
 
 def _screen(console: Console, status: Status) -> RenderableType:
@@ -360,27 +364,21 @@ async def _watch_status(
                 live.update(_screen(console, last), refresh=True)
 
 
-async def _metrics(args: argparse.Namespace) -> int:
+@_with_redis()
+async def _metrics(args: argparse.Namespace, redis: Redis) -> int:
+    if args.follow:
+        return await _follow(redis, args)
     try:
-        redis = _connect(args.redis_url)
-    except ValueError as exc:
-        return _fail(EXIT_USAGE, f"invalid Redis URL: {type(exc).__name__}")
-    try:
-        if args.follow:
-            return await _follow(redis, args)
-        try:
-            models = await read_counters(redis)
-        except (RedisError, OSError) as exc:
-            return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
-        if args.json:
-            print(json.dumps(models_json(models), indent=2))
-        elif models:
-            Console().print(models_table(models, "Counters per model (all workers, all time)"))
-        else:
-            print("No jobs counted yet.")
-        return EXIT_OK
-    finally:
-        await redis.aclose()
+        models = await read_counters(redis)
+    except (RedisError, OSError) as exc:
+        return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
+    if args.json:
+        print(json.dumps(models_json(models), indent=2))
+    elif models:
+        Console().print(models_table(models, "Counters per model (all workers, all time)"))
+    else:
+        print("No jobs counted yet.")
+    return EXIT_OK
 
 
 async def _follow(redis: Redis, args: argparse.Namespace) -> int:

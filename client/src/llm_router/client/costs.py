@@ -26,16 +26,17 @@ def as_json(days: list[DaySpend]) -> str:
     return json.dumps(rows, indent=2)
 
 
-def _usd(value: float) -> str:
+def usd(value: float) -> str:
     return f"${value:,.4f}"
 
 
-def _budget(spent: float, budget: float | None) -> str:
+def budget_used(spent: float, budget: float | None) -> str:
+    """The budget and the share of it spent, as both reports show it."""
     if budget is None:
         return "—"
     if budget <= 0:
-        return f"{_usd(budget)} (cloud off)"
-    return f"{_usd(budget)} ({spent / budget:.0%})"
+        return f"{usd(budget)} (cloud off)"
+    return f"{usd(budget)} ({spent / budget:.0%})"
 
 
 def render(days: list[DaySpend], console: Console) -> None:
@@ -52,13 +53,13 @@ def render(days: list[DaySpend], console: Console) -> None:
         models.add_column(name, justify="left" if name in ("day", "model") else "right")
     for d in active:
         for name, c in sorted(d.chains.items()):
-            held = _usd(c.reserved_usd) if c.reserved_usd else ""
+            held = usd(c.reserved_usd) if c.reserved_usd else ""
             chains.add_row(
                 d.day,
                 name,
                 f"{c.calls:,}",
-                _usd(c.spent_usd),
-                _budget(c.spent_usd, c.budget_usd),
+                usd(c.spent_usd),
+                budget_used(c.spent_usd, c.budget_usd),
                 held,
             )
         for name, m in sorted(d.models.items()):
@@ -70,9 +71,9 @@ def render(days: list[DaySpend], console: Console) -> None:
                 f"{m.output_tokens:,}",
                 f"{m.cache_read_input_tokens:,}",
                 f"{m.cache_creation_input_tokens:,}",
-                _usd(m.cost_usd),
+                usd(m.cost_usd),
             )
     console.print(chains)
     console.print(models)
     total = sum(d.total_usd for d in active)
-    console.print(f"Total over {len(days)} day(s): {_usd(total)}")
+    console.print(f"Total over {len(days)} day(s): {usd(total)}")

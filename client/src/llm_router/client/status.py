@@ -20,6 +20,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from llm_router.client.costs import budget_used, usd
 from llm_router.client.heartbeats import Heartbeat, live_workers
 from llm_router.client.progress import human_seconds
 from llm_router.client.protocol import METRICS_COUNTERS_KEY
@@ -215,10 +216,6 @@ def _ago(at: float | None, now: float) -> str:
     return "—" if at is None else f"{human_seconds(max(0.0, now - at))} ago"
 
 
-def _usd(value: float) -> str:
-    return f"${value:,.4f}"
-
-
 def _rate(rate: float | None) -> str:
     return "—" if rate is None else f"{rate:.1%}"
 
@@ -336,19 +333,11 @@ def breakers_table(status: Status) -> RenderableType:
     return table
 
 
-def _budget(spent: float, budget: float | None) -> str:
-    if budget is None:
-        return "—"
-    if budget <= 0:
-        return f"{_usd(budget)} (cloud off)"
-    return f"{_usd(budget)} ({spent / budget:.0%})"
-
-
 def spend_table(spend: DaySpend) -> RenderableType:
     if not spend.chains:
         return Text(f"Spend today ({spend.day} UTC): nothing")
     table = _table(
-        f"Spend today ({spend.day} UTC): {_usd(spend.total_usd)}",
+        f"Spend today ({spend.day} UTC): {usd(spend.total_usd)}",
         "chain",
         "calls",
         "spent",
@@ -356,7 +345,9 @@ def spend_table(spend: DaySpend) -> RenderableType:
         right=("calls", "spent", "budget (used)"),
     )
     for name, c in sorted(spend.chains.items()):
-        table.add_row(name, f"{c.calls:,}", _usd(c.spent_usd), _budget(c.spent_usd, c.budget_usd))
+        table.add_row(
+            name, f"{c.calls:,}", usd(c.spent_usd), budget_used(c.spent_usd, c.budget_usd)
+        )
     return table
 
 
