@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,8 +21,17 @@ from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
 from llm_router.worker.stubs import StubServer
+from tests.integration.preload import ForkedProcess, Preloaded
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+def _test_db() -> int:
+    """Each pytest-xdist process gets a Redis database of its own (db 1, 2, ...), so the
+    shared counters, heartbeats and budgets of one never show in another's assertions."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under xdist
+    return 1 + int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_test_db()}")
 
 pytestmark = pytest.mark.integration
 
@@ -56,19 +67,39 @@ def worker_env(**settings: str) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """One ``llm-router-worker`` process, its log kept in a file for assertions."""
+_preloaded: Preloaded | None = None
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+
+def preloaded() -> Preloaded:
+    """This test process's preloading process (started on first use, stopped at exit)."""
+    global _preloaded
+    if _preloaded is None:
+        _preloaded = Preloaded(Path(tempfile.mkdtemp(prefix="llmr-preload-")))
+        atexit.register(_preloaded.close)
+    return _preloaded
+
+
+class WorkerProcess:
+    """One ``llm-router-worker`` process, its log kept in a file for assertions.
+
+    Forked from a process that has imported the worker already (:mod:`preload`), unless
+    ``fresh``: then a new interpreter runs ``python -m llm_router.worker.cli``.
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, fresh: bool = False) -> None:
         self.env = env
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.fresh = fresh or os.environ.get("TEST_FRESH_WORKERS") == "1"
+        self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
 
     def start(self, ready_timeout: float = 90.0) -> WorkerProcess:
         return self.launch().wait_ready(ready_timeout)
 
     def launch(self) -> WorkerProcess:
         """Start the process without waiting (start several, then wait for each)."""
+        if not self.fresh:
+            self.proc = preloaded().spawn(self.env, self.log_path)
+            return self
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm_router.worker.cli"],

@@ -55,7 +55,7 @@ def test_ready_then_watchdog_then_stopping_on_sigterm(
         chains=chain_env(stub.url),
     )
     env |= {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}  # ping every 0.5 s
-    worker = WorkerProcess(env, tmp_path / "worker.log").launch()
+    worker = WorkerProcess(env, tmp_path / "worker.log", fresh=True).launch()  # a real start
     try:
         ready = messages_until(sock, "READY=1", timeout=90)
         assert ready[-1].splitlines()[1].startswith("STATUS=serving llm_router:test:systemd:")
