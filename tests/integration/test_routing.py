@@ -146,6 +146,16 @@ async def test_unknown_chain_is_an_invalid_request(client: RouterClient) -> None
     assert "default" in result.error
 
 
+async def test_an_unsupported_protocol_version_gets_its_own_error(
+    redis: Redis, queue_name: str, client: RouterClient
+) -> None:
+    request = {"v": 999, "messages": [{"role": "user", "content": "hi"}], "new_field": True}
+    job_id = await enqueue_raw(redis, queue_name, request)
+    result = await client.wait(job_id, timeout=20)
+    assert result.status == "invalid_request"
+    assert result.error == "unsupported protocol version 999 (supported: 1)"
+
+
 async def test_named_chain_is_used(client: RouterClient) -> None:
     with pytest.raises(RouteFailed) as caught:
         await client.route(f"stub:qwen=refusal {marker()}", chain="local_only")

@@ -43,6 +43,23 @@ def test_minimal_request_has_defaults() -> None:
     assert req.messages[0].content == "hello"
 
 
+def test_a_request_is_version_1_with_or_without_v() -> None:
+    assert RouteRequest.model_validate({"messages": [USER]}).v == 1
+    request = RouteRequest.model_validate({"v": 1, "messages": [USER]})
+    assert request.v == 1
+    assert "v" not in request.wire()  # what workers from before `v` read too
+
+
+@pytest.mark.parametrize("v", [999, 0, "1", True, None, 1.5])
+def test_an_unsupported_version_is_named_before_anything_else(v: object) -> None:
+    # A newer request may carry fields this version forbids: the version is reported.
+    with pytest.raises(ValidationError) as info:
+        RouteRequest.model_validate({"v": v, "messages": [USER], "from_the_future": 1})
+    [error] = info.value.errors()  # the version alone, not the unknown field
+    assert error["msg"].startswith("Value error, unsupported protocol version ")
+    assert error["msg"].endswith(" (supported: 1)")
+
+
 def test_request_without_messages_is_refused() -> None:
     with pytest.raises(ValidationError) as info:
         RouteRequest.model_validate({"messages": []})

@@ -39,6 +39,8 @@ from llm_router.client.schemas import CEILING, SchemaLimits, compile_schema
 from llm_router.client.untrusted import problem
 
 PROTOCOL_VERSION = 1
+#: Request versions this release understands; a request without ``v`` is version 1.
+SUPPORTED_VERSIONS = (1,)
 
 DEFAULT_QUEUE = "llm_router:queue"
 #: Backfills go here; workers serve it only with what the interactive queue leaves.
@@ -79,11 +81,23 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]]
 
 
+def unsupported_version(request: Any) -> str | None:
+    """Why this worker cannot read the request's version, or None."""
+    if not isinstance(request, dict) or "v" not in request:
+        return None
+    v = request["v"]
+    if isinstance(v, int) and not isinstance(v, bool) and v in SUPPORTED_VERSIONS:
+        return None
+    supported = ", ".join(map(str, SUPPORTED_VERSIONS))
+    return f"unsupported protocol version {json.dumps(v)[:40]} (supported: {supported})"
+
+
 class RouteRequest(BaseModel):
     """What a producer asks for: messages, an optional JSON Schema and labels."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    v: int = Field(default=PROTOCOL_VERSION, description="protocol version; absent means 1")
     messages: list[Message] = Field(min_length=1)
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     context: str | None = Field(default=None, max_length=200)
@@ -96,6 +110,8 @@ class RouteRequest(BaseModel):
     def _safe_to_carry(cls, data: Any) -> Any:
         if (why := problem(data, MAX_REQUEST_DEPTH)) is not None:
             raise ValueError(f"the request {why}")
+        if (unsupported := unsupported_version(data)) is not None:
+            raise ValueError(unsupported)  # first: a newer request's fields mean nothing here
         return data
 
     @field_validator("json_schema")
@@ -111,8 +127,12 @@ class RouteRequest(BaseModel):
         return value
 
     def wire(self) -> dict[str, Any]:
-        """The request as it travels: aliases, no unset optionals."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        """The request as it travels: aliases, no unset optionals, and no ``v`` for
+        version 1 (absent means 1), which workers older than ``v`` also read."""
+        wire = self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        if wire.get("v") == 1:
+            del wire["v"]
+        return wire
 
 
 class Attempt(BaseModel):

@@ -24,6 +24,7 @@ from llm_router.client.protocol import (
     RouteRequest,
     RouteResult,
     encode,
+    unsupported_version,
     valid_reply_to,
 )
 from llm_router.client.untrusted import loads
@@ -111,6 +112,11 @@ def _payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
+class UnsupportedVersion(ValueError):
+    """The request is of a protocol version this worker does not speak; its message is
+    the whole error, as producers may match on it."""
+
+
 def parse_request(
     args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings
 ) -> RouteRequest:
@@ -121,6 +127,8 @@ def parse_request(
         raise ValueError("a route job takes exactly one argument: the request object")
     if not isinstance(payload, dict):
         raise ValueError(f"the request must be a JSON object, not {type(payload).__name__}")
+    if (unsupported := unsupported_version(payload)) is not None:
+        raise UnsupportedVersion(unsupported)
     messages = payload.get("messages")
     if isinstance(messages, list) and len(messages) > settings.max_messages:
         raise ValueError(
@@ -158,11 +166,10 @@ async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any
         else:
             request = parse_request(args, kwargs, router.settings)
     except (ValidationError, ValueError) as exc:
-        error = (
-            _validation_message(exc)
-            if isinstance(exc, ValidationError)
-            else f"invalid request: {exc}"
-        )
+        if isinstance(exc, ValidationError):
+            error = _validation_message(exc)
+        else:
+            error = str(exc) if isinstance(exc, UnsupportedVersion) else f"invalid request: {exc}"
         result = invalid_result(error, job_id=job_id)
         log.warning("invalid_request", job_id=job_id, error=result.error)
     else:
