@@ -1,0 +1,90 @@
+"""The producers in examples/, run as a user runs them, against a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+from redis.asyncio import Redis
+
+from tests.integration.conftest import REDIS_URL, WorkerProcess
+from tests.integration.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+SCHEMA = {
+    "type": "object",
+    "required": ["answer", "ok"],
+    "properties": {"answer": {"type": "string"}, "ok": {"type": "boolean"}},
+}
+
+
+async def enqueue_sh(
+    queue: str, *args: str, url: str = REDIS_URL
+) -> subprocess.CompletedProcess[str]:
+    if shutil.which("redis-cli") is None:  # pragma: no cover - .ci/run installs redis-server
+        pytest.fail("examples/enqueue.sh needs redis-cli")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
+    env |= {"LLM_ROUTER_REDIS_URL": url, "LLM_ROUTER_QUEUE_NAME": queue}
+    return await asyncio.to_thread(
+        subprocess.run,
+        ["bash", str(EXAMPLES / "enqueue.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_the_shell_example_routes_a_prompt_with_a_schema(
+    worker: WorkerProcess, queue_name: str, tmp_path: Path
+) -> None:
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps(SCHEMA, indent=2))  # newlines and all, as a user writes it
+    prompt = 'stub:qwen=json A "quoted" prompt,\nwith a newline, a tab\there and ünïcode'
+    run = await enqueue_sh(queue_name, "--schema", str(schema), "--context", "tests.sh", prompt)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["status"] == "ok"
+    assert result["model_used"] == "ollama_chat/qwen2.5:7b"
+    assert result["context"] == "tests.sh"
+    jsonschema.validate(result["content"], SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["stub:*=refusal every model refuses"], "failed"),
+        (["--chain", "nope", "hi"], "invalid_request"),
+    ],
+)
+async def test_the_shell_example_exits_1_with_the_result_when_it_is_not_ok(
+    worker: WorkerProcess, queue_name: str, args: list[str], status: str
+) -> None:
+    run = await enqueue_sh(queue_name, *args)
+    assert run.returncode == 1, run.stderr
+    assert json.loads(run.stdout)["status"] == status
+
+
+async def test_the_shell_example_says_which_error(redis: Redis) -> None:
+    usage = await enqueue_sh("q")
+    assert usage.returncode == 2
+    assert "usage:" in usage.stderr
+    away = await enqueue_sh("q", "hi", url=f"redis://:secret@127.0.0.1:{free_port()}/0")
+    assert away.returncode == 3
+    assert "cannot enqueue" in away.stderr
+    assert "secret" not in away.stderr
+    queue = f"llm_router:test:nobody:{os.getpid()}"
+    nobody = await enqueue_sh(queue, "--timeout", "1", "hi")
+    assert nobody.returncode == 4
+    assert "no result for job" in nobody.stderr
+    job_id = nobody.stderr.split("no result for job ")[1].split()[0]
+    assert await redis.zscore(queue, job_id) is not None  # it was queued, nobody served it
+    await redis.delete(queue, queue + ":wake", f"arq:job:{job_id}")
