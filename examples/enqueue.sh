@@ -6,8 +6,8 @@
 # Enqueues the request to the Redis and queue named by LLM_ROUTER_REDIS_URL
 # (default redis://127.0.0.1:6379/0) and LLM_ROUTER_QUEUE_NAME (default
 # llm_router:queue), waits on its own reply list, and prints the result JSON.
-# It writes only the job, the queue and the wake-up list (no Lua), so it works
-# with the producer ACL in docs/protocol.md.
+# It writes only the job, the queue and the wake-up list (no Lua, no hand-over
+# to a waiting worker), and reads only its own reply list.
 #
 # Exit status: 0 ok; 1 failed or invalid_request (the result is printed all the
 # same); 2 usage; 3 Redis unreachable; 4 no result within --timeout (default 120).

@@ -88,3 +88,51 @@ async def test_the_shell_example_says_which_error(redis: Redis) -> None:
     job_id = nobody.stderr.split("no result for job ")[1].split()[0]
     assert await redis.zscore(queue, job_id) is not None  # it was queued, nobody served it
     await redis.delete(queue, queue + ":wake", f"arq:job:{job_id}")
+
+
+NODE = EXAMPLES / "node"
+
+
+async def enqueue_node(queue: str, *args: str) -> subprocess.CompletedProcess[str]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed on this machine (.ci/run installs it)")
+    if not (NODE / "node_modules" / "redis").is_dir():
+        pytest.fail("examples/node has no node_modules: run `npm ci --prefix examples/node`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
+    env |= {"LLM_ROUTER_REDIS_URL": REDIS_URL, "LLM_ROUTER_QUEUE_NAME": queue}
+    return await asyncio.to_thread(
+        subprocess.run,
+        [node, str(NODE / "enqueue.mjs"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_the_node_example_routes_a_prompt_with_a_schema(
+    worker: WorkerProcess, queue_name: str, tmp_path: Path
+) -> None:
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps(SCHEMA))
+    run = await enqueue_node(
+        queue_name, "--schema", str(schema), "--context", "tests.node", 'stub:qwen=json "hi"'
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert (result["status"], result["context"]) == ("ok", "tests.node")
+    jsonschema.validate(result["content"], SCHEMA)
+    failed = await enqueue_node(queue_name, "--chain", "nope", "hi")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["status"] == "invalid_request"
+
+
+def test_the_node_lock_records_no_download_address() -> None:
+    lock = json.loads((NODE / "package-lock.json").read_text())
+    assert lock["lockfileVersion"] == 3
+    packages = {k: v for k, v in lock["packages"].items() if k}
+    assert packages, "the lock pins the dependencies"
+    for name, entry in packages.items():
+        assert "resolved" not in entry, name
+        assert entry["integrity"].startswith("sha512-"), name
