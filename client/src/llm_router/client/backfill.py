@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.idset import IdSet
+from llm_router.client.lua import script
 from llm_router.client.protocol import (
     DEFAULT_BATCH_QUEUE,
     JOB_KEY_PREFIX,
@@ -79,37 +80,9 @@ _FLUSH_EVERY_S = 0.5
 _PENDING_MAX = 4 * _FLUSH_ROWS  # finished rows waiting for the disk before enqueueing pauses
 _BLOCK_S = 1
 
-# KEYS: the batch queue, its wake-up list. ARGV: job ttl ms, score (enqueue ms), most
-# wake-up tokens kept, job key prefix, result key prefix, then job id / job blob pairs.
-# The job and result keys are built here from arq's prefixes instead of being passed as
-# KEYS, so that one call can carry hundreds of rows (fine on one Redis server, not on a
-# Cluster). Per row it returns the result blob (the job finished while we were away),
-# 0 (its job key exists: queued or running, wait for it) or 1 (queued now). Then one
-# wake-up token per job queued now, at most the cap, so waiting workers start at once.
-_ENQUEUE_LUA = """
-local unpack = unpack or table.unpack
-local out, members = {}, {}
-for i = 6, #ARGV, 2 do
-  local id = ARGV[i]
-  local result = redis.call('GET', ARGV[5] .. id)
-  if result then
-    out[#out + 1] = result
-  elseif redis.call('SET', ARGV[4] .. id, ARGV[i + 1], 'PX', ARGV[1], 'NX') then
-    out[#out + 1] = 1
-    members[#members + 1] = ARGV[2]
-    members[#members + 1] = id
-  else
-    out[#out + 1] = 0
-  end
-end
-if #members > 0 then
-  redis.call('ZADD', KEYS[1], unpack(members))
-  local cap = tonumber(ARGV[3])
-  for _ = 1, math.min(#members / 2, cap) do redis.call('LPUSH', KEYS[2], '1') end
-  redis.call('LTRIM', KEYS[2], 0, cap - 1)
-end
-return out
-"""
+# Hundreds of rows per call; per row the result blob, 0 (queued or running) or 1 (queued
+# now). KEYS, ARGV and returns: see the file.
+_ENQUEUE_LUA = script("backfill_enqueue.lua")
 
 
 def default_batch_queue() -> str:

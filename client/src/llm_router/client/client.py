@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.connections import redis_from_url
+from llm_router.client.lua import script
 from llm_router.client.protocol import (
     DEFAULT_QUEUE,
     JOB_TTL_MS,
@@ -35,35 +36,9 @@ from llm_router.client.replies import ReplyInbox
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
-# KEYS: job, result, queue, wake-up list, idle workers. ARGV: job blob, job ttl ms,
-# score, job id, wake-up cap, inbox key prefix, try-counter ttl s. One round trip;
-# an existing job id (a retried enqueue) is never queued twice. When a worker is
-# waiting, the job is handed to it here: leased to it, its try counted, pushed to
-# its inbox (2); otherwise a wake-up token calls the next worker with a free slot (1).
-_ENQUEUE_LUA = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local idle = redis.call('ZRANGEBYSCORE', KEYS[5], now, '+inf', 'LIMIT', 0, 1)
-if #idle > 0 then
-  local member = idle[1]
-  redis.call('ZREM', KEYS[5], member)
-  local cut = string.find(member, '|', 1, true)
-  local token, lease = string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
-  redis.call('SET', 'arq:in-progress:' .. ARGV[4], token, 'PX', lease)
-  local tries = redis.call('INCR', 'arq:retry:' .. ARGV[4])
-  redis.call('EXPIRE', 'arq:retry:' .. ARGV[4], ARGV[7])
-  local inbox = ARGV[6] .. token
-  redis.call('LPUSH', inbox, ARGV[4] .. ' ' .. tries .. ' ' .. ARGV[3] .. ' ' .. ARGV[1])
-  redis.call('EXPIRE', inbox, 60)
-  return 2
-end
-redis.call('LPUSH', KEYS[4], '1')
-redis.call('LTRIM', KEYS[4], 0, ARGV[5])
-return 1
-"""
+# One round trip; an existing job id (a retried enqueue) is never queued twice. When a
+# worker is waiting, the job is handed to it here. KEYS, ARGV and returns: see the file.
+_ENQUEUE_LUA = script("enqueue.lua")
 
 MessagesLike = str | Sequence[dict[str, Any]]
 

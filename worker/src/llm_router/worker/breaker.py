@@ -27,6 +27,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.worker.lua import script
 from llm_router.worker.settings import ModelConfig
 
 log = structlog.get_logger("llm_router.breaker")
@@ -43,67 +44,10 @@ PROBING_RECHECK_S = 0.5
 State = Literal["closed", "open", "half_open"]
 Verdict = Literal["healthy", "unwell", "abandoned"]
 
-# KEYS: the breaker hash. ARGV: me, cooldown ms, probe lease ms.
-# Returns {decision, ms left, changed}: 'pass' (closed; failures so far instead of ms),
-# 'open' (skip; ms until the
-# cool-down ends), 'probing' (skip: another call probes; ms until its lease ends),
-# 'probe' (me; changed = 1 when this call moved it from open to half_open).
-_ADMIT = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local s = redis.call('HMGET', KEYS[1], 'state', 'opened', 'probe_until', 'failures')
-local state = s[1] or 'closed'
-if state == 'closed' then return {'pass', tonumber(s[4]) or 0, 0} end
-if state == 'open' then
-  local left = (tonumber(s[2]) or 0) + tonumber(ARGV[2]) - now
-  if left > 0 then return {'open', left, 0} end
-  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe', ARGV[1],
-             'probe_until', now + tonumber(ARGV[3]))
-  return {'probe', 0, 1}
-end
-local until_ms = tonumber(s[3]) or 0
-if until_ms <= now then
-  redis.call('HSET', KEYS[1], 'probe', ARGV[1], 'probe_until', now + tonumber(ARGV[3]))
-  return {'probe', 0, 0}
-end
-return {'probing', until_ms - now, 0}
-"""
-
-# KEYS: the breaker hash. ARGV: me, verdict, failures that open it, key ttl ms.
-# Returns {the new state when this call changed it, else '', consecutive failures}.
-_RECORD = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local s = redis.call('HMGET', KEYS[1], 'state', 'probe')
-local state, probe = s[1] or 'closed', s[2]
-local mine = state == 'half_open' and probe == ARGV[1]
-local changed, failures = '', 0
-if ARGV[2] == 'healthy' then
-  if mine then
-    redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0)
-    redis.call('HDEL', KEYS[1], 'probe', 'probe_until', 'opened')
-    changed = 'closed'
-  elseif state == 'closed' then
-    redis.call('HSET', KEYS[1], 'failures', 0)
-  end
-elseif ARGV[2] == 'unwell' then
-  if mine then
-    redis.call('HSET', KEYS[1], 'state', 'open', 'opened', now)
-    redis.call('HDEL', KEYS[1], 'probe', 'probe_until')
-    changed = 'open'
-  elseif state == 'closed' then
-    failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-    if failures >= tonumber(ARGV[3]) then
-      redis.call('HSET', KEYS[1], 'state', 'open', 'opened', now)
-      changed = 'open'
-    end
-  end
-elseif mine then
-  redis.call('HSET', KEYS[1], 'probe_until', 0)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {changed, failures}
-"""
+# May a call go to the model; record a call's verdict. KEYS, ARGV and returns: see the
+# files.
+_ADMIT = script("breaker_admit.lua")
+_RECORD = script("breaker_record.lua")
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from llm_router.client.spend import (
     utc_day,
 )
 from llm_router.worker.costs import Usage
+from llm_router.worker.lua import script
 from llm_router.worker.settings import ModelConfig
 
 log = structlog.get_logger("llm_router.budgets")
@@ -46,50 +47,10 @@ HOLD_MARGIN_S = 30.0
 #: While calls in flight hold the room left, look again this often.
 RECHECK_S = 0.1
 
-# KEYS: the day's hash, its holds. ARGV: now, chain, hold (nusd), budget (nusd),
-# member, expiry, ttl. Returns {admitted, spent, held} (nusd) as seen before the hold.
-_HOLD_LUA = """
-local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, member in ipairs(stale) do
-  local chain, amount = string.match(member, '^(.*)|(%d+)|[^|]*$')
-  if chain then
-    redis.call('HINCRBY', KEYS[1], 'chain|' .. chain .. '|reserved_nusd', -tonumber(amount))
-  end
-  redis.call('ZREM', KEYS[2], member)
-end
-local prefix = 'chain|' .. ARGV[2] .. '|'
-local spent = tonumber(redis.call('HGET', KEYS[1], prefix .. 'spent_nusd') or '0')
-local held = tonumber(redis.call('HGET', KEYS[1], prefix .. 'reserved_nusd') or '0')
-redis.call('HSET', KEYS[1], prefix .. 'budget_nusd', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-if spent + held >= tonumber(ARGV[4]) then return {0, spent, held} end
-redis.call('HINCRBY', KEYS[1], prefix .. 'reserved_nusd', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-return {1, spent, held}
-"""
-
-# KEYS: the day's hash, its holds. ARGV: chain, model, member ('' for none), hold
-# (nusd), ttl, then cost (nusd) and the token counts; no counts when nothing answered.
-_SETTLE_LUA = """
-local prefix = 'chain|' .. ARGV[1] .. '|'
-if ARGV[3] ~= '' and redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then
-  redis.call('HINCRBY', KEYS[1], prefix .. 'reserved_nusd', -tonumber(ARGV[4]))
-end
-if #ARGV > 5 then
-  local model = 'model|' .. ARGV[2] .. '|'
-  redis.call('HINCRBY', KEYS[1], prefix .. 'spent_nusd', ARGV[6])
-  redis.call('HINCRBY', KEYS[1], prefix .. 'calls', 1)
-  redis.call('HINCRBY', KEYS[1], model .. 'cost_nusd', ARGV[6])
-  redis.call('HINCRBY', KEYS[1], model .. 'calls', 1)
-  redis.call('HINCRBY', KEYS[1], model .. 'input_tokens', ARGV[7])
-  redis.call('HINCRBY', KEYS[1], model .. 'output_tokens', ARGV[8])
-  redis.call('HINCRBY', KEYS[1], model .. 'cache_read_input_tokens', ARGV[9])
-  redis.call('HINCRBY', KEYS[1], model .. 'cache_creation_input_tokens', ARGV[10])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
+# Hold a call's worst cost against its chain's budget; settle: release the hold, count
+# what the call used. KEYS, ARGV and returns: see the files.
+_HOLD_LUA = script("budget_hold.lua")
+_SETTLE_LUA = script("budget_settle.lua")
 
 
 @dataclass(frozen=True, slots=True)

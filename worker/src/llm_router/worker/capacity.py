@@ -33,6 +33,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.worker.lua import script
 from llm_router.worker.settings import ModelConfig
 
 log = structlog.get_logger("llm_router.capacity")
@@ -50,67 +51,11 @@ RECENT_CALLS = 50
 #: (exact in Redis's double scores for 2**53 - 10**12 tickets).
 BATCH_TICKET_OFFSET = 10**12
 
-# Both scripts first drop lapsed slots (KEYS[1]) and lapsed places in line (KEYS[2],
-# with their expiry in KEYS[3]); `now` is Redis's clock in ms.
-_PURGE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
-  redis.call('ZREM', KEYS[2], w)
-  redis.call('ZREM', KEYS[3], w)
-end
-"""
-
-# KEYS: holders (zset slot -> lease expiry ms), line (zset waiter -> ticket),
-# alive (zset waiter -> expiry ms), ticket counter. ARGV: slots, me, lease ms,
-# waiter ttl ms, ticket offset (0, or BATCH_TICKET_OFFSET for batch work). Takes a
-# slot when `me` is among the first free places in line (joining the line first if it
-# is not in it): {1, 0, held}; else {0, ahead, held}.
-# Keys nobody has used for a day expire.
-_ACQUIRE = (
-    _PURGE
-    + """
-if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
-  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]) + tonumber(ARGV[5]), ARGV[2])
-end
-local held = redis.call('ZCARD', KEYS[1])
-local ahead = redis.call('ZRANK', KEYS[2], ARGV[2])
-if ahead < tonumber(ARGV[1]) - held then
-  redis.call('ZREM', KEYS[2], ARGV[2])
-  redis.call('ZREM', KEYS[3], ARGV[2])
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], 86400000)
-  redis.call('PEXPIRE', KEYS[4], 86400000)
-  return {1, 0, held + 1}
-end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[2])
-for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], 86400000) end
-return {0, ahead, held}
-"""
-)
-
-# KEYS: holders, line, alive. ARGV: me, slots, wake-up list prefix. Gives back a slot
-# or a place in line, then wakes the waiters now at the head (their process's list).
-_RELEASE = (
-    """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-"""
-    + _PURGE
-    + """
-local free = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[1])
-if free > 0 then
-  for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, free - 1)) do
-    local list = ARGV[3] .. string.match(w, '^[^:]+')
-    redis.call('LPUSH', list, w)
-    redis.call('EXPIRE', list, 60)
-  end
-end
-return free
-"""
-)
+# Both scripts first drop lapsed slots and places in line. Acquire takes a slot or a
+# place in line; release gives one back and wakes the waiters now at the head. KEYS,
+# ARGV and returns: see the files.
+_ACQUIRE = script("capacity_acquire.lua")
+_RELEASE = script("capacity_release.lua")
 
 
 def keys(model: str) -> list[str]:

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY, RouteResult
+from llm_router.worker.lua import script
 
 log = structlog.get_logger("llm_router.metrics")
 
@@ -27,34 +28,10 @@ RETRY_FOR_S = 600.0
 COUNTED_KEY_PREFIX = "llm_router:metrics:counted:"
 COUNTED_TTL_S = 86_400
 
-# One round trip per job: count (once per job id), snapshot, publish.
-# KEYS: counters hash, per-job marker. ARGV: marker ttl, channel, the event's JSON
-# without its closing brace, then the "<model>|<outcome>" fields to add 1 to.
-# Returns the snapshot's JSON, which is spliced into the published event. A job
-# that ran twice (at-least-once delivery) is counted and announced once.
-_RECORD_LUA = """
-local fresh = redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1])
-if fresh then
-  for i = 4, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
-end
-local flat = redis.call('HGETALL', KEYS[1])
-local snap = {}
-for i = 1, #flat, 2 do
-  local field = flat[i]
-  local cut = string.find(field, '|[^|]*$')
-  if cut then
-    local model, outcome = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
-    snap[model] = snap[model] or {success = 0, fallback = 0, error = 0, skipped = 0}
-    snap[model][outcome] = tonumber(flat[i + 1])
-  end
-end
-local snapshot = '{}'
-if next(snap) ~= nil then snapshot = cjson.encode(snap) end
-if fresh then
-  redis.call('PUBLISH', ARGV[2], ARGV[3] .. ',"metrics_snapshot":' .. snapshot .. '}')
-end
-return snapshot
-"""
+# One round trip per job: count (once per job id), snapshot, publish. A job that ran
+# twice (at-least-once delivery) is counted and announced once. KEYS, ARGV and
+# returns: see the file.
+_RECORD_LUA = script("metrics_record.lua")
 
 Snapshot = dict[str, dict[str, int]]
 

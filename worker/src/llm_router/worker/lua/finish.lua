@@ -1,0 +1,50 @@
+-- finish.lua: store a job's result, push it to the producer's reply list and release
+-- the lease; the first result wins. With an empty blob, hand the job back instead (it
+-- stays queued, is not counted as a try, and a wake-up token calls another worker).
+-- Used by llm_router.worker.daemon (scripts.FINISH).
+--
+-- KEYS, in order:
+--   1. arq:result:<id>
+--   2. arq:in-progress:<id>
+--   3. arq:retry:<id>
+--   4. arq:job:<id>
+--   5. the queue (sorted set)
+--   6. the producer's reply list ('' for none)
+--   7. the queue's wake-up list, <queue>:wake
+-- ARGV, in order:
+--   1. the job id
+--   2. this worker's token
+--   3. the result blob ('' hands the job back)
+--   4. the result's time to live, ms ('' = forever)
+--   5. the reply list's time to live, s
+--   6. the most wake-up tokens kept
+-- Returns 1 when done, 0 when another run's result was already there (or, handing
+-- back, when the lease was no longer ours).
+local function release()
+  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+end
+if ARGV[3] == '' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+  redis.call('DEL', KEYS[2])
+  if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
+  redis.call('LPUSH', KEYS[7], '1')
+  redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[6]) - 1)
+  return 1
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  release()
+  return 0
+end
+if ARGV[4] == '' then
+  redis.call('SET', KEYS[1], ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+end
+if KEYS[6] ~= '' then
+  redis.call('LPUSH', KEYS[6], ARGV[3])
+  redis.call('EXPIRE', KEYS[6], ARGV[5])
+end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+release()
+return 1
