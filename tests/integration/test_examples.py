@@ -26,21 +26,23 @@ SCHEMA = {
 }
 
 
+async def run_example(
+    command: list[str], queue: str, *args: str, url: str = REDIS_URL
+) -> subprocess.CompletedProcess[str]:
+    """An example as a user runs it: settings from LLM_ROUTER_* variables only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
+    env |= {"LLM_ROUTER_REDIS_URL": url, "LLM_ROUTER_QUEUE_NAME": queue}
+    return await asyncio.to_thread(
+        subprocess.run, [*command, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
 async def enqueue_sh(
     queue: str, *args: str, url: str = REDIS_URL
 ) -> subprocess.CompletedProcess[str]:
     if shutil.which("redis-cli") is None:  # pragma: no cover - .ci/run installs redis-server
         pytest.fail("examples/enqueue.sh needs redis-cli")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
-    env |= {"LLM_ROUTER_REDIS_URL": url, "LLM_ROUTER_QUEUE_NAME": queue}
-    return await asyncio.to_thread(
-        subprocess.run,
-        ["bash", str(EXAMPLES / "enqueue.sh"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return await run_example(["bash", str(EXAMPLES / "enqueue.sh")], queue, *args, url=url)
 
 
 async def test_the_shell_example_routes_a_prompt_with_a_schema(
@@ -99,16 +101,7 @@ async def enqueue_node(queue: str, *args: str) -> subprocess.CompletedProcess[st
         pytest.skip("node is not installed on this machine (.ci/run installs it)")
     if not (NODE / "node_modules" / "redis").is_dir():
         pytest.fail("examples/node has no node_modules: run `npm ci --prefix examples/node`")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
-    env |= {"LLM_ROUTER_REDIS_URL": REDIS_URL, "LLM_ROUTER_QUEUE_NAME": queue}
-    return await asyncio.to_thread(
-        subprocess.run,
-        [node, str(NODE / "enqueue.mjs"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return await run_example([node, str(NODE / "enqueue.mjs")], queue, *args)
 
 
 async def test_the_node_example_routes_a_prompt_with_a_schema(
