@@ -12,6 +12,7 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.connections import redis_from_url
@@ -39,6 +40,10 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # One round trip; an existing job id (a retried enqueue) is never queued twice. When a
 # worker is waiting, the job is handed to it here. KEYS, ARGV and returns: see the file.
 _ENQUEUE_LUA = script("enqueue.lua")
+
+#: ``LLM_ROUTER_PRODUCER_MODE=1`` makes ``RouterClient()`` default to ``handover=False``.
+PRODUCER_MODE_ENV = "LLM_ROUTER_PRODUCER_MODE"
+_TRUE = ("1", "true", "yes", "on")
 
 MessagesLike = str | Sequence[dict[str, Any]]
 
@@ -104,7 +109,22 @@ class JobHandle:
 
 
 class RouterClient:
-    """Async client for producers; defaults come from ``LLM_ROUTER_*`` variables."""
+    """Async client for producers; defaults come from ``LLM_ROUTER_*`` variables.
+
+    ``handover`` (default ``True``; ``False`` when ``LLM_ROUTER_PRODUCER_MODE=1`` and
+    the argument is not given) chooses how a job is enqueued:
+
+    * ``True``: one Lua script (``lua/enqueue.lua``) queues the job and, when a worker
+      is waiting, hands it over at once (it writes the worker's lease, try counter and
+      inbox, and reads the idle set), so the producer needs access to workers' keys.
+    * ``False``, *producer mode*: plain commands only, for a Redis ACL user that may not
+      touch the workers' keys (docs/protocol.md, "Redis ACLs"). ``EXISTS`` on the job
+      and result keys (skip when either is there), then one ``MULTI``: ``SET
+      arq:job:<id> NX PX``, ``ZADD NX`` to the queue, ``LPUSH`` + ``LTRIM`` of the
+      wake-up list. No script, lease, try counter, idle set or inbox; results still
+      come back on the reply list. It costs one more round trip per enqueue, and the
+      job waits for a worker's wake-up instead of being handed over.
+    """
 
     def __init__(
         self,
@@ -116,6 +136,7 @@ class RouterClient:
         reconnect_for: float = 30.0,
         wait_for_replicas: int = 0,
         replica_timeout: float = 1.0,
+        handover: bool | None = None,
     ) -> None:
         self.redis_url = redis_url or os.environ.get("LLM_ROUTER_REDIS_URL", DEFAULT_REDIS_URL)
         self.queue_name = queue_name or os.environ.get("LLM_ROUTER_QUEUE_NAME", DEFAULT_QUEUE)
@@ -128,6 +149,9 @@ class RouterClient:
         # so a failover cannot lose it; it is retried until then (see NotReplicated).
         self.wait_for_replicas = wait_for_replicas
         self.replica_timeout = replica_timeout
+        if handover is None:
+            handover = os.environ.get(PRODUCER_MODE_ENV, "").strip().lower() not in _TRUE
+        self.handover = handover
         self._enqueue_script = self.redis.register_script(_ENQUEUE_LUA)
         self._wake_key = wake_key(self.queue_name)
         self._idle_key = idle_key(self.queue_name)
@@ -211,6 +235,8 @@ class RouterClient:
         return JobHandle(self, job_id)
 
     async def _run_enqueue(self, keys: list[str], args: list[bytes | str | int]) -> int:
+        if not self.handover:
+            return await self._run_plain_enqueue(keys, args)
         if self.wait_for_replicas <= 0:
             added: int = await self._enqueue_script(keys=keys, args=args)
             return added
@@ -226,6 +252,63 @@ class RouterClient:
                 f" within {self.replica_timeout}s"
             )
         return int(added)
+
+    async def _run_plain_enqueue(self, keys: list[str], args: list[bytes | str | int]) -> int:
+        """Producer mode: the script's first path in plain commands (same KEYS and ARGV;
+        the idle set, inbox prefix and try-counter TTL go unused)."""
+        job, result, queue, wake = keys[0], keys[1], keys[2], keys[3]
+        blob, ttl_ms, score, job_id, wake_end = args[0], args[1], args[2], args[3], args[4]
+        commands: list[tuple[Any, ...]] = []
+        if not await self.redis.exists(job, result):  # else a repeat: queued or answered
+            commands += [
+                ("MULTI",),
+                ("SET", job, blob, "NX", "PX", ttl_ms),
+                ("ZADD", queue, "NX", score, job_id),
+                ("LPUSH", wake, "1"),
+                ("LTRIM", wake, 0, wake_end),
+                ("EXEC",),
+            ]
+        if self.wait_for_replicas > 0:
+            # On the same connection: WAIT counts the replicas that have its writes (a
+            # repeat after NotReplicated waits again, as the script path does).
+            wait_ms = max(1, int(self.replica_timeout * 1000))  # WAIT n 0 would block for ever
+            commands.append(("WAIT", self.wait_for_replicas, wait_ms))
+        if not commands:
+            return 0
+        replies = await self._send_raw(commands)
+        stored = len(replies) > 1 and replies[5][0] is not None  # SET NX: None if it existed
+        if self.wait_for_replicas > 0 and int(replies[-1]) < self.wait_for_replicas:
+            raise NotReplicated(
+                f"enqueue confirmed by {replies[-1]} of {self.wait_for_replicas} replicas"
+                f" within {self.replica_timeout}s"
+            )
+        return 1 if stored else 0
+
+    async def _send_raw(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write on one connection and read every reply, raw."""
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            error: Exception | None = None
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # read them all, so the connection stays usable
+                    replies.append(exc)
+                    error = error or exc
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread: never reuse it
+            raise
+        finally:
+            await pool.release(conn)
+        for reply in replies:  # EXEC's reply holds the errors of the commands inside
+            inner = reply if isinstance(reply, list) else []
+            error = error or next((r for r in inner if isinstance(r, ResponseError)), None)
+        if error is not None:
+            raise error
+        return replies
 
     async def wait(self, job_id: str, *, timeout: float | None = 120.0) -> RouteResult:
         """Wait for a job's result; ``TimeoutError`` when it does not come in time."""

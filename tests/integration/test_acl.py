@@ -1,0 +1,168 @@
+"""Redis ACLs: a producer user kept out of the workers' keys, a worker user that runs.
+
+A private redis-server (default user off) with the two ``ACL SETUSER`` lines of
+docs/protocol.md, "Redis ACLs"; the default queue names, so the lines are the documented
+ones. The producer enqueues in producer mode (``handover=False``) and gets its result
+from a real worker logged in as ``worker``; everything the hand-over script would write
+is refused to it with ``NOPERM``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
+
+from llm_router.client import RouterClient
+from llm_router.client.lua import script
+from llm_router.worker.stubs import StubServer
+from tests.integration.conftest import WorkerProcess, chain_env, worker_env
+from tests.integration.servers import RedisServer
+
+pytestmark = pytest.mark.integration
+
+ADMIN_PASSWORD = "admin-s3cret"
+PRODUCER_PASSWORD = "producer-s3cret"
+WORKER_PASSWORD = "worker-s3cret"
+
+#: As in docs/protocol.md, "Redis ACLs" (there with PRODUCER_PASSWORD / WORKER_PASSWORD).
+PRODUCER_ACL = (
+    "ACL SETUSER producer on >PRODUCER_PASSWORD resetkeys resetchannels"
+    " %W~arq:job:* %R~arq:result:* ~llm_router:reply:*"
+    " %W~llm_router:queue %W~llm_router:queue:wake %W~llm_router:batch %W~llm_router:batch:wake"
+    " -@all +ping +hello +auth +select +client|setname"
+    " +exists +set +zadd +lpush +ltrim +multi +exec +discard +wait"
+    " +get +mget +blpop +lpop"
+)
+WORKER_ACL = (
+    "ACL SETUSER worker on >WORKER_PASSWORD resetkeys resetchannels"
+    " ~arq:* ~llm_router:* &llm_router_metrics"
+    " +@all -@dangerous +info"
+)
+
+
+def _setuser(admin: SyncRedis, line: str) -> None:
+    words = shlex.split(
+        line.replace("PRODUCER_PASSWORD", PRODUCER_PASSWORD).replace(
+            "WORKER_PASSWORD", WORKER_PASSWORD
+        )
+    )
+    admin.execute_command(*words)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def acl_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, password=ADMIN_PASSWORD).start()
+    admin = SyncRedis(port=server.port, password=ADMIN_PASSWORD, socket_timeout=5)
+    try:
+        _setuser(admin, PRODUCER_ACL)
+        _setuser(admin, WORKER_ACL)
+        admin.close()
+        yield server
+    finally:
+        admin.close()
+        server.stop()
+
+
+def url(server: RedisServer, user: str, password: str) -> str:
+    return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
+
+
+async def test_producer_mode_under_acl(
+    acl_server: RedisServer, stub: StubServer, tmp_path: Path
+) -> None:
+    producer_url = url(acl_server, "producer", PRODUCER_PASSWORD)
+    env = worker_env(
+        redis_url=url(acl_server, "worker", WORKER_PASSWORD),
+        chains=chain_env(stub.url),
+        poll_delay="5",  # a slow safety net: the wake-up is what serves the jobs
+    )
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        async with RouterClient(producer_url, handover=False) as client:
+            results = [await client.route(f"acl job {n}", timeout=30) for n in range(3)]
+            handles = [await client.enqueue(f"acl burst {n}") for n in range(10)]
+            burst = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+            # A repeated enqueue of a job id that has its result is not queued again.
+            again = await client.enqueue("acl again", job_id=handles[0].job_id)
+            assert (await again.result(timeout=5)).job_id == handles[0].job_id
+        assert all(r.ok for r in [*results, *burst])
+        assert all(r.model_used.startswith("ollama_chat/") for r in results)
+        assert "NOPERM" not in worker.log_text()
+        assert "NoPermission" not in worker.log_text()
+    finally:
+        worker.stop()
+    assert WORKER_PASSWORD not in worker.log_text()
+
+
+async def test_producer_is_kept_out_of_worker_keys(acl_server: RedisServer) -> None:
+    producer = Redis.from_url(url(acl_server, "producer", PRODUCER_PASSWORD))
+    try:
+        assert await producer.ping()
+        refused = [
+            ("SET", "arq:in-progress:x", "worker-token", "PX", "1000"),
+            ("INCR", "arq:retry:x"),
+            ("HINCRBY", "llm_router:metrics:counters", "success", "1"),
+            ("ZADD", "llm_router:queue:idle", "1", "w|1000"),
+            ("LPUSH", "llm_router:queue:inbox:w", "x"),
+            ("ZRANGE", "llm_router:queue", "0", "-1"),  # write-only: no reading the queue
+            ("GET", "arq:job:x"),
+            ("SET", "arq:result:x", "{}"),
+            ("EVAL", "return 1", "0"),
+            ("EVAL", script("enqueue.lua"), "0"),
+            ("SCRIPT", "LOAD", "return 1"),
+            ("PUBLISH", "llm_router_metrics", "{}"),
+            ("KEYS", "*"),
+        ]
+        for command in refused:
+            with pytest.raises(NoPermissionError):  # a NOPERM reply (redis-py drops the word)
+                await producer.execute_command(*command)
+    finally:
+        await producer.aclose()
+
+
+async def test_hand_over_mode_needs_more_than_the_producer_acl(acl_server: RedisServer) -> None:
+    async with RouterClient(url(acl_server, "producer", PRODUCER_PASSWORD)) as client:
+        assert client.handover
+        with pytest.raises(NoPermissionError, match="evalsha"):
+            await client.enqueue("handed over?")
+
+
+def test_producer_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_ROUTER_PRODUCER_MODE", "1")
+    assert not RouterClient("redis://127.0.0.1:1/0").handover
+    assert RouterClient("redis://127.0.0.1:1/0", handover=True).handover
+    monkeypatch.delenv("LLM_ROUTER_PRODUCER_MODE")
+    assert RouterClient("redis://127.0.0.1:1/0").handover
+
+
+def test_wrong_password_is_one_line(acl_server: RedisServer) -> None:
+    bad = url(acl_server, "producer", "not-the-password")
+    env = worker_env(producer_mode="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_router.client.cli", "--redis-url", bad, "route", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("llm-router: ")
+    assert "not-the-password" not in proc.stderr
+
+
+def test_the_documented_lines_are_these() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    assert PRODUCER_ACL in doc
+    assert WORKER_ACL in doc
