@@ -4,6 +4,9 @@ One producer, one job at a time, an instantly answering model. Three workers run
 side against the same Redis, each a process on a queue of its own:
 
 * ``ours``        our worker (push wake-up, one-script claim, pushed replies), RouterClient;
+* ``ours_producer`` the same worker, RouterClient in producer mode (``handover=False``:
+                  plain commands, no hand-over to a waiting worker; what an ACL'd producer
+                  and the examples do);
 * ``arq_10ms``    plain arq, pickle, worker poll 10 ms, ``job.result(poll_delay=0.01)``;
 * ``arq_default`` plain arq at its defaults: worker poll 0.5 s, ``job.result()`` poll 0.5 s.
 
@@ -46,7 +49,7 @@ from bench.procs import (
 )
 from llm_router.client import RouterClient
 
-VARIANTS = ("ours", "arq_10ms", "arq_default")
+VARIANTS = ("ours", "ours_producer", "arq_10ms", "arq_default")
 FLOOR_P50_MS = 2.0
 FLOOR_P99_MS = 10.0
 PINGS_PER_ROUND = 100
@@ -127,6 +130,7 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
     redis = Redis.from_url(cfg.redis_url)
     pool = await create_pool(RedisSettings.from_dsn(cfg.redis_url))
     client = RouterClient(cfg.redis_url, queue_name=queues["ours"])
+    producer = RouterClient(cfg.redis_url, queue_name=queues["ours_producer"], handover=False)
     warm = Samples()  # probes and warm-up jobs: cleaned up, not reported
     samples = {v: Samples() for v in VARIANTS}
     pings: list[float] = []
@@ -138,17 +142,22 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
             "metrics_channel": channel,
         }
         workers["ours"] = start_ours("overhead-ours", queue=queues["ours"], **common)
+        workers["ours_producer"] = start_ours(
+            "overhead-ours-producer", queue=queues["ours_producer"], **common
+        )
         for v in ("arq_10ms", "arq_default"):
             workers[v] = start_arq(
                 f"overhead-{v}", queue=queues[v], poll_delay=ARQ_POLL[v], **common
             )
-        note("queue_overhead: waiting for 3 workers (litellm import)...")
+        note("queue_overhead: waiting for 4 workers (litellm import)...")
         waited = await wait_listening(workers["ours"], redis)
+        await wait_listening(workers["ours_producer"], redis)
         await probe_ours(workers["ours"], client, warm.job_ids)
+        await probe_ours(workers["ours_producer"], producer, warm.job_ids)
         for v in ("arq_10ms", "arq_default"):
             await probe_arq(workers[v], pool, queues[v], warm.job_ids)
         note(f"queue_overhead: workers ready (ours listening after {waited:.1f}s); warming up")
-        measures: dict[str, Measure] = {"ours": _ours(client)}
+        measures: dict[str, Measure] = {"ours": _ours(client), "ours_producer": _ours(producer)}
         for v in ("arq_10ms", "arq_default"):
             measures[v] = _arq(pool, queues[v], ARQ_POLL[v])
         for v in VARIANTS:
@@ -156,11 +165,12 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
             await _block(measures[v], n, warm, record=False)
         counts = {
             "ours": _shares(cfg.jobs, cfg.rounds),
+            "ours_producer": _shares(cfg.jobs, cfg.rounds),
             "arq_10ms": _shares(cfg.jobs, cfg.rounds),
             "arq_default": _shares(cfg.jobs_arq_default, cfg.rounds),
         }
         for r in range(cfg.rounds):
-            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
             for v in order:
                 await _block(measures[v], counts[v][r], samples[v], record=True)
             for _ in range(PINGS_PER_ROUND):  # the unit everything above is made of
@@ -177,8 +187,9 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
         every = [j for s in [warm, *samples.values()] for j in s.job_ids if j]
         await forget_jobs(redis, every)
         await forget_keys(redis, [k for q in queues.values() for k in queue_keys(q)])
-        await forget_keys(redis, [client.inbox.key])
+        await forget_keys(redis, [client.inbox.key, producer.inbox.key])
         await client.aclose()
+        await producer.aclose()
         await pool.aclose()
         await redis.aclose()
     return _report(cfg, samples, pings)
@@ -205,7 +216,7 @@ def _report(cfg: OverheadConfig, samples: dict[str, Samples], pings: list[float]
     }
     ratios = {
         f"{v}_p50_over_ours": ratio(variants[v]["overhead_ms"].get("p50", 0.0), ours.get("p50", 0))
-        for v in ("arq_10ms", "arq_default")
+        for v in ("ours_producer", "arq_10ms", "arq_default")
     }
     rows = []
     for v in VARIANTS:
