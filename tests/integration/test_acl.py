@@ -10,6 +10,8 @@ is refused to it with ``NOPERM``.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shlex
 import subprocess
 import sys
@@ -94,6 +96,17 @@ async def test_producer_mode_under_acl(
             # A repeated enqueue of a job id that has its result is not queued again.
             again = await client.enqueue("acl again", job_id=handles[0].job_id)
             assert (await again.result(timeout=5)).job_id == handles[0].job_id
+        # The shell example is a producer too: plain commands only, allowed by the ACL.
+        shell = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", str(Path(__file__).parents[2] / "examples" / "enqueue.sh"), "acl shell"],
+            env={"PATH": os.environ.get("PATH", ""), "LLM_ROUTER_REDIS_URL": producer_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shell.returncode == 0, shell.stderr
+        assert json.loads(shell.stdout)["status"] == "ok"
         assert all(r.ok for r in [*results, *burst])
         assert all(r.model_used.startswith("ollama_chat/") for r in results)
         assert "NOPERM" not in worker.log_text()
