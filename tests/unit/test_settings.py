@@ -164,6 +164,13 @@ def test_unknown_env_var_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_the_clients_producer_mode_variable_does_not_stop_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_ROUTER_PRODUCER_MODE", "1")  # one env file for both sides
+    assert load_settings().queue_name == "llm_router:queue"
+
+
 def test_known_scalar_env_vars_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM_ROUTER_QUEUE_NAME", "q2")
     monkeypatch.setenv("LLM_ROUTER_MAX_JOBS", "4")

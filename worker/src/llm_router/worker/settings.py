@@ -298,8 +298,12 @@ class ConfigError(Exception):
     """A setting is wrong; the message is one line that names it."""
 
 
+#: Read by the client (RouterClient) on the same machine; not a worker setting.
+CLIENT_ENV = {ENV_PREFIX + "PRODUCER_MODE"}
+
+
 def _known_env_names() -> set[str]:
-    return {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_ENV}
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_ENV} | CLIENT_ENV
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
