@@ -72,7 +72,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         replica = ReplicatedRedisServer(tmp_path / "redis-b", replica_of=primary.port)
         started.append(replica)
         replica.start()
-        sentinel = SentinelServer(tmp_path / "sentinel", primary.port, master=MASTER)
+        # 3 s, not 1: on a loaded machine a primary that stalls for a second would be
+        # failed over once more, and the test's story would not be the one it tells.
+        sentinel = SentinelServer(
+            tmp_path / "sentinel", primary.port, master=MASTER, down_after_ms=3000
+        )
         started.append(sentinel)
         sentinel.start()
         yield Cluster(primary, replica, sentinel)
