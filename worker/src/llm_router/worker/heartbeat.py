@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("llm_router.heartbeat")
 
 
+@functools.cache  # read once: the installed version does not change under a running worker
 def package_version() -> str:
     try:
         return version("llm-router-worker")
