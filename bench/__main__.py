@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import backfill, cloud, hostile, idle, local_model, queue_overhead, throughput
+from bench import backfill, cloud, hostile, idle, local_model, queue_overhead, throughput, tokens
 from bench.common import DEFAULT_REDIS_URL, REPO_ROOT, emit, new_run_id, note, say
 from bench.procs import start_stub, stop_all
 
@@ -27,6 +27,7 @@ NAMES = (
     "local_model",
     "backfill",
     "cloud",
+    "tokens",
 )
 
 
@@ -207,6 +208,8 @@ async def main_async(args: argparse.Namespace) -> int:
                     budget_usd=args.budget_usd,
                 )
                 data = await cloud.run(cfg_c, stub_url, run_id)
+            elif name == "tokens":
+                data = tokens.run()
             else:
                 data = await local_model.run(args.redis_url, run_id)
             data |= {"run_id": run_id, "quick": args.quick, "environment": env}

@@ -36,13 +36,24 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_test_db(
 pytestmark = pytest.mark.integration
 
 
-def chain_env(stub_url: str, *, local_timeout: float = 1.0, cloud_timeout: float = 2.0) -> str:
+#: Room for any prompt and any answer: for tests of what the checks make of huge ones.
+ROOMY: dict[str, Any] = {"context_window": 100_000_000, "params": {"max_tokens": 10_000_000}}
+
+
+def chain_env(
+    stub_url: str,
+    *,
+    local_timeout: float = 1.0,
+    cloud_timeout: float = 2.0,
+    roomy: bool = False,
+) -> str:
     """The seed's chain, every model pointed at the stub server.
 
     These tests make models fail on purpose, one rule at a time; the circuit breaker
     (tested on its own in test_local_model.py) is kept from opening between them.
+    ``roomy``: no context window or answer limit gets in the way (:data:`ROOMY`).
     """
-    quiet = {"api_base": stub_url, "breaker_failures": 1000}
+    quiet = {"api_base": stub_url, "breaker_failures": 1000, **(ROOMY if roomy else {})}
     cloud = {**quiet, "api_key": "sk-ant-test-secret-0123456789"}
     local = {"model": "ollama_chat/qwen2.5:7b", "timeout": local_timeout, **quiet}
     chains: dict[str, Any] = {

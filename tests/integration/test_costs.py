@@ -237,9 +237,10 @@ async def test_cache_prompt_marks_the_system_block_and_reads_are_cheaper(
         )
         for i in range(2)
     ]
-    sent = [r for r in cloud_stub.requests if system[:60] in str(r.body.get("system"))]
+    bodies = [r.body for r in cloud_stub.requests if isinstance(r.body, dict)]
+    sent = [b for b in bodies if system[:60] in str(b.get("system"))]
     assert len(sent) == 2
-    assert sent[0].body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert sent[0]["system"][-1]["cache_control"] == {"type": "ephemeral"}
     wrote, read = (r.attempts[0] for r in results)
     assert wrote.cache_creation_input_tokens
     assert wrote.cache_creation_input_tokens > 4096

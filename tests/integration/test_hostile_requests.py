@@ -86,7 +86,7 @@ def hostile_worker(
     env = worker_env(
         redis_url=redis_available,
         queue_name=queue,
-        chains=chain_env(stub.url, local_timeout=5.0, cloud_timeout=5.0),
+        chains=chain_env(stub.url, local_timeout=5.0, cloud_timeout=5.0, roomy=True),
         max_jobs="10",
         poll_delay="0.05",
         lease_seconds=str(LEASE_MS / 1000),

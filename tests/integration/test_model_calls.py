@@ -20,9 +20,13 @@ import httpx
 import litellm
 import pytest
 from litellm.exceptions import AuthenticationError, InternalServerError, RateLimitError
+from pydantic import SecretStr
 
-from llm_router.worker import stubs
+from llm_router.worker import calls, stubs
+from llm_router.worker.settings import ModelConfig
 from llm_router.worker.stubs import (
+    PARTIAL_REFUSAL_TEXT,
+    REFUSAL_DETAILS,
     REFUSAL_MARKERS,
     REFUSAL_TEXT,
     Behaviour,
@@ -263,14 +267,15 @@ def test_anthropic_rejections_in_wire_format(stub: StubServer) -> None:
     assert (no_max.status_code, no_max.json()["error"]["type"]) == (400, "invalid_request_error")
 
 
-def test_anthropic_rate_limit_has_retry_after(stub: StubServer) -> None:
-    body = {
-        "model": "claude-x",
-        "max_tokens": 5,
-        "messages": [{"role": "user", "content": "stub:*=http_429"}],
-    }
+def post_messages(stub: StubServer, user: str, **extra: Any) -> httpx.Response:
+    """``POST /v1/messages`` as Anthropic's SDK sends it."""
+    body = {"model": "claude-x", "max_tokens": 64, "messages": [{"role": "user", "content": user}]}
     headers = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
-    response = httpx.post(f"{stub.url}/v1/messages", json=body, headers=headers)
+    return httpx.post(f"{stub.url}/v1/messages", json={**body, **extra}, headers=headers)
+
+
+def test_anthropic_rate_limit_has_retry_after(stub: StubServer) -> None:
+    response = post_messages(stub, "stub:*=http_429", max_tokens=5)
 
     assert response.status_code == 429
     assert response.headers["retry-after"]
@@ -313,6 +318,8 @@ def test_answer_texts(behaviour: Behaviour) -> None:
         assert text == "[" * 100_000 + "]" * 100_000
     elif behaviour is Behaviour.HUGE_JSON:
         assert len(json.loads(text)) == 2_000_000
+    elif behaviour is Behaviour.PROVIDER_REFUSAL:
+        assert text == PARTIAL_REFUSAL_TEXT  # what Anthropic sent before it stopped
     elif behaviour is not Behaviour.REFUSAL:
         assert text.startswith("Stub qwen answers: ")
         assert not any(marker in text.lower() for marker in REFUSAL_MARKERS)
@@ -361,3 +368,43 @@ def test_entry_point_serves_until_sigterm() -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+def test_anthropic_refusal_in_wire_format(stub: StubServer) -> None:
+    """HTTP 200, ``stop_reason: "refusal"``, the text so far and ``stop_details``
+    (anthropic-sdk-python: ``Message``, ``RawMessageDeltaEvent``, ``RefusalStopDetails``)."""
+    whole = post_messages(stub, "stub:*=provider_refusal")
+    streamed = post_messages(stub, "stub:*=provider_refusal", stream=True).text
+
+    assert whole.status_code == 200
+    message = whole.json()
+    assert message["stop_reason"] == "refusal"
+    assert message["stop_details"] == REFUSAL_DETAILS
+    assert message["content"] == [{"type": "text", "text": PARTIAL_REFUSAL_TEXT}]
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: ")]
+    [delta] = [e for e in events if e["type"] == "message_delta"]
+    assert delta["delta"]["stop_reason"] == "refusal"
+    assert delta["delta"]["stop_details"] == REFUSAL_DETAILS
+
+
+@pytest.mark.parametrize("schema", [None, SCHEMA, {**SCHEMA, "additionalProperties": True}])
+async def test_the_call_reports_how_the_answer_ended(
+    stub: StubServer, schema: dict[str, Any] | None
+) -> None:
+    """Through litellm's real path: native output format, the forced JSON tool (where
+    litellm reports a cut-off answer as ``stop``), plain text."""
+    cfg = ModelConfig(
+        model=HAIKU, timeout=5, api_base=stub.url, api_key=SecretStr("k"), params={"max_tokens": 5}
+    )
+    refused = await calls.call_model(
+        cfg, [{"role": "user", "content": "stub:*=provider_refusal"}], schema
+    )
+    cut = await calls.call_model(cfg, [{"role": "user", "content": "a long story " * 20}], schema)
+
+    assert refused.text == PARTIAL_REFUSAL_TEXT
+    assert refused.finish.refused
+    assert refused.finish.refusal_category == REFUSAL_DETAILS["category"]
+    assert refused.finish.refusal_explanation == REFUSAL_DETAILS["explanation"]
+    assert cut.finish.truncated
+    assert cut.finish.word == "length"
+    assert cut.finish.limit == "max_tokens (5)"

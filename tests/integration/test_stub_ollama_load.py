@@ -21,7 +21,13 @@ import pytest
 # First: importing calls puts litellm in offline mode before litellm itself is imported.
 from llm_router.worker import calls
 from llm_router.worker.settings import ModelConfig
-from llm_router.worker.stubs import OLLAMA_BUSY, Behaviour, StubServer, answer_text
+from llm_router.worker.stubs import (
+    OLLAMA_BUSY,
+    OLLAMA_TOO_LONG,
+    Behaviour,
+    StubServer,
+    answer_text,
+)
 
 litellm: Any = importlib.import_module("litellm")
 
@@ -326,3 +332,86 @@ async def test_litellm_calls_queue_behind_one_runner() -> None:
             f"Stub {QWEN} answers: call {i}" for i in range(3)
         ]
         assert (stub.peak_generating, stub.served) == (1, {QWEN: 3})
+
+
+# --- the context window, runner options and answer limits (Ollama's scheduler and truncate) ---
+
+
+async def test_a_runner_reloads_for_other_runner_options_only(
+    session: aiohttp.ClientSession,
+) -> None:
+    with StubServer(cold_load=0.3) as stub:
+        _, first = await post(session, stub, chat_body(options={"num_ctx": 8192}))
+        _, same = await post(session, stub, chat_body(options={"num_ctx": 8192, "seed": 1}))
+        _, other = await post(session, stub, chat_body(options={"num_ctx": 2048}))
+
+        assert first["load_duration"] >= 0.3 * NS  # cold
+        assert same["load_duration"] < 0.1 * NS  # seed is not a runner option: no reload
+        assert other["load_duration"] >= 0.3 * NS  # num_ctx is: loaded again
+        assert stub.loads == 2
+
+
+async def test_api_ps_lists_loaded_runners_with_their_context(
+    session: aiohttp.ClientSession,
+) -> None:
+    with StubServer() as stub:
+        async with session.get(stub.url + "/api/ps") as response:
+            assert (await response.json())["models"] == []
+        await post(session, stub, chat_body(model="qwen2.5", keep_alive=-1))
+        await post(session, stub, chat_body(model=LLAMA, options={"num_ctx": 16384}))
+        async with session.get(stub.url + "/api/ps") as response:
+            models = {m["name"]: m for m in (await response.json())["models"]}
+
+        assert models["qwen2.5:latest"]["context_length"] == 4096  # Ollama's smallest default
+        assert models[LLAMA]["context_length"] == 16384
+        assert {"model", "size", "digest", "details", "expires_at", "size_vram"} <= set(
+            models[LLAMA]
+        )
+        assert models["qwen2.5:latest"]["expires_at"].startswith("2318")  # keep_alive -1
+
+
+async def test_an_over_long_prompt_loses_its_oldest_messages_silently(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Ollama's chatPrompt: drop from the front until it fits, keep system and the last."""
+    old = "Old history that no longer fits. " * 400  # about 3,300 stub tokens each
+    messages = [
+        {"role": "system", "content": "stub:qwen=echo"},
+        {"role": "user", "content": old},
+        {"role": "assistant", "content": old},
+        {"role": "user", "content": "stub:qwen=echo\nthe question"},
+    ]
+    with StubServer() as stub:
+        status, answer = await post(session, stub, chat_body(messages=messages))
+        status_off, refused = await post(
+            session, stub, chat_body(messages=messages, truncate=False)
+        )
+
+        assert status == 200
+        assert answer["done_reason"] == "stop"
+        assert answer["message"]["content"] == "the question"
+        assert answer["prompt_eval_count"] <= 4096
+        assert stub.truncated == 1
+        assert (status_off, refused) == (400, {"error": OLLAMA_TOO_LONG})
+
+
+async def test_num_predict_cuts_the_answer_and_says_length(
+    session: aiohttp.ClientSession,
+) -> None:
+    with StubServer() as stub:
+        _, cut = await post(session, stub, chat_body("a long story", options={"num_predict": 2}))
+        _, whole = await post(session, stub, chat_body("a long story"))
+
+        assert cut["done_reason"] == "length"
+        assert cut["eval_count"] == 2
+        assert whole["message"]["content"].startswith(cut["message"]["content"])
+        assert whole["done_reason"] == "stop"
+
+
+async def test_a_planned_503_is_ollamas_full_queue(session: aiohttp.ClientSession) -> None:
+    with StubServer() as stub:
+        body = chat_body("stub-fail:qwen=503x1 hello")
+        assert await post(session, stub, body) == (503, {"error": OLLAMA_BUSY})
+        status, answer = await post(session, stub, body)
+        assert status == 200
+        assert answer["message"]["content"].startswith("Stub")

@@ -23,4 +23,5 @@ NO_USAGE: dict[str, object] = {
     "cache_read_input_tokens": None,
     "cache_creation_input_tokens": None,
     "cost_usd": 0.0,
+    "finish_reason": None,
 }

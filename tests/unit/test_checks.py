@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llm_router.worker.checks import RefusalDetector, extract_json, judge, validator_for
+from llm_router.worker.checks import Finish, RefusalDetector, extract_json, judge, validator_for
 from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS
 
 SCHEMA: dict[str, Any] = {
@@ -152,3 +152,80 @@ def test_refusal_with_a_typographic_apostrophe_is_detected() -> None:
     assert detector.find("Sorry, I can\u2019t do that.") == "I can't"
     assert detector.find("I don\u2018t know") == "I don't know"
     assert detector.find("I can do that.") is None
+
+
+# --- how the answer ended: cut off, refused by the provider ----------------------------------
+
+CUT = Finish(reason="length", provider_reason="max_tokens", limit="max_tokens (4,096)")
+REFUSED = Finish(
+    reason="content_filter",
+    provider_reason="refusal",
+    refusal_category="cyber",
+    refusal_explanation="The request could enable cyber harm.",
+)
+
+
+def test_a_cut_off_text_answer_is_rejected_naming_the_limit(refusals: RefusalDetector) -> None:
+    verdict = judge("The answer begins well and then", refusals, None, finish=CUT)
+    assert (verdict.outcome, verdict.reason) == (
+        "rejected",
+        "Truncated: the answer was cut off at max_tokens (4,096)",
+    )
+    assert judge("The answer begins well and then", refusals, None).outcome == "success"
+
+
+@pytest.mark.parametrize(
+    ("text", "outcome"),
+    [
+        ('{"action": "wait", "steps": [1, 2]}', "success"),  # whole before the cut
+        ('```json\n{"action": "wait", "steps": []}\n```\nAnd then I', "success"),
+        ('{"action": "wait", "steps": [1, 2', "rejected"),  # cut inside the JSON
+        ('{"action": "wait"}', "rejected"),  # whole, but does not fit the schema
+    ],
+)
+def test_a_cut_off_json_answer_passes_only_when_whole_and_fitting(
+    refusals: RefusalDetector, text: str, outcome: str
+) -> None:
+    verdict = judge(text, refusals, validator_for(SCHEMA), finish=CUT)
+    assert verdict.outcome == outcome
+    if outcome == "rejected":
+        assert verdict.reason is not None
+        assert verdict.reason.startswith("Truncated: ")
+
+
+def test_a_cut_off_number_never_passes(refusals: RefusalDetector) -> None:
+    """``12`` may be what is left of ``1234``: only closed JSON shows where it ended."""
+    number = validator_for({"type": "integer"})
+    assert judge("12", refusals, number).outcome == "success"
+    assert judge("12", refusals, number, finish=CUT).outcome == "rejected"
+
+
+def test_a_provider_refusal_is_rejected_with_its_category(refusals: RefusalDetector) -> None:
+    verdict = judge("Hello..", refusals, None, finish=REFUSED)
+    assert (verdict.outcome, verdict.reason) == (
+        "rejected",
+        "ProviderRefusal: cyber: The request could enable cyber harm.",
+    )
+    bare = judge("", refusals, None, finish=Finish(reason="content_filter"))
+    assert bare.reason == "ProviderRefusal: the provider stopped the answer (content_filter)"
+    # JSON that fits is still refused: the provider said it stopped.
+    fitting = '{"action": "x", "steps": []}'
+    assert judge(fitting, refusals, validator_for(SCHEMA), finish=REFUSED).outcome == "rejected"
+
+
+def test_the_providers_own_word_wins_over_litellms() -> None:
+    """litellm's JSON mode reports Anthropic's cut-off answers as ``stop``."""
+    hidden = Finish(reason="stop", provider_reason="max_tokens", limit="max_tokens (10)")
+    assert hidden.truncated
+    assert hidden.word == "length"
+    window = Finish(reason="length", provider_reason="model_context_window_exceeded")
+    assert window.truncated
+    assert Finish(reason="stop", provider_reason="end_turn").word == "stop"
+    assert Finish(reason="stop", provider_reason="refusal").word == "content_filter"
+
+
+def test_an_empty_cut_off_answer_says_it_was_cut(refusals: RefusalDetector) -> None:
+    assert judge("", refusals, None, finish=CUT).reason == (
+        "Truncated: the answer was cut off at max_tokens (4,096)"
+    )
+    assert judge("", refusals, None).reason == "EmptyResponse: the model returned no text"

@@ -21,6 +21,7 @@ from llm_router.client.protocol import (
     result_from_blob,
 )
 from llm_router.worker import router as router_module
+from llm_router.worker.calls import Reply
 from llm_router.worker.jobs import (
     deserialize,
     exception_result,
@@ -263,9 +264,9 @@ def router(monkeypatch: pytest.MonkeyPatch) -> Router:
         schema: dict[str, Any] | None = None,
         *,
         anthropic_max_tokens: int = 4096,
-    ) -> str:
+    ) -> Reply:
         calls.append(cfg.model)
-        return "I don't know" if cfg.model.startswith("ollama") else "the answer"
+        return Reply("I don't know" if cfg.model.startswith("ollama") else "the answer")
 
     monkeypatch.setattr(router_module, "call_model", fake_call_model)
     settings = Settings(

@@ -16,7 +16,13 @@ from redis.asyncio import Redis
 from llm_router.client.client import RouteFailed
 from llm_router.client.protocol import METRICS_COUNTERS_KEY, RouteRequest
 from llm_router.worker import router as router_module
-from llm_router.worker.calls import ModelCallError, build_kwargs, call_model, register_local_models
+from llm_router.worker.calls import (
+    ModelCallError,
+    Reply,
+    build_kwargs,
+    call_model,
+    register_local_models,
+)
 from llm_router.worker.router import Router
 from llm_router.worker.settings import ModelConfig, Settings
 
@@ -28,14 +34,14 @@ SCHEMA: dict[str, Any] = {
 }
 USER = [{"role": "user", "content": "What should I do?"}]
 
-Reply = str | ModelCallError
+Scripted = str | Reply | ModelCallError
 
 
 @dataclass
 class FakeCall:
     """Stands in for ``call_model``: a scripted reply per model, and a log of calls."""
 
-    replies: dict[str, Reply]
+    replies: dict[str, Scripted]
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     async def __call__(
@@ -45,7 +51,7 @@ class FakeCall:
         schema: dict[str, Any] | None = None,
         *,
         anthropic_max_tokens: int = 4096,
-    ) -> str:
+    ) -> Reply:
         self.calls.append(
             {
                 "model": cfg.model,
@@ -58,7 +64,7 @@ class FakeCall:
         reply = self.replies[cfg.model]
         if isinstance(reply, ModelCallError):
             raise reply
-        return reply
+        return reply if isinstance(reply, Reply) else Reply(reply.strip())
 
     @property
     def models(self) -> list[str]:
@@ -85,7 +91,7 @@ FakeFactory = Callable[..., FakeCall]
 
 @pytest.fixture
 def fake_call(monkeypatch: pytest.MonkeyPatch) -> FakeFactory:
-    def install(**replies: Reply) -> FakeCall:
+    def install(**replies: Scripted) -> FakeCall:
         by_model = {
             M1: replies.get("m1", "x"),
             M2: replies.get("m2", "x"),
@@ -277,9 +283,9 @@ async def test_slow_model_latency_is_measured(
         schema: dict[str, Any] | None = None,
         *,
         anthropic_max_tokens: int = 4096,
-    ) -> str:
+    ) -> Reply:
         await asyncio.sleep(0.03)
-        return "done"
+        return Reply("done")
 
     monkeypatch.setattr(router_module, "call_model", slow)
     result = await Router(settings).route(USER)
@@ -445,7 +451,8 @@ def _fake_acompletion(
 async def test_call_model_returns_stripped_text(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _fake_acompletion(monkeypatch, _Response([_Choice(_Message("  hi there \n"))]))
     cfg = ModelConfig(model="anthropic/claude-sonnet-4-6", timeout=2)
-    assert await call_model(cfg, USER, SCHEMA, anthropic_max_tokens=55) == "hi there"
+    reply = await call_model(cfg, USER, SCHEMA, anthropic_max_tokens=55)
+    assert reply.text == "hi there"
     assert seen[0]["max_tokens"] == 55
     assert seen[0]["response_format"]["json_schema"]["schema"] == SCHEMA
 
@@ -485,10 +492,17 @@ async def test_call_model_maps_any_exception(monkeypatch: pytest.MonkeyPatch) ->
         _Response([_Choice(_Message("   "))]),
     ],
 )
-async def test_call_model_empty_answer(monkeypatch: pytest.MonkeyPatch, reply: Any) -> None:
+async def test_call_model_empty_answer_is_a_reply_the_checks_reject(
+    monkeypatch: pytest.MonkeyPatch, reply: Any, settings: Settings
+) -> None:
     _fake_acompletion(monkeypatch, reply)
-    with pytest.raises(ModelCallError, match="EmptyResponse"):
-        await call_model(ModelConfig(model="ollama_chat/q", timeout=3), USER)
+    answer = await call_model(ModelConfig(model="ollama_chat/q", timeout=3), USER)
+    assert answer.text == ""
+    verdict = await Router(settings).checks.judge(answer.text, None, answer.finish)
+    assert (verdict.outcome, verdict.reason) == (
+        "rejected",
+        "EmptyResponse: the model returned no text",
+    )
 
 
 async def test_call_model_malformed_response(monkeypatch: pytest.MonkeyPatch) -> None:

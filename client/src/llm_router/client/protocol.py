@@ -155,6 +155,9 @@ class Attempt(BaseModel):
     cache_creation_input_tokens: int | None = None
     #: From litellm's bundled price map; local models and unknown prices: 0.
     cost_usd: float = 0.0
+    #: How the model's answer ended (``stop``, ``length``: cut off at its token limit,
+    #: ``content_filter``: the provider refused, ``tool_calls``); None: no answer.
+    finish_reason: str | None = None
 
 
 class RouteResult(BaseModel):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import re
 import weakref
 from collections.abc import Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 # litellm runs offline: the package's __init__ set its environment before this import.
@@ -15,6 +18,7 @@ import httpx
 import litellm
 from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
 
+from llm_router.worker.checks import WINDOW_FULL, Finish
 from llm_router.worker.costs import Usage, usage_of
 from llm_router.worker.retries import MIN_TRY_S, retry_delay
 from llm_router.worker.settings import ModelConfig
@@ -34,62 +38,93 @@ except ImportError:  # pragma: no cover - another litellm version
     _without_litellm_logging = contextlib.nullcontext  # type: ignore[assignment]
 
 
-# litellm keeps nothing of Ollama's timings; a response hook on our own client for
-# Ollama reads ``load_duration`` from the body for the call that is running.
-_LOAD_DURATION = re.compile(rb'"load_duration"\s*:\s*(\d+)')
-_ollama_body: ContextVar[dict[str, int] | None] = ContextVar("ollama_body", default=None)
-_last_load_ms: ContextVar[int | None] = ContextVar("last_load_ms", default=None)
-_last_retries: ContextVar[tuple[int, str | None]] = ContextVar("last_retries", default=(0, None))
-_last_usage: ContextVar[Usage | None] = ContextVar("last_usage", default=None)
+# litellm keeps little of what the provider said about how an answer ended (Ollama's
+# ``load_duration``, Anthropic's ``stop_details``; in JSON mode it even rewrites Anthropic's
+# ``stop_reason`` to "stop"). A response hook on our own client reads those fields from the
+# end of the body of the call that is running; the holder lives only for that call.
+_TAIL_BYTES = 8192
+_RAW_FIELDS = {
+    "load_ns": re.compile(rb'"load_duration"\s*:\s*(\d+)'),
+    "done_reason": re.compile(rb'"done_reason"\s*:\s*"([a-z_]{1,40})"'),
+    "stop_reason": re.compile(rb'"stop_reason"\s*:\s*"([a-z_]{1,40})"'),
+    # A flat object whose strings may hold braces; the last one in the body is the message's.
+    "stop_details": re.compile(rb'"stop_details"\s*:\s*(\{(?:[^{}"]|"(?:[^"\\]|\\.)*")*\})'),
+}
+_raw_body: ContextVar[dict[str, bytes] | None] = ContextVar("raw_body", default=None)
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncHTTPHandler] = (
     weakref.WeakKeyDictionary()
 )
 
 
-async def _read_load_duration(response: httpx.Response) -> None:
-    holder = _ollama_body.get()
-    if holder is None or not response.request.url.path.endswith(("/api/chat", "/api/generate")):
+async def _read_raw_fields(response: httpx.Response) -> None:
+    holder = _raw_body.get()
+    if holder is None or response.status_code >= 400:
         return
     await response.aread()
-    found = _LOAD_DURATION.search(response.content[-4096:])
-    if found:
-        holder["load_ns"] = int(found[1])
+    tail = response.content[-_TAIL_BYTES:]
+    for name, pattern in _RAW_FIELDS.items():
+        found = pattern.findall(tail)
+        if found:
+            holder[name] = found[-1]
 
 
-def _ollama_client() -> AsyncHTTPHandler:
+def _http_client() -> AsyncHTTPHandler:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        client = _clients[loop] = AsyncHTTPHandler(event_hooks={"response": [_read_load_duration]})
+        client = _clients[loop] = AsyncHTTPHandler(event_hooks={"response": [_read_raw_fields]})
     return client
 
 
-def last_load_ms() -> int | None:
-    """The load time Ollama reported for the last :func:`call_model` of this task."""
-    return _last_load_ms.get()
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What one model call gave back: its text (stripped, perhaps empty) and how it went."""
 
-
-def last_usage() -> Usage | None:
-    """What the last :func:`call_model` of this task used and cost, if it answered."""
-    return _last_usage.get()
-
-
-def last_retries() -> tuple[int, str | None]:
-    """How often the last :func:`call_model` of this task retried, and the last error."""
-    return _last_retries.get()
+    text: str
+    finish: Finish = field(default_factory=Finish)
+    usage: Usage | None = None
+    load_ms: int | None = None
+    retries: int = 0
+    retry_error: str | None = None
 
 
 class ModelCallError(Exception):
-    """A model gave no usable text; ``reason`` goes into the attempt log.
+    """A model gave no answer; ``reason`` goes into the attempt log.
 
     ``unwell``: the failure says the model or its server is not working (what the
-    circuit breaker counts), not that this one request or answer was bad.
+    circuit breaker counts), not that this one request was bad. ``busy``: the server
+    turned the call away under load (Ollama's full queue, a model still loading): the
+    model is skipped, and the breaker does not count it.
     """
 
-    def __init__(self, reason: str, *, unwell: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        unwell: bool = False,
+        busy: bool = False,
+        retries: int = 0,
+        retry_error: str | None = None,
+        load_ms: int | None = None,
+        usage: Usage | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.unwell = unwell
+        self.busy = busy
+        self.retries = retries
+        self.retry_error = retry_error
+        self.load_ms = load_ms
+        self.usage = usage
+
+
+#: A 503 that means "come back later", not "broken": Ollama's full queue (server/sched.go)
+#: and llama.cpp's server while it loads its model.
+_BUSY = re.compile(r"server busy|loading model", re.IGNORECASE)
+
+
+def is_busy(exc: BaseException) -> bool:
+    return getattr(exc, "status_code", None) == 503 and _BUSY.search(str(exc)) is not None
 
 
 def is_unwell(exc: BaseException) -> bool:
@@ -132,10 +167,6 @@ def warm_up() -> None:
     import litellm.proxy._types  # noqa: F401
 
 
-def is_anthropic(cfg: ModelConfig) -> bool:
-    return cfg.provider == "anthropic" or cfg.model.startswith("claude")
-
-
 def cacheable_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mark the last system message as a prompt-cache breakpoint: Anthropic caches the
     prefix up to it (tools, then system), which every job sharing it then reads at a
@@ -156,11 +187,9 @@ def cacheable_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def max_output_tokens(cfg: ModelConfig, anthropic_max_tokens: int) -> int:
     """The most a call may answer, for the budget's worst case."""
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = cfg.params.get(name)
-        if isinstance(value, int) and value > 0:
-            return value
-    if is_anthropic(cfg):
+    if cfg.output_limit is not None:
+        return cfg.output_limit
+    if cfg.is_anthropic:
         return anthropic_max_tokens
     try:
         found = litellm.get_model_info(cfg.model).get("max_output_tokens")
@@ -185,7 +214,7 @@ def build_kwargs(
         kwargs["api_base"] = cfg.api_base
     if cfg.api_key is not None:
         kwargs["api_key"] = cfg.api_key.get_secret_value()
-    if is_anthropic(cfg):
+    if cfg.is_anthropic:
         kwargs["max_tokens"] = anthropic_max_tokens
         if cfg.cache_prompt:
             kwargs["messages"] = cacheable_system(messages)
@@ -200,22 +229,31 @@ def build_kwargs(
     return kwargs
 
 
-async def _call_with_retries(cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
+class _Tries:
+    """Retries of one call so far, and the error the last one answered."""
+
+    __slots__ = ("count", "last_error")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_error: str | None = None
+
+
+async def _call_with_retries(cfg: ModelConfig, kwargs: dict[str, Any], tries: _Tries) -> Any:
     """Repeat a transient failure (:mod:`~llm_router.worker.retries`) while the deadline,
     which the caller enforces around all tries, leaves room for the wait and a try."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + cfg.timeout
-    retries = 0
     while True:
         try:
             with _without_litellm_logging():
                 return await litellm.acompletion(**kwargs)
         except Exception as exc:
-            delay = retry_delay(exc, retries) if retries < cfg.retries else None
+            delay = retry_delay(exc, tries.count) if tries.count < cfg.retries else None
             if delay is None or loop.time() + delay + MIN_TRY_S > deadline:
                 raise
-            retries += 1
-            _last_retries.set((retries, _reason(exc)))
+            tries.count += 1
+            tries.last_error = _reason(exc)
             await asyncio.sleep(delay)
             kwargs["timeout"] = max(MIN_TRY_S, deadline - loop.time())
 
@@ -225,40 +263,96 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 1] + "…"
 
 
+def _output_limit(cfg: ModelConfig, kwargs: dict[str, Any]) -> str:
+    """What stops a model's answer, in words for a ``Truncated`` reason."""
+    for name in ("max_tokens", "max_completion_tokens", "num_predict"):
+        value = kwargs.get(name)
+        if isinstance(value, int) and value > 0:
+            return f"{name} ({value:,})"
+    return "the context window" if cfg.is_local else "the model's output limit"
+
+
+def _stop_details(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        details = json.loads(raw)
+    except ValueError:
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
+def _finish(cfg: ModelConfig, kwargs: dict[str, Any], choice: Any, raw: dict[str, bytes]) -> Finish:
+    reason = getattr(choice, "finish_reason", None)
+    provider = raw.get("stop_reason") or raw.get("done_reason")
+    details = _stop_details(raw.get("stop_details"))
+    explanation = details.get("explanation") or getattr(choice.message, "refusal", None)
+    category = details.get("category")
+    finish = Finish(
+        reason=reason if isinstance(reason, str) else None,
+        provider_reason=provider.decode() if provider else None,
+        refusal_category=category if isinstance(category, str) else None,
+        refusal_explanation=explanation if isinstance(explanation, str) else None,
+    )
+    if finish.truncated:
+        limit = "the context window" if finish.provider_reason == WINDOW_FULL else None
+        return dataclasses.replace(finish, limit=limit or _output_limit(cfg, kwargs))
+    return finish
+
+
 async def call_model(
     cfg: ModelConfig,
     messages: list[dict[str, Any]],
     schema: dict[str, Any] | None = None,
     *,
     anthropic_max_tokens: int = 4096,
-) -> str:
-    """Return the model's text or raise :class:`ModelCallError` with the reason."""
+) -> Reply:
+    """The model's answer and how it ended, or :class:`ModelCallError` with the reason.
+
+    Whether the answer is acceptable (whole, not a refusal, the JSON asked for) is for
+    :mod:`~llm_router.worker.checks` to say: an empty or cut-off answer is still a reply.
+    """
     kwargs = build_kwargs(cfg, messages, schema, anthropic_max_tokens)
-    holder: dict[str, int] = {}
-    _last_load_ms.set(None)
-    if cfg.provider == "ollama_chat" and "client" not in kwargs:
-        kwargs["client"] = _ollama_client()
-        _ollama_body.set(holder)
-    _last_retries.set((0, None))
-    _last_usage.set(None)
+    raw: dict[str, bytes] = {}
+    if (cfg.provider == "ollama_chat" or cfg.is_anthropic) and "client" not in kwargs:
+        kwargs["client"] = _http_client()
+    tries = _Tries()
+    error: ModelCallError | None = None
+    scope = _raw_body.set(raw)
     try:
         async with asyncio.timeout(cfg.timeout):
-            response = await _call_with_retries(cfg, kwargs)
+            response = await _call_with_retries(cfg, kwargs, tries)
     except TimeoutError:
-        raise ModelCallError(f"Timeout after {cfg.timeout}s", unwell=True) from None
+        error = ModelCallError(f"Timeout after {cfg.timeout}s", unwell=True)
     except litellm.exceptions.Timeout:
-        raise ModelCallError(f"Timeout after {cfg.timeout}s (provider)", unwell=True) from None
+        error = ModelCallError(f"Timeout after {cfg.timeout}s (provider)", unwell=True)
     except Exception as exc:
-        raise ModelCallError(_reason(exc), unwell=is_unwell(exc)) from None
+        busy = is_busy(exc)
+        reason = f"busy: {_reason(exc)}" if busy else _reason(exc)
+        error = ModelCallError(reason, unwell=is_unwell(exc) and not busy, busy=busy)
     finally:
-        _ollama_body.set(None)
-        if "load_ns" in holder:
-            _last_load_ms.set(round(holder["load_ns"] / 1e6))
-    _last_usage.set(usage_of(cfg.model, response, free=cfg.is_local))  # an empty answer costs too
+        _raw_body.reset(scope)
+    load_ms = round(int(raw["load_ns"]) / 1e6) if "load_ns" in raw and cfg.is_local else None
+    if error is not None:
+        error.retries, error.retry_error, error.load_ms = tries.count, tries.last_error, load_ms
+        raise error from None
+    usage = usage_of(cfg.model, response, free=cfg.is_local)  # an empty answer costs too
     try:
-        text = response.choices[0].message.content
+        choice = response.choices[0]
+        text = choice.message.content
     except (AttributeError, IndexError) as exc:
-        raise ModelCallError(f"MalformedResponse: {exc}") from None
-    if not isinstance(text, str) or not text.strip():
-        raise ModelCallError("EmptyResponse: the model returned no text")
-    return text.strip()
+        raise ModelCallError(
+            f"MalformedResponse: {exc}",
+            retries=tries.count,
+            retry_error=tries.last_error,
+            load_ms=load_ms,
+            usage=usage,
+        ) from None
+    return Reply(
+        text=text.strip() if isinstance(text, str) else "",
+        finish=_finish(cfg, kwargs, choice, raw),
+        usage=usage,
+        load_ms=load_ms,
+        retries=tries.count,
+        retry_error=tries.last_error,
+    )

@@ -1,4 +1,4 @@
-"""What makes an answer acceptable: no refusal, and JSON that fits the schema.
+"""What makes an answer acceptable: whole, no refusal, and JSON that fits the schema.
 
 The answer is hostile input too (the caller steers it through the prompt), so
 every check has a bound: the answer's size and nesting depth, and a CPU-time
@@ -75,6 +75,43 @@ def validator_for(schema: dict[str, Any], limits: SchemaLimits = CEILING) -> Val
 
 
 @dataclass(frozen=True, slots=True)
+class Finish:
+    """How the provider said the answer ended.
+
+    ``reason`` is litellm's OpenAI-style word (``stop``, ``length``, ``content_filter``,
+    ``tool_calls``); ``provider_reason`` the provider's own (Anthropic's ``stop_reason``,
+    Ollama's ``done_reason``), which wins where litellm hid it.
+    """
+
+    reason: str | None = "stop"
+    provider_reason: str | None = None
+    #: What a cut-off answer ran into, for the reason: ``max_tokens (4096)`` ...
+    limit: str | None = None
+    refusal_category: str | None = None
+    refusal_explanation: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.reason == "content_filter" or self.provider_reason == "refusal"
+
+    @property
+    def truncated(self) -> bool:
+        return not self.refused and (self.reason == "length" or self.provider_reason in _CUT_OFF)
+
+    @property
+    def word(self) -> str | None:
+        """The OpenAI-style finish reason, corrected by the provider's own word."""
+        if self.refused:
+            return "content_filter"
+        return "length" if self.truncated else self.reason
+
+
+WINDOW_FULL = "model_context_window_exceeded"
+#: Provider words for an answer that stopped before it was whole.
+_CUT_OFF = frozenset({"length", "max_tokens", WINDOW_FULL})
+
+
+@dataclass(frozen=True, slots=True)
 class AnswerLimits:
     """What one answer may cost to check (the worker's ``max_answer_*`` settings)."""
 
@@ -103,16 +140,41 @@ def _size_problem(text: str, limit: int) -> str | None:
     return f"AnswerTooLarge: {size:,} bytes, more than max_answer_bytes ({limit:,})"
 
 
+def provider_refusal(finish: Finish) -> str:
+    """``ProviderRefusal: <category>: <explanation>``, as much of it as the provider gave."""
+    said = [p for p in (finish.refusal_category, finish.refusal_explanation) if p]
+    if not said:
+        said = [f"the provider stopped the answer ({finish.provider_reason or finish.reason})"]
+    text = "ProviderRefusal: " + ": ".join(said).replace("\n", " ")
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def truncated(finish: Finish) -> str:
+    return f"Truncated: the answer was cut off at {finish.limit or 'its token limit'}"
+
+
+#: A cut-off answer passes only as one of these: their closing bracket or quote shows the
+#: JSON ended before the cut (a number or a literal cut short may still parse).
+_CLOSED = (dict, list, str)
+
+WHOLE = Finish()
+
+
 def judge(
     text: str,
     refusals: RefusalDetector,
     validator: Validator | None,
     limits: AnswerLimits = AnswerLimits(),
     *,
+    finish: Finish = WHOLE,
     seconds: float | None = None,
     share_gil: bool = False,
 ) -> Verdict:
-    """Apply the seed's rules in its order: refusal first, then JSON and schema.
+    """The provider's word first (a refusal, a cut-off answer), then the seed's rules in
+    its order: refusal patterns, then JSON and schema.
+
+    A cut-off answer is ``rejected`` unless a schema was asked for and the answer is a
+    JSON object, array or string that fits it: that JSON was whole before the cut.
 
     With ``seconds`` (a smaller budget than the limits'), running out of it raises
     :class:`BudgetExceeded` instead of giving a verdict, so the caller can go on
@@ -120,11 +182,31 @@ def judge(
     """
     if (too_large := _size_problem(text, limits.max_bytes)) is not None:
         return _invalid(too_large)
+    if finish.refused:
+        return Verdict(None, "rejected", provider_refusal(finish))
+    if finish.truncated and (validator is None or not text):
+        return Verdict(None, "rejected", truncated(finish))
+    if not text:
+        return Verdict(None, "rejected", "EmptyResponse: the model returned no text")
     pattern = refusals.find(text)
     if pattern is not None:
         return Verdict(None, "rejected", f"RefusalPattern matched: {pattern!r}")
     if validator is None:
         return Verdict(text, "success")
+    verdict = _json_verdict(text, validator, limits, seconds, share_gil)
+    whole = verdict.outcome == "success" and isinstance(verdict.content, _CLOSED)
+    if finish.truncated and not whole:
+        return Verdict(None, "rejected", truncated(finish))
+    return verdict
+
+
+def _json_verdict(
+    text: str,
+    validator: Validator,
+    limits: AnswerLimits,
+    seconds: float | None,
+    share_gil: bool,
+) -> Verdict:
     try:
         parsed = extract_json(text)
     except json.JSONDecodeError as exc:
@@ -168,12 +250,21 @@ class AnswerChecks:
         self.limits = limits
         self.offload = offload
 
-    async def judge(self, text: str, validator: Validator | None) -> Verdict:
+    async def judge(
+        self, text: str, validator: Validator | None, finish: Finish = WHOLE
+    ) -> Verdict:
         if len(text) <= INLINE_CHARS:
             try:
-                return judge(text, self.refusals, validator, self.limits, seconds=INLINE_SECONDS)
+                return judge(
+                    text,
+                    self.refusals,
+                    validator,
+                    self.limits,
+                    finish=finish,
+                    seconds=INLINE_SECONDS,
+                )
             except BudgetExceeded:
                 pass
         return await self.offload.run(
-            judge, text, self.refusals, validator, self.limits, share_gil=True
+            judge, text, self.refusals, validator, self.limits, finish=finish, share_gil=True
         )

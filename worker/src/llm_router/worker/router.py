@@ -19,6 +19,7 @@ from llm_router.client.protocol import (
     BATCH_CHAIN,
     DEFAULT_CHAIN,
     Attempt,
+    Outcome,
     RouteRequest,
     RouteResult,
 )
@@ -29,9 +30,6 @@ from llm_router.worker.budgets import Ledger
 from llm_router.worker.calls import (
     ModelCallError,
     call_model,
-    last_load_ms,
-    last_retries,
-    last_usage,
     max_output_tokens,
     register_local_models,
 )
@@ -43,6 +41,7 @@ from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
 from llm_router.worker.settings import ModelConfig, Settings
 from llm_router.worker.warmup import Warmer, note_load
+from llm_router.worker.windows import Prompt, Windows
 
 log = structlog.get_logger("llm_router")
 
@@ -73,6 +72,7 @@ class Tried(NamedTuple):
     retries: int = 0
     retry_error: str | None = None
     usage: Usage | None = None
+    finish_reason: str | None = None
 
 
 def _usage_fields(usage: Usage | None) -> dict[str, Any]:
@@ -104,7 +104,8 @@ class Router:
         self.breakers = Breakers(redis)
         self.capacity = Capacity(redis)
         self.ledger = Ledger(redis, self.settings.budgets)
-        self.warmer = Warmer()
+        self.windows = Windows(self.settings.anthropic_max_tokens)
+        self.warmer = Warmer(self.windows)
         register_local_models(self.models)
 
     @property
@@ -207,11 +208,12 @@ class Router:
             bound.info("schema_not_sent", inlined_nodes=compiled.inlined_nodes)
             schema = None
         messages = [m.model_dump(mode="json") for m in request.messages]
+        prompt = Prompt(messages, self.offload)
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
             attempt_start = time.monotonic()
             tried = await self._try(
-                cfg, request.chain or DEFAULT_CHAIN, messages, schema, validator, lane
+                cfg, request.chain or DEFAULT_CHAIN, prompt, schema, validator, lane
             )
             verdict, text = tried.verdict, tried.text
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
@@ -223,6 +225,7 @@ class Router:
                 load_ms=tried.load_ms,
                 retries=tried.retries,
                 retry_error=tried.retry_error,
+                finish_reason=tried.finish_reason,
                 **_usage_fields(tried.usage),
             )
             attempts.append(attempt)
@@ -260,13 +263,16 @@ class Router:
         self,
         cfg: ModelConfig,
         chain: str,
-        messages: list[dict[str, Any]],
+        prompt: Prompt,
         schema: dict[str, Any] | None,
         validator: Validator | None,
         lane: Lane,
     ) -> Tried:
-        """One model: its budget, its breaker, a slot, the call under its deadline, the
-        checks; what the call used is counted whatever came of it."""
+        """One model: does the prompt fit it, its budget, its breaker, a slot, the call
+        under its deadline, the checks; what the call used is counted whatever came of it."""
+        if (misfit := await self.windows.misfit(cfg, prompt)) is not None:
+            return Tried(Verdict(None, "skipped", misfit))
+        messages = prompt.messages
         worst = 0.0
         if self.ledger.capped(chain, cfg):
             prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
@@ -297,29 +303,48 @@ class Router:
         if isinstance(slot, Busy):
             await self.breakers.record(cfg, "abandoned", probe=admission.probe)
             return Tried(Verdict(None, "skipped", slot.reason))
-        health: Health = "healthy"  # any answer, even a refusal, says the model is up
-        failed: Verdict | None = None
-        text = ""
+        failed: ModelCallError | None = None
         try:
-            text = await call_model(
+            reply = await call_model(
                 cfg, messages, schema, anthropic_max_tokens=self.settings.anthropic_max_tokens
             )
         except ModelCallError as exc:
-            health = "unwell" if exc.unwell else "healthy"
-            failed = Verdict(None, "rejected", exc.reason)
+            failed = exc
         finally:
             if slot is not None:
                 await self.capacity.release(slot)
-        load_ms = last_load_ms() if cfg.is_local else None
-        retries, retry_error = last_retries()
-        usage = last_usage()
-        note_load(cfg, load_ms)
-        if await self.breakers.record(cfg, health, probe=admission.probe) == "closed":
-            self.warmer.warm([cfg])
         if failed is not None:
-            return Tried(failed, "", load_ms, retries, retry_error, usage)
-        verdict = await self.checks.judge(text, validator)
-        return Tried(verdict, text, load_ms, retries, retry_error, usage)
+            note_load(cfg, failed.load_ms)
+            # Busy is load, not ill health: the breaker neither counts it nor keeps a probe.
+            health: Health = "unwell" if failed.unwell else "healthy"
+            if failed.busy:
+                health = "abandoned"
+            await self._record_health(cfg, health, admission.probe)
+            outcome: Outcome = "skipped" if failed.busy else "rejected"
+            return Tried(
+                Verdict(None, outcome, failed.reason),
+                load_ms=failed.load_ms,
+                retries=failed.retries,
+                retry_error=failed.retry_error,
+                usage=failed.usage,
+            )
+        note_load(cfg, reply.load_ms)
+        # Any answer, even a refusal or a cut-off one, says the model is up.
+        await self._record_health(cfg, "healthy", admission.probe)
+        verdict = await self.checks.judge(reply.text, validator, reply.finish)
+        return Tried(
+            verdict,
+            reply.text,
+            reply.load_ms,
+            reply.retries,
+            reply.retry_error,
+            reply.usage,
+            reply.finish.word,
+        )
+
+    async def _record_health(self, cfg: ModelConfig, health: Health, probe: bool) -> None:
+        if await self.breakers.record(cfg, health, probe=probe) == "closed":
+            self.warmer.warm([cfg])
 
     @property
     def default_chain(self) -> list[ModelConfig]:

@@ -28,6 +28,7 @@ async def start(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     worker = ctx["worker"]
     router = ctx["router"] = Router(settings, redis=ctx["redis"])
+    router.windows.log_known(router.models)
     router.warmer.warm(router.models)
     tally = Tally()
     worker.observers.append(tally.observe)

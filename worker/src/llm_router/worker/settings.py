@@ -91,6 +91,13 @@ class ModelConfig(BaseModel):
     breaker_cooldown: float = Field(
         default=30.0, gt=0, le=86_400, description="seconds an open breaker skips the model"
     )
+    context_window: int | None = Field(
+        default=None,
+        ge=256,
+        le=100_000_000,
+        description="tokens of prompt and answer the model takes (default: asked of Ollama, "
+        "else its num_ctx or 4096; cloud models: litellm's max_input_tokens)",
+    )
 
     @property
     def provider(self) -> str:
@@ -99,6 +106,19 @@ class ModelConfig(BaseModel):
     @property
     def is_local(self) -> bool:
         return self.provider in LOCAL_PROVIDERS
+
+    @property
+    def is_anthropic(self) -> bool:
+        return self.provider == "anthropic" or self.model.startswith("claude")
+
+    @property
+    def output_limit(self) -> int | None:
+        """The answer's token limit set in ``params``, if any."""
+        for name in ("max_tokens", "max_completion_tokens", "num_predict"):
+            value = self.params.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
 
     @property
     def retries(self) -> int:

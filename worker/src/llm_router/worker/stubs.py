@@ -37,6 +37,28 @@ FAILURE = re.compile(
     r"stub-fail:(?P<key>[A-Za-z0-9_.\-*]+)=(?P<status>\d{3})x(?P<times>\d+)(?:@(?P<after>[\d.]+|none))?"
 )
 REFUSAL_TEXT = "I'm sorry, but I cannot help with that."
+#: What Anthropic's API may have sent before it stopped for a refusal (its docs' example).
+PARTIAL_REFUSAL_TEXT = "Hello.."
+#: ``stop_details`` of the stub's refusals (anthropic-sdk-python: ``RefusalStopDetails``).
+REFUSAL_DETAILS = {
+    "type": "refusal",
+    "category": "cyber",
+    "explanation": "The request could enable cyber harm (stub).",
+}
+#: Ollama's error for a prompt over the context with ``truncate: false`` (llm/llama_server.go).
+OLLAMA_TOO_LONG = "the input length exceeds the context length"
+#: Ollama's runner options (api/types.go): a request whose values differ from the loaded
+#: runner's makes the scheduler load the model again. Taken from Ollama's source, not from
+#: the worker's warm-up, so that a mistake in the worker's list shows here.
+RUNNER_OPTIONS = (
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "use_mmap",
+    "num_thread",
+    "draft_num_predict",
+)
 # Phrases a refusal detector may look for; the ``text`` answer must never trip one by accident.
 REFUSAL_MARKERS = (
     "i cannot",
@@ -52,12 +74,13 @@ REFUSAL_MARKERS = (
 _REFUSAL_RE = re.compile("|".join(map(re.escape, REFUSAL_MARKERS)), re.IGNORECASE)
 _WIRES = {"/api/chat": "chat", "/api/generate": "generate", "/v1/messages": "anthropic"}
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+# Ollama's own words (server/sched.go), two spaces included: clients may match on them.
+OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 _OLLAMA_ERRORS = {
     500: "llama runner process has terminated: exit status 2 (stub)",
     429: "too many requests, retry later (stub)",
+    503: OLLAMA_BUSY,
 }
-# Ollama's own words (server/sched.go), two spaces included: clients may match on them.
-OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 # Anthropic's error types by status (its API's "Errors" page).
 _ANTHROPIC_ERRORS = {
     400: ("invalid_request_error", "There was an issue with the request (stub)"),
@@ -115,6 +138,9 @@ class Behaviour(StrEnum):
     HUGE_JSON = "huge_json"
     #: The text answer cut off as at num_predict / max_tokens: its echoed part halved.
     LENGTH = "length"
+    #: Anthropic's refusal: HTTP 200, ``stop_reason: "refusal"``, the text so far and
+    #: ``stop_details`` (its type, category and explanation).
+    PROVIDER_REFUSAL = "provider_refusal"
 
 
 _BEHAVIOURS = frozenset(b.value for b in Behaviour)
@@ -192,6 +218,8 @@ def answer_text(behaviour: Behaviour, key: str, user_text: str) -> str:
         case Behaviour.LENGTH:
             echoed = user_text[:60]
             return _scrub(f"Stub {key} answers: {echoed[: len(echoed) // 2]}")
+        case Behaviour.PROVIDER_REFUSAL:
+            return PARTIAL_REFUSAL_TEXT
         case _:
             return _scrub(f"Stub {key} answers: {user_text[:60]}")
 
@@ -245,6 +273,16 @@ def _anthropic_content(body: dict[str, Any], text: str) -> tuple[dict[str, Any],
     return {"type": "text", "text": text}, "end_turn"
 
 
+def _output_limit(wire: str, body: dict[str, Any]) -> int | None:
+    """Ollama's ``options.num_predict`` or Anthropic's ``max_tokens``, when positive."""
+    if wire == "anthropic":
+        value = body.get("max_tokens")
+    else:
+        options = body.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _tagged(name: str) -> str:
     """Ollama's name for a model given without a tag: ``qwen2.5`` is ``qwen2.5:latest``."""
     return name if ":" in name else f"{name}:latest"
@@ -269,6 +307,10 @@ class _Runner:
 
     busy: int = 0
     loaded: bool = False
+    #: The runner options it was loaded with, and the context that gives it.
+    options: dict[str, Any] = field(default_factory=dict)
+    num_ctx: int = 0
+    expires_at: str = ""
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     loading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -328,9 +370,15 @@ class StubServer:
     On the Ollama routes each model has a runner like Ollama's: ``ollama_parallel`` generations at
     a time (None: unlimited; Ollama's default is 1), the rest waiting FIFO in one queue of at most
     ``ollama_max_queue`` requests over all models (beyond it: Ollama's 503). Each generation holds
-    its slot for ``ollama_delay`` seconds; a model's first request, and the first after
-    ``unload()``, also spends ``cold_load`` seconds loading it. ``strict_models`` answers Ollama's
-    404 for models not in ``models``. The defaults keep the stub instant and permissive.
+    its slot for ``ollama_delay`` seconds; a model's first request, the first after
+    ``unload()`` and one whose runner options (``num_ctx``...) differ from the loaded runner's
+    also spend ``cold_load`` seconds (re)loading it. The runner's context is the request's
+    ``num_ctx``, else ``num_ctx`` (Ollama's smallest default), at most the model's
+    ``context_length``; a longer prompt loses its oldest messages but the system ones and the
+    last, as Ollama's ``truncate`` does (``truncate: false``: HTTP 400), and ``/api/ps`` lists
+    loaded runners with their context. ``options.num_predict`` (Anthropic: ``max_tokens``)
+    cuts an answer and says so. ``strict_models`` answers Ollama's 404 for models not in
+    ``models``. The defaults keep the stub instant and permissive.
     """
 
     def __init__(
@@ -340,6 +388,7 @@ class StubServer:
         slow_delay: float = 1.0,
         models: Sequence[str] = ("qwen2.5:7b", "llama3.1:8b"),
         context_length: int = 32768,
+        num_ctx: int = 4096,
         ollama_parallel: int | None = None,
         ollama_max_queue: int = 512,
         ollama_delay: float = 0.0,
@@ -350,6 +399,7 @@ class StubServer:
         self.slow_delay = slow_delay
         self.models = list(models)
         self.context_length = context_length
+        self.num_ctx = num_ctx
         self.ollama_parallel = ollama_parallel
         self.ollama_max_queue = ollama_max_queue
         self.ollama_delay = ollama_delay
@@ -373,6 +423,7 @@ class StubServer:
         self._generating = self._peak_generating = 0
         self._served: dict[str, int] = {}
         self._dropped = self._rejected_busy = 0
+        self._truncated = self._loads = 0
 
     @property
     def url(self) -> str:
@@ -439,6 +490,18 @@ class StubServer:
         """Requests answered 503 because the pending queue was full."""
         with self._lock:
             return self._rejected_busy
+
+    @property
+    def truncated(self) -> int:
+        """Prompts whose oldest messages were dropped to fit the runner's context."""
+        with self._lock:
+            return self._truncated
+
+    @property
+    def loads(self) -> int:
+        """Model loads (cold or for other runner options) since start."""
+        with self._lock:
+            return self._loads
 
     def reset_peak(self) -> None:
         """Start both peaks again from what is in flight now."""
@@ -537,6 +600,7 @@ class StubServer:
         app.router.add_get("/", self._hello)
         app.router.add_get("/api/version", self._hello)
         app.router.add_get("/api/tags", self._tags)
+        app.router.add_get("/api/ps", self._ps)
         app.router.add_post("/api/show", self._show)
         for path in _WIRES:
             app.router.add_post(path, self._generate)
@@ -602,6 +666,27 @@ class StubServer:
         ]
         return web.json_response({"models": models})
 
+    async def _ps(self, request: web.Request) -> web.Response:
+        """Loaded models as ``GET /api/ps`` lists them (api/types.go: ProcessModelResponse)."""
+        self._record(request, None)
+        with self._lock:
+            runners = self._runners.items()
+            loaded = [(name, r.num_ctx, r.expires_at) for name, r in runners if r.loaded]
+        models = [
+            {
+                "name": _tagged(name),
+                "model": _tagged(name),
+                "size": 5_964_210_176,
+                "digest": hashlib.sha256(_tagged(name).encode()).hexdigest(),
+                "details": _ollama_show(name, self.context_length)["details"],
+                "expires_at": expires,
+                "size_vram": 5_964_210_176,
+                "context_length": num_ctx,
+            }
+            for name, num_ctx, expires in loaded
+        ]
+        return web.json_response({"models": models})
+
     async def _show(self, request: web.Request) -> web.Response:
         body = await request.json()
         name = str(body.get("model") or body.get("name") or "")
@@ -634,8 +719,11 @@ class StubServer:
         self._record(request, body, model, choice)
         return await self._answer(request, body, wire, choice)
 
-    def _planned_failure(self, model: str, texts: list[str]) -> web.Response | None:
-        """A ``stub-fail:`` directive's error, for the first calls of this request only."""
+    def _planned_failure(
+        self, model: str, texts: list[str], wire: str = "anthropic"
+    ) -> web.Response | None:
+        """A ``stub-fail:`` directive's error, for the first calls of this request only, in
+        the wire's own words (Ollama: 503 is its full queue, 404 an unknown model)."""
         for text in texts:
             for match in FAILURE.finditer(text):
                 key = match["key"]
@@ -647,6 +735,11 @@ class StubServer:
                     self._failed[seen] += 1
                     if self._failed[seen] > times:
                         return None
+                if wire != "anthropic":
+                    message = _OLLAMA_ERRORS.get(status, _OLLAMA_ERRORS[500])
+                    if status == 404:
+                        message = f"model '{model}' not found"
+                    return web.json_response({"error": message}, status=status)
                 after = match["after"] or ("1" if status == 429 else "none")
                 headers = {} if after == "none" else {"retry-after": after}
                 kind, message = _ANTHROPIC_ERRORS.get(status, _ANTHROPIC_ERRORS[500])
@@ -662,7 +755,11 @@ class StubServer:
             return web.json_response({"error": f"model '{model}' not found"}, status=404)
         # No messages (no prompt) asks Ollama only to load the model.
         load_only = not body.get("messages" if wire == "chat" else "prompt")
-        choice = None if load_only else self._choose(model, _message_texts(body))
+        texts = _message_texts(body)
+        if not load_only and (failure := self._planned_failure(model, texts, wire)) is not None:
+            self._record(request, body, model)
+            return failure
+        choice = None if load_only else self._choose(model, texts)
         try:
             runner, waiter = self._admit(model)
         except _ServerBusy:
@@ -672,8 +769,13 @@ class StubServer:
         if waiter is not None:
             await self._wait_turn(runner, waiter)
         try:
-            await self._load(runner)
+            await self._load(runner, body)
             loaded = time.monotonic_ns()  # Ollama's load_duration counts the wait for a runner
+            if choice is not None and wire == "chat":
+                fitted = self._fit_context(body, runner.num_ctx)
+                if fitted is None:
+                    return web.json_response({"error": OLLAMA_TOO_LONG}, status=400)
+                body = fitted
             if choice is None:
                 empty: dict[str, Any] = (
                     {"message": {"role": "assistant", "content": ""}}
@@ -688,7 +790,9 @@ class StubServer:
                 with self._lock:
                     delay = self.ollama_delay
                 timing = (started, loaded - started, delay)
-                response = await self._answer(request, body, wire, choice, timing)
+                response = await self._answer(
+                    request, body, wire, choice, timing, runner.num_ctx or None
+                )
             if choice is None or choice[0] is not Behaviour.HANG:
                 with self._lock:
                     self._served[model] = self._served.get(model, 0) + 1
@@ -703,8 +807,10 @@ class StubServer:
         wire: str,
         choice: tuple[Behaviour, str],
         timing: tuple[int, int, float] = (0, 0, 0.0),
+        context: int | None = None,
     ) -> web.StreamResponse:
-        """Answer as ``choice`` says; ``timing``: Ollama's start, load time, generation delay."""
+        """Answer as ``choice`` says; ``timing``: Ollama's start, load time, generation delay;
+        ``context``: the runner's window, which caps the prompt tokens read."""
         behaviour, key = choice
         if behaviour in (Behaviour.HTTP_500, Behaviour.HTTP_429):
             status = 500 if behaviour is Behaviour.HTTP_500 else 429
@@ -722,10 +828,17 @@ class StubServer:
             await asyncio.sleep(self.slow_delay)
         texts = _message_texts(body)
         text = answer_text(behaviour, key, _last_user_text(body))
-        usage = (_tokens(texts), _tokens([text]))
         cut = behaviour is Behaviour.LENGTH
+        limit = _output_limit(wire, body)
+        if limit is not None and _tokens([text]) > limit:  # the answer stops at its limit
+            text, cut = text[: limit * 4], True
+        prompt = _tokens(texts)
+        if context is not None:  # what did not fit was never read
+            prompt = min(prompt, context)
+        usage = (prompt, _tokens([text]))
         if wire == "anthropic":
-            return await self._anthropic(request, body, text, usage, cut)
+            refused = behaviour is Behaviour.PROVIDER_REFUSAL
+            return await self._anthropic(request, body, text, usage, cut, refused)
         return await self._ollama(request, body, text, wire, usage, timing, cut)
 
     def _admit(self, model: str) -> tuple[_Runner, asyncio.Future[None] | None]:
@@ -764,17 +877,58 @@ class StubServer:
                     self._dropped += 1
             raise
 
-    async def _load(self, runner: _Runner) -> None:
-        """Load a cold model once; requests that got slots meanwhile wait for that same load."""
+    async def _load(self, runner: _Runner, body: dict[str, Any]) -> None:
+        """Load a cold model once, or again for other runner options; requests that got
+        slots meanwhile wait for that same load."""
+        options = body.get("options")
+        given: dict[str, Any] = options if isinstance(options, dict) else {}
+        wanted = {k: given[k] for k in RUNNER_OPTIONS if k in given}
         async with runner.loading:
             with self._lock:
-                if runner.loaded:
+                if runner.loaded and runner.options == wanted:
+                    runner.expires_at = self._expiry(body)
                     return
                 seconds = self.cold_load
             if seconds > 0:
                 await asyncio.sleep(seconds)
+            num_ctx = wanted.get("num_ctx")
             with self._lock:
-                runner.loaded = True
+                runner.loaded, runner.options = True, wanted
+                base = num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else self.num_ctx
+                runner.num_ctx = min(base, self.context_length)
+                runner.expires_at = self._expiry(body)
+                self._loads += 1
+
+    @staticmethod
+    def _expiry(body: dict[str, Any]) -> str:
+        keep = body.get("keep_alive")
+        if isinstance(keep, int | float) and keep < 0:
+            return "2318-08-22T01:06:59.123456789Z"  # what Ollama shows for "forever"
+        seconds = keep if isinstance(keep, int | float) else 300
+        return datetime.fromtimestamp(time.time() + seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def _fit_context(self, body: dict[str, Any], num_ctx: int) -> dict[str, Any] | None:
+        """The body Ollama would render: the oldest non-system messages dropped until the
+        prompt fits (always the last one kept), or None for ``truncate: false``."""
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+
+        def size(kept: list[dict[str, Any]]) -> int:
+            return _tokens([s for m in kept for s in _strings(m.get("content"))])
+
+        if size(messages) <= num_ctx:
+            return body
+        if body.get("truncate") is False:
+            return None
+        for start in range(1, len(messages)):
+            system = [m for m in messages[:start] if m.get("role") == "system"]
+            kept = system + messages[start:]
+            if size(kept) <= num_ctx or start == len(messages) - 1:
+                break
+        else:
+            kept = messages
+        with self._lock:
+            self._truncated += 1
+        return {**body, "messages": kept}
 
     def _release(self, runner: _Runner) -> None:
         with self._lock:
@@ -888,17 +1042,23 @@ class StubServer:
         text: str,
         usage: tuple[int, int],
         cut: bool,
+        refused: bool = False,
     ) -> web.StreamResponse:
         block, stop_reason = _anthropic_content(body, text)
-        if cut:
+        if refused:
+            block, stop_reason = {"type": "text", "text": text}, "refusal"
+        elif cut:
             stop_reason = "max_tokens"
+        stop: dict[str, Any] = {"stop_reason": stop_reason}
+        if refused:
+            stop["stop_details"] = REFUSAL_DETAILS
         message: dict[str, Any] = {
             "id": _rid("msg_01"),
             "type": "message",
             "role": "assistant",
             "model": body.get("model"),
             "content": [block],
-            "stop_reason": stop_reason,
+            **stop,
             "stop_sequence": None,
             "usage": {"output_tokens": usage[1], **self._cache_usage(body, usage[0])},
         }
@@ -927,7 +1087,7 @@ class StubServer:
             (
                 "message_delta",
                 {
-                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                    "delta": {**stop, "stop_sequence": None},
                     "usage": {"output_tokens": usage[1]},
                 },
             ),

@@ -5,7 +5,10 @@ Ollama unloads a model that has been idle for 5 minutes unless a request's
 ``keep_alive``, -1 = stay loaded), and it aborts a load when its client hangs up:
 under an 8 s deadline a cold 7B model on a small server may never finish
 loading. So the worker asks Ollama to load each local model with a load-only
-request (``/api/chat`` with no messages) that has no short deadline.
+request (``/api/chat`` with no messages) that has no short deadline, with the same
+``options`` and ``keep_alive`` the calls send: Ollama loads a model again for a
+request whose runner options (``num_ctx`` among them) differ from the loaded one's.
+Once loaded, ``/api/ps`` says the context window the model really has.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import aiohttp
 import structlog
 
 from llm_router.worker.settings import ModelConfig
+from llm_router.worker.windows import Windows
 
 log = structlog.get_logger("llm_router.warmup")
 
@@ -27,6 +31,36 @@ DEFAULT_OLLAMA = "http://localhost:11434"
 LOAD_TIMEOUT_S = 600.0
 #: Loads slower than this are logged as ``cold_load``.
 COLD_LOAD_S = 1.0
+#: Ollama's options (api/types.go: ``Runner``, then the predict options). litellm passes
+#: a model's ``params`` of these names through as ``options``; the runner's decide
+#: whether a request reloads the model.
+RUNNER_OPTIONS = (
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "use_mmap",
+    "num_thread",
+    "draft_num_predict",
+)
+OLLAMA_OPTIONS = frozenset(
+    (
+        *RUNNER_OPTIONS,
+        *("num_keep", "seed", "num_predict", "top_k", "top_p", "min_p", "typical_p"),
+        *("repeat_last_n", "temperature", "repeat_penalty", "presence_penalty"),
+        *("frequency_penalty", "stop"),
+    )
+)
+
+
+def ollama_options(cfg: ModelConfig) -> dict[str, object]:
+    """The ``options`` every call of this model carries (litellm passes them through)."""
+    return {k: v for k, v in cfg.params.items() if k in OLLAMA_OPTIONS}
+
+
+def tagged(name: str) -> str:
+    """Ollama's name for a model given without a tag: ``qwen2.5`` is ``qwen2.5:latest``."""
+    return name if ":" in name else f"{name}:latest"
 
 
 def load_ms(ollama_response: dict[str, object]) -> int | None:
@@ -41,9 +75,11 @@ def note_load(cfg: ModelConfig, ms: int | None, **fields: object) -> None:
 
 
 class Warmer:
-    """Load-only requests, at most one at a time per model."""
+    """Load-only requests, at most one at a time per model; each tells ``windows`` the
+    context the loaded model has."""
 
-    def __init__(self) -> None:
+    def __init__(self, windows: Windows) -> None:
+        self.windows = windows
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def warm(self, models: Iterable[ModelConfig]) -> None:
@@ -63,28 +99,46 @@ class Warmer:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
-    @staticmethod
-    async def _load(cfg: ModelConfig) -> None:
-        url = f"{(cfg.api_base or DEFAULT_OLLAMA).rstrip('/')}/api/chat"
-        body = {"model": cfg.name, "messages": [], "stream": False, "keep_alive": cfg.keep_alive}
-        if cfg.keep_alive is None:
-            del body["keep_alive"]
+    async def _load(self, cfg: ModelConfig) -> None:
+        base = (cfg.api_base or DEFAULT_OLLAMA).rstrip("/")
+        body: dict[str, object] = {"model": cfg.name, "messages": [], "stream": False}
+        if cfg.keep_alive is not None:
+            body["keep_alive"] = cfg.keep_alive
+        if options := ollama_options(cfg):
+            body["options"] = options
         timeout = aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)
         started = time.monotonic()
         try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(url, json=body) as response,
-            ):
-                data = await response.json(content_type=None)
-                if response.status >= 400:
-                    raise RuntimeError(f"HTTP {response.status}: {str(data)[:200]}")
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.post(f"{base}/api/chat", json=body) as response:
+                    data = await response.json(content_type=None)
+                    if response.status >= 400:
+                        raise RuntimeError(f"HTTP {response.status}: {str(data)[:200]}")
+                # Ollama's answer to a load-only request carries no timings: the load is
+                # its time.
+                ms = (load_ms(data) if isinstance(data, dict) else None) or round(
+                    (time.monotonic() - started) * 1000
+                )
+                log.info("model_warm", model=cfg.model, load_ms=ms)
+                note_load(cfg, ms, during="warm-up")
+                await self._learn_window(session, base, cfg)
         except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:
             log.warning("warm_up_failed", model=cfg.model, error=f"{type(exc).__name__}: {exc}")
-            return
-        # Ollama's answer to a load-only request carries no timings: the load is its time.
-        ms = (load_ms(data) if isinstance(data, dict) else None) or round(
-            (time.monotonic() - started) * 1000
-        )
-        log.info("model_warm", model=cfg.model, load_ms=ms)
-        note_load(cfg, ms, during="warm-up")
+
+    async def _learn_window(
+        self, session: aiohttp.ClientSession, base: str, cfg: ModelConfig
+    ) -> None:
+        """``/api/ps`` lists the loaded models with the context each really has."""
+        async with session.get(f"{base}/api/ps") as response:
+            if response.status >= 400:
+                return
+            data = await response.json(content_type=None)
+        models = data.get("models") if isinstance(data, dict) else None
+        for entry in models if isinstance(models, list) else ():
+            if not isinstance(entry, dict):
+                continue
+            if tagged(cfg.name) in {tagged(str(entry.get(k))) for k in ("name", "model")}:
+                length = entry.get("context_length")
+                if isinstance(length, int) and not isinstance(length, bool):
+                    self.windows.learn(cfg, length, "Ollama /api/ps")
+                return
