@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -59,6 +60,27 @@ def ensure_venv() -> None:
     STAMP.write_text(digest)
 
 
+NODE_EXAMPLE = ROOT / "examples" / "node"
+
+
+def ensure_node_example() -> None:
+    """The Node.js producer example's locked packages, where node and npm are installed
+    (its tests skip, saying why, where node is not)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return
+    lock = NODE_EXAMPLE / "package-lock.json"
+    installed = NODE_EXAMPLE / "node_modules" / ".package-lock.json"
+    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
+        return
+    print("installing the Node example's locked packages (npm ci)", flush=True)
+    done = subprocess.run(
+        ["npm", "ci", "--prefix", str(NODE_EXAMPLE), "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=ROOT,
+    )
+    if done.returncode != 0:
+        print("npm ci failed: the Node example's tests will say so", flush=True)
+
+
 def parallel(args: list[str]) -> list[str]:
     """Test files on every core (up to 4: each process has a Redis database of its own),
     unless the arguments choose (-n, or -p no:xdist)."""
@@ -78,6 +100,7 @@ def main(argv: list[str]) -> None:
         run(BIN / "ruff", "check", ".")
         run(BIN / "ruff", "format", "--check", ".")
         run(BIN / "mypy")
+        ensure_node_example()
         os.execv(PY, [str(PY), "-m", "pytest", *parallel(argv[1:]), *argv[1:]])
 
 
