@@ -24,6 +24,8 @@ BIN = VENV / "bin"
 PY = BIN / "python"
 LOCK = ROOT / "requirements.lock"
 STAMP = VENV / ".lock-installed"
+#: Installed editable on top of the lock; ``testing`` is the kit, never published.
+PACKAGES = ("client", "worker", "testing")
 
 
 def run(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
@@ -43,7 +45,7 @@ def ensure_venv() -> None:
             sys.exit(
                 "python3 cannot create a venv with pip; on Debian: apt-get install python3-venv"
             )
-    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    digest = hashlib.sha256(LOCK.read_bytes() + " ".join(PACKAGES).encode()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
     if subprocess.run([PY, "-m", "pip", "--version"], capture_output=True).returncode != 0:
@@ -51,7 +53,7 @@ def ensure_venv() -> None:
     print("installing the locked dependencies (hash-checked)", flush=True)
     pip = (PY, "-m", "pip", "install", "-q", "--disable-pip-version-check")
     run(*pip, "--require-hashes", "--no-deps", "-r", LOCK)
-    run(*pip, "--no-deps", "--no-build-isolation", "-e", ROOT / "client", "-e", ROOT / "worker")
+    run(*pip, "--no-deps", "--no-build-isolation", *(a for p in PACKAGES for a in ("-e", ROOT / p)))
     # Byte-compile now: with PYTHONDONTWRITEBYTECODE set, every worker start would
     # otherwise recompile litellm from source (about 9 s of CPU).
     print("byte-compiling the installed packages", flush=True)
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> None:
         sys.exit(__doc__)
     ensure_venv()
     if command == "demo":
-        os.execv(PY, [str(PY), "-m", "llm_router.worker.demo", *argv[1:]])
+        os.execv(PY, [str(PY), "-m", "llm_router_testing.demo", *argv[1:]])
     if command == "test":
         run(BIN / "ruff", "check", ".")
         run(BIN / "ruff", "format", "--check", ".")

@@ -2,7 +2,7 @@
 
 In one process, as in a worker: the route job function (decode, validate, walk a
 one-model chain at the stub, check the answer) runs each entry of
-``tests/hostile.py`` while innocent requests run one after another beside it and a
+``testing/src/llm_router_testing/hostile.py`` while innocent requests run one after another beside it and a
 sleeper measures how late the event loop wakes (every 10 ms). Side by side, in a
 child process with a time limit, the same schema and answer go through plain
 jsonschema as the worker used it before (Python's ``re``, its default registry):
@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from bench.common import MODEL, PYTHON, note, say, set_offline_env, table
-from tests.hostile import CATALOGUE, Hostile
+from llm_router_testing.hostile import CATALOGUE, Hostile
 
 LEGACY_LIMIT_S = 5.0
 LAG_INTERVAL_S = 0.01
@@ -74,7 +74,7 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
     from llm_router.worker.lag import LoopLag, exempt_start_up_objects
     from llm_router.worker.router import Router
     from llm_router.worker.settings import ModelConfig, Settings
-    from llm_router.worker.stubs import Behaviour, answer_text
+    from llm_router_testing.stubs import Behaviour, answer_text
 
     chain = [ModelConfig(model=MODEL, timeout=30, api_base=stub_url)]
     router = Router(Settings(chains={"default": chain}))

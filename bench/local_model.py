@@ -29,7 +29,7 @@ from bench.common import median, note, quantile, queue_keys, say, table
 from bench.procs import Managed, start_ours, wait_listening
 from llm_router.client import RouterClient
 from llm_router.client.protocol import RouteResult
-from llm_router.worker.stubs import Behaviour, StubServer
+from llm_router_testing.stubs import Behaviour, StubServer
 
 LOCAL = "ollama_chat/qwen2.5:7b"
 HAIKU = "anthropic/claude-haiku-4-5-20251001"

@@ -130,7 +130,7 @@ def start_stub() -> tuple[Managed, str]:
     """The stub model server in a process of its own; it prints its URL when it listens."""
     stub = Managed(
         "stub",
-        [PYTHON, "-m", "llm_router.worker.stubs", "--port", "0"],
+        [PYTHON, "-m", "llm_router_testing.stubs", "--port", "0"],
         base_env(),
         pipe_stdout=True,
     )

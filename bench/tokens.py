@@ -1,6 +1,6 @@
 """The prompt-token estimate (``llm_router.worker.windows``) against real tokenizers.
 
-For each sample text (``bench/texts``: English and Polish prose, Python code, JSON)
+For each sample text (``llm_router_testing/texts``: English and Polish prose, Python code, JSON)
 and each tokenizer litellm ships, the estimate over the real count: above 1 the
 estimate is conservative (a prompt is skipped a little early), below 1 it under-counts
 (a prompt might reach a model whose window it overflows). Also the estimate's cost,
@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.common import say, table
 from llm_router.worker.windows import text_tokens
-from tests.tokenizers import sample_texts, tokenizers
+from llm_router_testing.tokenizers import sample_texts, tokenizers
 
 #: Texts in the Latin script, which the floor holds for every tokenizer.
 LATIN = ("english", "polish", "code", "json", "json (compact)")

@@ -20,7 +20,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.stubs import StubServer
 from tests.integration.preload import ForkedProcess, Preloaded
 
 

@@ -25,9 +25,9 @@ from redis.exceptions import NoPermissionError
 
 from llm_router.client import RouterClient
 from llm_router.client.lua import script
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.servers import RedisServer
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import WorkerProcess, chain_env, worker_env
-from tests.integration.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ from llm_router.client import RouterClient
 from llm_router.client.protocol import METRICS_CHANNEL, RouteResult
 from llm_router.client.spend import NANO_USD, spend_key, utc_day
 from llm_router.worker.costs import worst_case_usd
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL
 from tests.integration.fleet import Fleet
 from tests.integration.test_routing import next_event

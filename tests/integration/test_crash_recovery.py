@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
 from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, chain_env
 from tests.integration.fleet import Fleet, wait_for_holder
 

@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 from redis.asyncio import Redis
 
+from llm_router_testing.servers import free_port
 from tests.integration.conftest import REDIS_URL, WorkerProcess
-from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
 

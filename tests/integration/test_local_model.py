@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
 from llm_router.client.protocol import RouteResult
-from llm_router.worker.stubs import Behaviour, StubServer
+from llm_router_testing.stubs import Behaviour, StubServer
 from tests.integration.conftest import REDIS_URL
 from tests.integration.fleet import Fleet, wait_for_holder
 

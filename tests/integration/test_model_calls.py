@@ -22,9 +22,10 @@ import pytest
 from litellm.exceptions import AuthenticationError, InternalServerError, RateLimitError
 from pydantic import SecretStr
 
-from llm_router.worker import calls, stubs
+from llm_router.worker import calls
 from llm_router.worker.settings import ModelConfig
-from llm_router.worker.stubs import (
+from llm_router_testing import stubs
+from llm_router_testing.stubs import (
     PARTIAL_REFUSAL_TEXT,
     REFUSAL_DETAILS,
     REFUSAL_MARKERS,

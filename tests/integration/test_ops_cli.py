@@ -31,9 +31,9 @@ from llm_router.client.heartbeats import (
     live_workers,
 )
 from llm_router.client.protocol import job_key, result_key
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.servers import RedisServer, free_port
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, WorkerProcess, chain_env, worker_env
-from tests.integration.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 

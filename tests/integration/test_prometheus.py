@@ -15,9 +15,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_router.client import RouterClient
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.servers import free_port
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, WorkerProcess, chain_env, worker_env
-from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from llm_router.client import RouterClient, RouteResult
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.servers import RedisServer
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import WorkerProcess, chain_env, worker_env
-from tests.integration.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ from urllib.parse import quote
 import pytest
 
 from llm_router.client import RouterClient
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.servers import RedisServer, make_tls_files
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import WorkerProcess, chain_env, worker_env
-from tests.integration.servers import RedisServer, make_tls_files
 
 pytestmark = pytest.mark.integration
 

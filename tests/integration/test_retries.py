@@ -14,7 +14,7 @@ import pytest
 
 from llm_router.worker.router import Router
 from llm_router.worker.settings import Settings
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.stubs import StubServer
 
 pytestmark = pytest.mark.integration
 

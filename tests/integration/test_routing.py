@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from llm_router.client import RouteFailed, RouterClient
 from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import WorkerProcess
 
 pytestmark = pytest.mark.integration

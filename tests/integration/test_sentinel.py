@@ -35,14 +35,14 @@ from llm_router.client.connections import FollowingSentinelPool, redis_from_url
 from llm_router.client.protocol import result_key
 from llm_router.worker.daemon import RouterWorker
 from llm_router.worker.jobs import deserialize, redis_settings, serialize
-from llm_router.worker.stubs import StubServer
-from tests.integration.conftest import WorkerProcess, chain_env, worker_env
-from tests.integration.servers import (
+from llm_router_testing.servers import (
     RedisServer,
     ReplicatedRedisServer,
     SentinelServer,
     make_tls_files,
 )
+from llm_router_testing.stubs import StubServer
+from tests.integration.conftest import WorkerProcess, chain_env, worker_env
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ import pytest
 # First: importing calls puts litellm in offline mode before litellm itself is imported.
 from llm_router.worker import calls
 from llm_router.worker.settings import ModelConfig
-from llm_router.worker.stubs import (
+from llm_router_testing.stubs import (
     OLLAMA_BUSY,
     OLLAMA_TOO_LONG,
     Behaviour,

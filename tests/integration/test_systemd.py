@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_router.worker.stubs import StubServer
 from llm_router.worker.systemd import Notifier
+from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import WorkerProcess, chain_env, worker_env
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
 from llm_router.client.protocol import RouteResult
-from llm_router.worker.stubs import REFUSAL_DETAILS, StubServer
+from llm_router_testing.stubs import REFUSAL_DETAILS, StubServer
 from tests.integration.conftest import REDIS_URL, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration

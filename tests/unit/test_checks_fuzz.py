@@ -17,8 +17,8 @@ from jsonschema.protocols import Validator
 from llm_router.client.schemas import InvalidSchemaError, compile_schema
 from llm_router.worker.checks import AnswerLimits, RefusalDetector, judge
 from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS, Settings
+from llm_router_testing.hostile import CATASTROPHIC
 from tests import schema_strategies
-from tests.hostile import CATASTROPHIC
 
 #: The budget each validation gets here, and the bound on a whole check (parse included).
 BUDGET_S = 0.2

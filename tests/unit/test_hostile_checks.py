@@ -19,8 +19,8 @@ from llm_router.worker.jobs import deserialize, route
 from llm_router.worker.offload import Offload
 from llm_router.worker.router import Router
 from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS, Settings
-from llm_router.worker.stubs import Behaviour, answer_text
-from tests.hostile import ANSWER_SIDE, REQUEST_SIDE, Hostile
+from llm_router_testing.hostile import ANSWER_SIDE, REQUEST_SIDE, Hostile
+from llm_router_testing.stubs import Behaviour, answer_text
 
 
 def _name(entry: Hostile) -> str:

@@ -14,7 +14,7 @@ from llm_router.worker.windows import (
     estimate_tokens,
     text_tokens,
 )
-from tests.tokenizers import sample_texts, tokenizers
+from llm_router_testing.tokenizers import sample_texts, tokenizers
 
 LOCAL = ModelConfig(model="ollama_chat/qwen2.5:7b", timeout=8, api_base="http://127.0.0.1:9")
 HAIKU = ModelConfig(model="anthropic/claude-haiku-4-5-20251001", timeout=30)

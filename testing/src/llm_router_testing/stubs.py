@@ -1102,7 +1102,7 @@ class StubServer:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the stubs as a separate process (for the demo) until SIGINT or SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m llm_router.worker.stubs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llm_router_testing.stubs", description=__doc__)
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free)")
     parser.add_argument(
         "--slow-delay", type=float, default=1.0, help="seconds before `slow` answers"

@@ -51,7 +51,7 @@ def _hf_count(tokenizer: object, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False).ids)  # type: ignore[attr-defined]
 
 
-TEXTS = Path(__file__).resolve().parent.parent / "bench" / "texts"
+TEXTS = Path(__file__).resolve().parent / "texts"
 
 
 def sample_texts() -> dict[str, str]:

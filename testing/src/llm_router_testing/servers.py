@@ -12,7 +12,7 @@ from typing import Any
 
 from redis import Redis as SyncRedis
 
-from llm_router.worker.demo import redis_answers
+from llm_router_testing.demo import redis_answers
 
 
 def free_port() -> int:

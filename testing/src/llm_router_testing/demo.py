@@ -29,7 +29,7 @@ from redis import Redis as SyncRedis
 
 from llm_router.client import RouterClient
 from llm_router.client.protocol import METRICS_CHANNEL, RouteResult
-from llm_router.worker.stubs import StubServer
+from llm_router_testing.stubs import StubServer
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
