@@ -48,8 +48,8 @@ from bench.common import (
 )
 from bench.procs import start_ours, wait_listening
 from llm_router.client import RouterClient, RouteResult, build_request
-from llm_router.client.protocol import METRICS_COUNTERS_KEY
-from llm_router.client.spend import ChainSpend, read_days, spend_key, to_nusd, utc_day
+from llm_router.client.keys import METRICS_COUNTERS_KEY, spend_key
+from llm_router.client.spend import ChainSpend, read_days, to_nusd, utc_day
 from llm_router.worker.metrics import counter_fields
 
 HAIKU = "anthropic/claude-haiku-4-5-20251001"

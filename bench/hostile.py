@@ -2,7 +2,7 @@
 
 In one process, as in a worker: the route job function (decode, validate, walk a
 one-model chain at the stub, check the answer) runs each entry of
-``testing/src/llm_router_testing/hostile.py`` while innocent requests run one after another beside it and a
+``llm_router_testing.hostile`` while innocent requests run one after another beside it and a
 sleeper measures how late the event loop wakes (every 10 ms). Side by side, in a
 child process with a time limit, the same schema and answer go through plain
 jsonschema as the worker used it before (Python's ``re``, its default registry):
@@ -67,17 +67,19 @@ def legacy(entry: Hostile, answer: str | None) -> tuple[str, float]:
 
 async def run(stub_url: str, run_id: str) -> dict[str, Any]:
     set_offline_env()
-    from llm_router.worker.jobs import deserialize, route
+    from llm_router.worker.jobs import RouteJobs
     from llm_router.worker.logs import configure_logging
 
     configure_logging("WARNING", "console")  # stdout is for the table; the router logs there
     from llm_router.worker.lag import LoopLag, exempt_start_up_objects
     from llm_router.worker.router import Router
     from llm_router.worker.settings import ModelConfig, Settings
+    from llm_router_testing.inproc import claimed
     from llm_router_testing.stubs import Behaviour, answer_text
 
     chain = [ModelConfig(model=MODEL, timeout=30, api_base=stub_url)]
     router = Router(Settings(chains={"default": chain}))
+    jobs = RouteJobs(router, router.settings)
     rows: list[list[object]] = []
     entries: list[dict[str, Any]] = []
     all_innocent: list[float] = []
@@ -86,9 +88,8 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
         request = {"messages": [{"role": "user", "content": f"innocent {n}"}]}
         blob = json.dumps({"t": 1, "f": "route", "a": [request], "k": {}, "et": 1}).encode()
         started = time.perf_counter()
-        job = deserialize(blob)
-        out = await route({"job_id": f"innocent-{n}", "router": router}, *job["a"])
-        assert out["status"] == "ok", out
+        finished = await jobs.run(claimed(f"innocent-{n}", blob))
+        assert finished.result.ok, finished.result
         return time.perf_counter() - started
 
     async def innocents(stop: asyncio.Event, latencies: list[float]) -> None:
@@ -108,14 +109,8 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
             latencies: list[float] = []
             helpers = [asyncio.create_task(innocents(stop, latencies))]
             started = time.perf_counter()
-            out: dict[str, Any]
-            try:
-                job = deserialize(blob, max_bytes=router.settings.max_request_bytes)
-            except ValueError as exc:
-                out = {"status": "invalid_request", "error": str(exc), "attempts": []}
-            else:
-                ctx = {"job_id": f"hostile-{run_id}", "router": router, "job_bytes": len(blob)}
-                out = await route(ctx, *job["a"], **job["k"])
+            finished = await jobs.run(claimed(f"hostile-{run_id}", blob))
+            out = finished.result.model_dump(mode="json")
             took = time.perf_counter() - started
             await asyncio.sleep(0.05)  # let the innocent stream show the tail of it
             stop.set()

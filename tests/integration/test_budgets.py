@@ -9,7 +9,8 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from llm_router.client.spend import NANO_USD, holds_key, parse_day, spend_key, utc_day
+from llm_router.client.keys import holds_key, spend_key
+from llm_router.client.spend import NANO_USD, parse_day, utc_day
 from llm_router.worker.budgets import Hold, Ledger
 from llm_router.worker.costs import Usage
 from llm_router.worker.settings import ModelConfig

@@ -22,8 +22,9 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
-from llm_router.client.protocol import METRICS_CHANNEL, RouteResult
-from llm_router.client.spend import NANO_USD, spend_key, utc_day
+from llm_router.client.keys import METRICS_CHANNEL, spend_key
+from llm_router.client.protocol import RouteResult
+from llm_router.client.spend import NANO_USD, utc_day
 from llm_router.worker.costs import worst_case_usd
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL

@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
-from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY
+from llm_router.client.keys import METRICS_CHANNEL, METRICS_COUNTERS_KEY
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, chain_env
 from tests.integration.fleet import Fleet, wait_for_holder
@@ -163,7 +163,13 @@ async def test_random_kills_lose_nothing_and_count_nothing_twice(
                 *(h.result(timeout=240, raise_on_failure=False) for h in handles)
             )
             await killer
-        await asyncio.sleep(1.0)
+        # A worker killed between storing a result and counting it leaves the job
+        # pending; a live worker's sweep counts and announces it within seconds.
+        ids = [h.job_id for h in handles]
+        deadline = time.monotonic() + 20
+        while [i for i in ids if events[i] != 1] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # and nothing is announced twice after that
     finally:
         listener.cancel()
         await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis import Redis as SyncRedis
 
-from llm_router.client.protocol import result_from_blob, wake_key
+from llm_router.client.keys import wake_key
+from llm_router.client.protocol import result_from_blob
 from tests.integration.conftest import WorkerProcess
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,5 @@
-"""The hostile catalogue (testing/src/llm_router_testing/hostile.py) through a real worker, an innocent job beside each.
+"""The hostile catalogue (llm_router_testing.hostile) through a real worker, an innocent
+job beside each.
 
 Each hostile request is written straight into the queue, as a producer in any
 language could; at the same moment an innocent request goes in through the
@@ -24,7 +25,8 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
-from llm_router.client.protocol import RouteResult, wake_key
+from llm_router.client.keys import wake_key
+from llm_router.client.protocol import RouteResult
 from llm_router_testing.hostile import CATALOGUE, REQUEST_SIDE, Hostile
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, WorkerProcess, chain_env, worker_env

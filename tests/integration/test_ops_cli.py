@@ -23,14 +23,8 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
-from llm_router.client.heartbeats import (
-    HEARTBEAT_TTL_S,
-    WORKERS_KEY,
-    Heartbeat,
-    heartbeat_key,
-    live_workers,
-)
-from llm_router.client.protocol import job_key, result_key
+from llm_router.client.heartbeats import HEARTBEAT_TTL_S, Heartbeat, live_workers
+from llm_router.client.keys import WORKERS_KEY, heartbeat_key, job_key, result_key
 from llm_router_testing.servers import RedisServer, free_port
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, WorkerProcess, chain_env, worker_env

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouteFailed, RouterClient
-from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY
+from llm_router.client.keys import METRICS_CHANNEL, METRICS_COUNTERS_KEY
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import WorkerProcess
 

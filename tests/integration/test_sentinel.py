@@ -21,20 +21,19 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 # Before llm_router.worker.jobs imports litellm: no price list from the internet.
 import pytest
-from arq.worker import func
+from pydantic import SecretStr
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError, ResponseError
 
 from llm_router.client import RouterClient
 from llm_router.client.connections import FollowingSentinelPool, redis_from_url
-from llm_router.client.protocol import result_key
-from llm_router.worker.daemon import RouterWorker
-from llm_router.worker.jobs import deserialize, redis_settings, serialize
+from llm_router.client.keys import result_key
+from llm_router.worker.services import connect
+from llm_router.worker.settings import Settings
 from llm_router_testing.servers import (
     RedisServer,
     ReplicatedRedisServer,
@@ -289,10 +288,6 @@ def recover_s(p: Producer, events: dict[str, float], name: str) -> float | None:
     return round(min(done) - events[name], 2) if done else None
 
 
-async def _noop(ctx: dict[str, Any]) -> None:
-    return None
-
-
 async def test_tls_sentinel_with_passwords_for_sentinel_and_server(tmp_path: Path) -> None:
     """``rediss+sentinel://``: TLS to the sentinel and to the primary, each with its own
     password, for the client and for the worker's connection (arq's own cannot)."""
@@ -325,15 +320,8 @@ async def test_tls_sentinel_with_passwords_for_sentinel_and_server(tmp_path: Pat
             assert pool_of_client.master_address == ("127.0.0.1", primary.port)
         finally:
             await client.aclose()
-        worker = RouterWorker(
-            functions=[func(_noop, name="route")],
-            redis_settings=redis_settings(url),
-            queue_name=f"llm_router:test:sentinel-tls:{uuid.uuid4().hex[:6]}",
-            handle_signals=False,
-            job_serializer=serialize,
-            job_deserializer=deserialize,
-        )
-        pool = await worker._connect()
+        # The worker connects through the same URL parser as producers.
+        pool = await connect(Settings(redis_url=SecretStr(url)))
         try:
             assert isinstance(pool.connection_pool, FollowingSentinelPool)
             assert await pool.get("sentinel:tls") == b"yes"

@@ -10,7 +10,8 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
-from llm_router.client.protocol import RouteResult, wake_key
+from llm_router.client.keys import wake_key
+from llm_router.client.protocol import RouteResult
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, chain_env
 from tests.integration.fleet import Fleet

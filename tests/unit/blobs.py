@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_router.client.protocol import DEFAULT_QUEUE, RouteResult, encode
+from llm_router.client.keys import DEFAULT_QUEUE
+from llm_router.client.protocol import RouteResult, encode
 
 
 def result_blob(r: RouteResult | Any, job_id: str = "j1") -> bytes:

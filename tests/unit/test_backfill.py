@@ -27,10 +27,9 @@ from llm_router.client import cli, rows
 from llm_router.client.backfill import Backfill, BackfillSummary
 from llm_router.client.client import build_request
 from llm_router.client.idset import IdSet
+from llm_router.client.keys import DEFAULT_BATCH_QUEUE, REPLY_PREFIX, job_key, result_key, wake_key
 from llm_router.client.progress import PlainProgress, RateMeter, TerminalProgress
 from llm_router.client.protocol import (
-    DEFAULT_BATCH_QUEUE,
-    REPLY_PREFIX,
     REPLY_TTL_S,
     WAKE_TOKENS_MAX,
     Attempt,
@@ -38,10 +37,7 @@ from llm_router.client.protocol import (
     decode,
     encode,
     job_blob,
-    job_key,
     result_from_blob,
-    result_key,
-    wake_key,
 )
 from llm_router.client.rows import (
     BackfillError,

@@ -12,19 +12,21 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from llm_router.client.client import JobHandle, RouteFailed, RouterClient, build_request
-from llm_router.client.protocol import (
+from llm_router.client.keys import (
     DEFAULT_QUEUE,
-    JOB_TTL_MS,
     REPLY_PREFIX,
-    WAKE_TOKENS_MAX,
-    Attempt,
-    RouteRequest,
-    RouteResult,
     idle_key,
     inbox_key,
     job_key,
     result_key,
     wake_key,
+)
+from llm_router.client.protocol import (
+    JOB_TTL_MS,
+    WAKE_TOKENS_MAX,
+    Attempt,
+    RouteRequest,
+    RouteResult,
 )
 from tests.unit.blobs import result_blob
 

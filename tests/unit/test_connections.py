@@ -11,12 +11,10 @@ from redis.asyncio import Redis
 from llm_router.client.connections import (
     DEFAULT_SENTINEL_PORT,
     FollowingSentinelPool,
-    SentinelURL,
     is_sentinel_url,
     parse_sentinel_url,
     redis_from_url,
 )
-from llm_router.worker.jobs import SentinelRedisSettings, redis_settings
 
 SECRET = "s3cr3t:p@ss/w#rd%+?"
 ENCODED = quote(SECRET, safe="")
@@ -266,33 +264,3 @@ async def test_pool_keeps_its_master_when_the_sentinels_do_not_answer() -> None:
     assert pool.master_address == ("10.0.0.1", 6379)
     assert conn.disconnects == 0
     await pool.disconnect()
-
-
-def test_worker_settings_from_a_sentinel_url() -> None:
-    settings = redis_settings(
-        f"rediss+sentinel://us%40er:{ENCODED}@10.0.0.5:26379,10.0.0.6/cache/4"
-        f"?sentinel_password={ENCODED}&ssl_ca_certs=/ca.pem&ssl_cert_reqs=none"
-    )
-    assert isinstance(settings, SentinelRedisSettings)
-    assert settings.sentinel is True
-    assert settings.host == [("10.0.0.5", 26379), ("10.0.0.6", 26379)]
-    assert settings.sentinel_master == "cache"
-    assert settings.database == 4
-    assert settings.username == "us@er"
-    assert settings.password == SECRET
-    assert settings.ssl is True
-    assert settings.ssl_ca_certs == "/ca.pem"
-    assert settings.ssl_cert_reqs == "none"
-    assert settings.conn_timeout == 5
-    assert isinstance(settings.sentinel_url, SentinelURL)
-    assert settings.sentinel_url.sentinel_password == SECRET
-    assert SECRET not in repr(settings)
-    assert ENCODED not in repr(settings)
-
-
-def test_worker_settings_for_plain_urls_are_unchanged() -> None:
-    settings = redis_settings("redis://:p%40ss@example.org:6380/2")
-    assert type(settings) is not SentinelRedisSettings
-    assert (settings.host, settings.port, settings.database) == ("example.org", 6380, 2)
-    assert settings.password == "p@ss"
-    assert settings.sentinel is False

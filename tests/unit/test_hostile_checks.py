@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from llm_router.client.client import build_request
 from llm_router.client.schemas import compile_schema
 from llm_router.worker.checks import AnswerChecks, AnswerLimits, RefusalDetector, judge
-from llm_router.worker.jobs import deserialize, route
+from llm_router.worker.jobs import RouteJobs, decode_job
 from llm_router.worker.offload import Offload
 from llm_router.worker.router import Router
 from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS, Settings
 from llm_router_testing.hostile import ANSWER_SIDE, REQUEST_SIDE, Hostile
+from llm_router_testing.inproc import claimed
 from llm_router_testing.stubs import Behaviour, answer_text
 
 
@@ -50,17 +50,15 @@ async def test_the_worker_answers_request_side_entries_invalid_request(entry: Ho
     blob = b'{"t":1,"f":"route","a":[%s],"k":{},"et":1}' % entry.wire_text("unit").encode()
     assert entry.refused is not None
     settings = Settings()
-    if entry.at_read:  # the daemon stores an invalid_request result for these
+    if entry.at_read:  # refused as it is read: still an invalid_request result
         with pytest.raises(ValueError, match=re.escape(entry.refused)):
-            deserialize(blob, max_bytes=settings.max_request_bytes)
-        return
-    job = deserialize(blob, max_bytes=settings.max_request_bytes)
+            decode_job(blob, max_bytes=settings.max_request_bytes)
     router = Router(settings)
-    ctx: dict[str, Any] = {"job_id": "hostile", "router": router, "job_bytes": len(blob)}
     try:
-        out = await route(ctx, *job["a"], **job["k"])
+        finished = await RouteJobs(router, settings).run(claimed("hostile", blob))
     finally:
         await router.aclose()
+    out = finished.result.model_dump(mode="json")
     assert out["status"] == "invalid_request"
     assert out["attempts"] == []  # no model was called
     assert entry.refused in out["error"]

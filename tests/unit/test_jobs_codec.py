@@ -8,31 +8,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from arq.jobs import DeserializationError, SerializationError, deserialize_job_raw, serialize_result
-from arq.worker import JobExecutionFailed
+from arq.jobs import deserialize_job_raw, deserialize_result
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from llm_router.client.keys import METRICS_CHANNEL
 from llm_router.client.protocol import (
     JOB_FUNCTION,
-    METRICS_CHANNEL,
     RouteRequest,
+    RouteResult,
     job_blob,
     result_from_blob,
 )
 from llm_router.worker import router as router_module
 from llm_router.worker.calls import Reply
 from llm_router.worker.jobs import (
-    deserialize,
-    exception_result,
+    Finished,
+    RouteJobs,
+    UnreadableJob,
+    decode_job,
     parse_request,
-    redis_settings,
-    route,
-    serialize,
-    worker_settings,
 )
 from llm_router.worker.router import Router
 from llm_router.worker.settings import ModelConfig, Settings
+from llm_router_testing.inproc import claimed
+from llm_router_testing.inproc import job_blob as inproc_blob
 
 REQUEST: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "context": "unit"}
 
@@ -47,31 +47,15 @@ class _WritesMarker:
         return (open, (str(self.marker), "w"))
 
 
-def _result_data(r: Any, job_id: str = "job-9") -> dict[str, Any]:
-    return {
-        "t": 1,
-        "f": "route",
-        "a": [REQUEST],
-        "k": {"request": REQUEST},
-        "et": 1,
-        "s": False,
-        "r": r,
-        "st": 2,
-        "ft": 3,
-        "q": "llm_router:queue",
-        "id": job_id,
-    }
-
-
-# --- deserialize -----------------------------------------------------------------------------
+# --- decode_job ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
-def test_deserialize_refuses_pickle_without_loading(tmp_path: Path, protocol: int) -> None:
+def test_decode_job_refuses_pickle_without_loading(tmp_path: Path, protocol: int) -> None:
     marker = tmp_path / "pwned"
     blob = pickle.dumps({"t": 1, "f": "route", "a": [_WritesMarker(marker)]}, protocol=protocol)
-    with pytest.raises(ValueError, match="pickle"):
-        deserialize(blob)
+    with pytest.raises(UnreadableJob, match="pickle"):
+        decode_job(blob)
     assert not marker.exists()
     # The payload is live: loading it the way arq would by default does run it.
     loaded = pickle.loads(blob)
@@ -79,139 +63,62 @@ def test_deserialize_refuses_pickle_without_loading(tmp_path: Path, protocol: in
     assert marker.exists()
 
 
-def test_deserialize_refuses_old_protocol_pickle(tmp_path: Path) -> None:
+def test_decode_job_refuses_old_protocol_pickle(tmp_path: Path) -> None:
     marker = tmp_path / "pwned0"
     blob = pickle.dumps(_WritesMarker(marker), protocol=0)
-    with pytest.raises(ValueError):  # noqa: PT011 - not JSON, whatever the message
-        deserialize(blob)
+    with pytest.raises(UnreadableJob):
+        decode_job(blob)
     assert not marker.exists()
 
 
-def test_deserialize_refuses_pickle_through_arq(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned-arq"
-    blob = pickle.dumps({"t": 1, "f": "route", "a": [_WritesMarker(marker)], "k": {}, "et": 1})
-    with pytest.raises(DeserializationError):
-        deserialize_job_raw(blob, deserializer=deserialize)
-    assert not marker.exists()
-
-
-def test_deserialize_reads_the_client_job_blob() -> None:
+def test_decode_job_reads_the_client_job_blob_as_arq_does() -> None:
     request = RouteRequest.model_validate({**REQUEST, "schema": {"type": "object"}})
     blob = job_blob(request, 42)
-    data = deserialize(blob)
+    data = decode_job(blob)
     assert data["a"] == [request.wire()]
-    function, args, kwargs, job_try, enqueue_ms = deserialize_job_raw(
-        blob, deserializer=deserialize
-    )
-    assert function == JOB_FUNCTION
-    assert RouteRequest.model_validate(args[0]) == request
-    assert kwargs == {}
-    assert job_try == 1
-    assert enqueue_ms == 42
-
-
-# --- serialize -------------------------------------------------------------------------------
-
-
-def test_serialize_job_blob_is_plain_json() -> None:
-    data = {"t": 1, "f": "route", "a": [REQUEST], "k": {}, "et": 5}
-    assert json.loads(serialize(data)) == data
-
-
-def test_serialize_result_strips_request_and_keeps_result() -> None:
-    result = {"status": "ok", "content": "hello", "model_used": "m", "job_id": "job-9"}
-    blob = serialize(_result_data(result))
-    data = json.loads(blob)
-    assert data["a"] == []
-    assert data["k"] == {}
-    assert data["r"] == result
-    assert data["id"] == "job-9"
-    assert "hi" not in blob.decode()
-    assert result_from_blob(blob).content == "hello"
-
-
-def _serialization_error_with_cause() -> SerializationError:
-    try:
-        try:
-            json.loads(b"\x80garbage")
-        except ValueError as exc:
-            raise SerializationError("unable to deserialize job") from exc
-    except SerializationError as err:
-        return err
-    raise AssertionError("unreachable")
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        _serialization_error_with_cause(),
-        SerializationError("unable to deserialize job"),
-        DeserializationError("unable to deserialize job"),
-        JobExecutionFailed("function 'x' not found"),
-    ],
-    ids=["serialization-with-cause", "serialization", "deserialization", "unknown-function"],
-)
-def test_serialize_exception_result_invalid_request(exc: BaseException) -> None:
-    blob = serialize(_result_data(exc, job_id="bad-1"))
-    data = json.loads(blob)
-    assert data["a"] == []
-    assert data["k"] == {}
-    result = result_from_blob(blob)
-    assert result.status == "invalid_request"
-    assert result.job_id == "bad-1"
-    assert result.error is not None
-    assert result.model_used == "none"
-
-
-def test_unknown_function_error_names_it() -> None:
-    result = exception_result(JobExecutionFailed("function 'x' not found"), "j")
-    assert result.status == "invalid_request"
-    assert result.error is not None
-    assert "function 'x' not found" in result.error
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        RuntimeError("worker exploded"),
-        TimeoutError(),
-        JobExecutionFailed("something else went wrong"),
-        KeyError("k"),
-    ],
-)
-def test_serialize_other_exceptions_are_failed(exc: BaseException) -> None:
-    blob = serialize(_result_data(exc, job_id="boom-1"))
-    result = result_from_blob(blob)
-    assert result.status == "failed"
-    assert result.job_id == "boom-1"
-    assert result.error is not None
-    assert type(exc).__name__ in result.error
-    data = json.loads(blob)
-    assert data["a"] == []
-    assert data["k"] == {}
-
-
-def test_serialize_through_arq_serialize_result() -> None:
-    blob = serialize_result(
-        "route",
-        (REQUEST,),
-        {},
+    assert (data["f"], data["k"], data["et"]) == (JOB_FUNCTION, {}, 42)
+    # arq's own reader makes the same of it (with a JSON deserializer).
+    function, args, kwargs, job_try, enqueue_ms = deserialize_job_raw(blob, deserializer=json.loads)
+    assert (function, list(args), kwargs, job_try, enqueue_ms) == (
+        JOB_FUNCTION,
+        data["a"],
+        data["k"],
         1,
-        1,
-        False,
-        RuntimeError("crash"),
-        2,
-        3,
-        "ref",
-        "q",
-        "job-77",
-        serializer=serialize,
+        42,
     )
-    assert blob is not None
+
+
+# --- the result blob -------------------------------------------------------------------------
+
+
+def test_the_result_blob_is_arqs_without_the_request() -> None:
+    result = RouteResult(status="ok", content="hello", model_used="m", job_id="job-9")
+    finished = Finished(result, True, function="route", enqueued_ms=7)
+    job = claimed("job-9", job_blob(RouteRequest.model_validate(REQUEST), 7), tries=2)
+    blob = finished.blob(job, started_ms=11)
+    data = json.loads(blob)
+    assert set(data) == {"t", "f", "a", "k", "et", "s", "r", "st", "ft", "q", "id"}
+    assert (data["t"], data["f"], data["a"], data["k"], data["et"]) == (2, "route", [], {}, 7)
+    assert (data["s"], data["st"], data["id"], data["q"]) == (True, 11, "job-9", job.lane.name)
+    assert data["ft"] >= 11
+    assert "hi" not in blob.decode()  # the prompt is not copied back
+    assert result_from_blob(blob) == result
+    # arq's own reader takes it as a job result.
+    read = deserialize_result(blob, deserializer=json.loads)
+    assert (read.success, read.job_try, read.function) == (True, 2, "route")
+    assert read.result["content"] == "hello"
+
+
+def test_a_crashed_job_is_a_failed_result_that_names_the_error() -> None:
+    settings = Settings()
+    finished = RouteJobs(Router(settings), settings).crashed(
+        claimed("boom-1", None), RuntimeError("worker exploded")
+    )
+    blob = finished.blob(claimed("boom-1", None), started_ms=1)
     result = result_from_blob(blob)
-    assert result.status == "failed"
-    assert result.job_id == "job-77"
-    assert result.error == "RuntimeError: crash"
+    assert (result.status, result.job_id) == ("failed", "boom-1")
+    assert result.error == "RuntimeError: worker exploded"
+    assert json.loads(blob)["s"] is False
 
 
 # --- parse_request ---------------------------------------------------------------------------
@@ -256,8 +163,6 @@ def test_parse_request_validates_the_request() -> None:
 
 @pytest.fixture
 def router(monkeypatch: pytest.MonkeyPatch) -> Router:
-    calls: list[str] = []
-
     async def fake_call_model(
         cfg: ModelConfig,
         messages: list[dict[str, Any]],
@@ -265,7 +170,6 @@ def router(monkeypatch: pytest.MonkeyPatch) -> Router:
         *,
         anthropic_max_tokens: int = 4096,
     ) -> Reply:
-        calls.append(cfg.model)
         return Reply("I don't know" if cfg.model.startswith("ollama") else "the answer")
 
     monkeypatch.setattr(router_module, "call_model", fake_call_model)
@@ -280,9 +184,14 @@ def router(monkeypatch: pytest.MonkeyPatch) -> Router:
     return Router(settings)
 
 
-async def test_route_job_returns_ok_result_dict(router: Router) -> None:
-    out = await route({"job_id": "job-1", "router": router}, REQUEST)
-    assert isinstance(out, dict)
+async def run_job(router: Router, job_id: str, blob: bytes) -> Finished:
+    return await RouteJobs(router, router.settings).run(claimed(job_id, blob))
+
+
+async def test_route_job_routes_and_returns_its_result(router: Router) -> None:
+    finished = await run_job(router, "job-1", inproc_blob(REQUEST))
+    out = finished.result.model_dump(mode="json")
+    assert (finished.success, finished.announce, finished.function) == (True, True, "route")
     assert out["status"] == "ok"
     assert out["content"] == "the answer"
     assert out["model_used"] == "anthropic/unit-job"
@@ -292,31 +201,37 @@ async def test_route_job_returns_ok_result_dict(router: Router) -> None:
     json.dumps(out)
 
 
-async def test_route_job_keyword_request(router: Router) -> None:
-    out = await route({"job_id": "job-2", "router": router}, request=REQUEST)
-    assert out["status"] == "ok"
-    assert out["job_id"] == "job-2"
+async def test_route_job_keyword_request_and_reply_list(router: Router) -> None:
+    blob = json.dumps(
+        {"t": 1, "f": "route", "a": [], "et": 1,
+         "k": {"request": REQUEST, "reply_to": "llm_router:reply:me"}}
+    ).encode()  # fmt: skip
+    finished = await run_job(router, "job-2", blob)
+    assert finished.result.status == "ok"
+    assert finished.result.job_id == "job-2"
+    assert finished.reply_to == "llm_router:reply:me"
 
 
 @pytest.mark.parametrize(
     ("args", "kwargs", "needle"),
     [
-        (({"messages": []},), {}, "messages"),
-        (({"messages": [{"role": "user", "content": "x"}], "bogus": 1},), {}, "bogus"),
+        ([{"messages": []}], {}, "messages"),
+        ([{"messages": [{"role": "user", "content": "x"}], "bogus": 1}], {}, "bogus"),
         (
-            ({"messages": [{"role": "user", "content": "x"}], "schema": {"type": "objekt"}},),
+            [{"messages": [{"role": "user", "content": "x"}], "schema": {"type": "objekt"}}],
             {},
             "schema",
         ),
-        (("a bare string",), {}, "str"),
-        ((), {}, "exactly one argument"),
-        ((REQUEST, REQUEST), {}, "exactly one argument"),
+        (["a bare string"], {}, "str"),
+        ([], {}, "exactly one argument"),
+        ([REQUEST, REQUEST], {}, "exactly one argument"),
     ],
 )
 async def test_route_job_malformed_request_is_invalid_request(
-    router: Router, args: tuple[Any, ...], kwargs: dict[str, Any], needle: str
+    router: Router, args: list[Any], kwargs: dict[str, Any], needle: str
 ) -> None:
-    out = await route({"job_id": "bad-2", "router": router}, *args, **kwargs)
+    blob = json.dumps({"t": 1, "f": "route", "a": args, "k": kwargs, "et": 1}).encode()
+    out = (await run_job(router, "bad-2", blob)).result.model_dump(mode="json")
     assert out["status"] == "invalid_request"
     assert out["job_id"] == "bad-2"
     assert out["model_used"] == "none"
@@ -325,60 +240,27 @@ async def test_route_job_malformed_request_is_invalid_request(
     assert out["error"].startswith("invalid request")
 
 
-async def test_route_job_invalid_request_publishes_event_after_finish(redis: Redis) -> None:
+async def test_route_job_invalid_request_is_announced_only_after_the_store(redis: Redis) -> None:
     router = Router(Settings(), redis=redis)
     pubsub: Any = redis.pubsub()
     await pubsub.subscribe(METRICS_CHANNEL)
     try:
         assert await pubsub.get_message(timeout=1.0) is not None
-        ctx: dict[str, Any] = {"job_id": "bad-3", "router": router}
-        out = await route(ctx, {"messages": []})
-        # Nothing yet: the daemon records metrics once the result is stored.
+        finished = await run_job(router, "bad-3", inproc_blob({"messages": []}))
+        # Nothing yet: the loop records metrics once the result is stored.
         early = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
-        await ctx["after_finish"].pop("bad-3")()
+        assert finished.after_store is not None
+        await finished.after_store()
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
     finally:
         await pubsub.aclose()
-    assert out["status"] == "invalid_request"
+    assert finished.result.status == "invalid_request"
+    assert finished.announce
     assert early is None
     assert message is not None
     event = json.loads(message["data"])
     assert event["job_id"] == "bad-3"
     assert event["status"] == "invalid_request"
-
-
-# --- worker wiring ---------------------------------------------------------------------------
-
-
-def test_worker_settings_use_the_json_codec() -> None:
-    settings = Settings(queue_name="q-unit", max_jobs=3)
-    ws = worker_settings(settings)
-    assert ws["job_serializer"] is serialize
-    decode = ws["job_deserializer"]
-    assert decode.func is deserialize
-    assert decode.keywords == {"max_bytes": settings.max_request_bytes}
-    assert ws["max_tries"] == settings.max_tries
-    assert ws["job_completion_wait"] == settings.shutdown_grace
-    assert ws["lease_seconds"] == settings.lease_seconds
-    assert ws["queue_name"] == "q-unit"
-    assert ws["max_jobs"] == 3
-    assert ws["job_timeout"] == settings.job_timeout
-    assert ws["functions"][0].name == JOB_FUNCTION
-    assert ws["functions"][0].timeout_s == settings.job_timeout
-
-
-def test_redis_settings_unquotes_credentials_and_reads_tls() -> None:
-    rs = redis_settings(
-        "rediss://us%40er:p%40ss%2Fword@example.org:6380/2?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem"
-    )
-    assert rs.host == "example.org"
-    assert rs.port == 6380
-    assert rs.database == 2
-    assert rs.ssl is True
-    assert rs.username == "us@er"
-    assert rs.password == "p@ss/word"
-    assert rs.ssl_cert_reqs == "none"
-    assert rs.ssl_ca_certs == "/ca.pem"
 
 
 # --- hostile and broken input ----------------------------------------------------------------
@@ -404,7 +286,7 @@ def _job(**fields: Any) -> dict[str, Any]:
 )
 def test_job_blobs_arq_would_choke_on_are_refused(fields: dict[str, Any], complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
-        deserialize(json.dumps(_job(**fields)).encode())
+        decode_job(json.dumps(_job(**fields)).encode())
 
 
 @pytest.mark.parametrize(
@@ -418,38 +300,39 @@ def test_job_blobs_arq_would_choke_on_are_refused(fields: dict[str, Any], compla
 )
 def test_job_shape_errors_say_what_is_wrong(blob: Any, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
-        deserialize(json.dumps(blob).encode())
+        decode_job(json.dumps(blob).encode())
 
 
 def test_a_well_formed_job_blob_passes() -> None:
-    assert deserialize(json.dumps(_job(t=None)).encode())["f"] == "route"
+    assert decode_job(json.dumps(_job(t=None)).encode())["f"] == "route"
 
 
 def test_oversized_job_is_refused_before_parsing() -> None:
     blob = json.dumps(_job(a=[{"messages": [{"role": "user", "content": "x" * 5000}]}])).encode()
     with pytest.raises(ValueError, match="max_request_bytes"):
-        deserialize(blob, max_bytes=4096)
-    assert deserialize(blob, max_bytes=len(blob))["f"] == "route"
+        decode_job(blob, max_bytes=4096)
+    assert decode_job(blob, max_bytes=len(blob))["f"] == "route"
 
 
 async def test_too_many_messages_and_too_big_schema_are_invalid_requests(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = Settings(max_messages=2, max_schema_bytes=100)
-    router = Router(settings)
-    ctx: dict[str, Any] = {"job_id": "lim-1", "router": router}
+    router = Router(Settings(max_messages=2, max_schema_bytes=100))
     msgs = [{"role": "user", "content": str(n)} for n in range(3)]
-    out = await route(ctx, {"messages": msgs})
-    assert out["status"] == "invalid_request"
-    assert "max_messages" in out["error"]
+    out = (await run_job(router, "lim-1", inproc_blob({"messages": msgs}))).result
+    assert out.status == "invalid_request"
+    assert "max_messages" in (out.error or "")
     big = {"type": "object", "properties": {f"p{n}": {"type": "string"} for n in range(20)}}
-    out = await route(ctx, {"messages": msgs[:1], "schema": big})
-    assert out["status"] == "invalid_request"
-    assert "max_schema_bytes" in out["error"]
+    blob = inproc_blob({"messages": msgs[:1], "schema": big})
+    out = (await run_job(router, "lim-1", blob)).result
+    assert out.status == "invalid_request"
+    assert "max_schema_bytes" in (out.error or "")
 
 
-def test_a_poison_job_gets_a_clear_failed_result() -> None:
-    result = exception_result(JobExecutionFailed("max 3 retries exceeded"), "p1")
-    assert result.status == "failed"
-    assert result.error is not None
-    assert "not tried again" in result.error
+async def test_a_poison_job_gets_a_clear_failed_result(router: Router) -> None:
+    jobs = RouteJobs(router, router.settings)
+    finished = await jobs.run(claimed("p1", inproc_blob(REQUEST), tries=4))
+    assert finished.result.status == "failed"
+    assert finished.result.error is not None
+    assert "started too often" in finished.result.error
+    assert "not tried again" in finished.result.error

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from llm_router.client import keys
 from llm_router.client import lua as client_lua
-from llm_router.client.protocol import idle_key, inbox_key, job_key, result_key, wake_key
+from llm_router.client.keys import idle_key, inbox_key, job_key, result_key, wake_key
 from llm_router.worker import lua as worker_lua
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,3 +145,11 @@ def test_enqueue_header_names_the_real_keys() -> None:
         wake_key(queue),
         idle_key(queue),
     ]
+
+
+def test_key_names_the_scripts_build_are_the_key_modules() -> None:
+    """Scripts that build key names themselves use the prefixes of llm_router.client.keys."""
+    prefixes = {v for k, v in vars(keys).items() if k.endswith("PREFIX") and isinstance(v, str)}
+    for _, path in ALL_LUA:
+        for literal in re.findall(r"'((?:arq|llm_router):[^']*)'", path.read_text()):
+            assert literal in prefixes, f"{path.name}: {literal!r} is not a prefix in keys.py"

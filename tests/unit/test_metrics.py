@@ -10,14 +10,12 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from llm_router.client.protocol import (
-    METRICS_CHANNEL,
-    METRICS_COUNTERS_KEY,
-    Attempt,
-    Outcome,
-    RouteResult,
-)
+from llm_router.client.keys import METRICS_CHANNEL, METRICS_COUNTERS_KEY, METRICS_PENDING_KEY
+from llm_router.client.protocol import Attempt, Outcome, RouteResult
+from llm_router.worker.jobs import Finished
+from llm_router.worker.lanes import Lanes
 from llm_router.worker.metrics import Metrics, counter_fields, event_payload
+from llm_router.worker.queue import Claimed, RedisQueue
 from tests.unit.blobs import NO_USAGE
 
 A, B, C = "ollama_chat/qwen", "anthropic/haiku", "anthropic/sonnet"
@@ -235,3 +233,44 @@ async def test_broken_redis_record_returns_none(broken_redis: Redis) -> None:
     metrics = Metrics(broken_redis)
     assert await metrics.record(_result((A, "success"))) is None
     assert await metrics.record(_result((A, "rejected"), (B, "rejected"))) is None
+
+
+async def test_a_result_stored_but_never_counted_is_swept_once(
+    redis: Redis, second_redis: Redis
+) -> None:
+    """A worker killed between storing a result and counting it: another counts it."""
+    result = _result((A, "rejected"), (B, "success"), job_id="swept-1")
+    queue = RedisQueue(redis, Lanes("q-sweep", None, max_jobs=1, batch_max_jobs=None,
+                                    keep_result_s=60, batch_keep_result_s=60),
+                       token="dead", lease_ms=10_000)  # fmt: skip
+    blob = Finished(result, True, function="route").blob(
+        Claimed("swept-1", queue.lanes.interactive, 1, b"{}", 1), started_ms=1
+    )
+    await redis.set("arq:in-progress:swept-1", "dead")
+    assert await queue.finish("swept-1", queue.lanes.interactive, blob, None, announce=True)
+    # ... and the worker died here: nothing counted, nothing announced.
+    pubsub: Any = second_redis.pubsub()
+    await pubsub.subscribe(METRICS_CHANNEL)
+    await pubsub.get_message(timeout=1.0)
+    other = Metrics(second_redis)
+    assert await other.sweep(older_than_s=60) == 0  # too recent: its worker may still do it
+    assert await other.sweep(older_than_s=0) == 1
+    assert await other.sweep(older_than_s=0) == 0  # once
+    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    again = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+    await pubsub.aclose()
+    assert message is not None
+    assert json.loads(message["data"])["job_id"] == "swept-1"
+    assert again is None
+    counters = await redis.hgetall(METRICS_COUNTERS_KEY)  # type: ignore[misc]
+    assert counters == {f"{A}|fallback".encode(): b"1", f"{B}|success".encode(): b"1"}
+    assert await redis.zcard(METRICS_PENDING_KEY) == 0
+    # The worker that stored it, had it lived: counted already, so nothing twice.
+    assert await Metrics(redis).record(result) is not None
+    assert await redis.hget(METRICS_COUNTERS_KEY, f"{B}|success") == b"1"  # type: ignore[misc]
+
+
+async def test_a_pending_job_whose_result_expired_is_dropped(redis: Redis) -> None:
+    await redis.zadd(METRICS_PENDING_KEY, {"gone": 1})
+    assert await Metrics(redis).sweep(older_than_s=0) == 0
+    assert await redis.zcard(METRICS_PENDING_KEY) == 0

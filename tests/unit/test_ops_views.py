@@ -14,11 +14,16 @@ from rich.console import Console, RenderableType
 
 from llm_router.client.follow import attempts_line, event_line, short_model, styled_line
 from llm_router.client.health import check, verdict
-from llm_router.client.heartbeats import WORKERS_KEY, Heartbeat, heartbeat_key
-from llm_router.client.protocol import METRICS_COUNTERS_KEY
-from llm_router.client.spend import ChainSpend, DaySpend, spend_key, utc_day
-from llm_router.client.status import (
+from llm_router.client.heartbeats import Heartbeat
+from llm_router.client.keys import (
     BREAKER_PREFIX,
+    METRICS_COUNTERS_KEY,
+    WORKERS_KEY,
+    heartbeat_key,
+    spend_key,
+)
+from llm_router.client.spend import ChainSpend, DaySpend, utc_day
+from llm_router.client.status import (
     Breaker,
     ModelCounts,
     QueueDepth,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from llm_router.client.keys import job_key, result_key
 from llm_router.client.protocol import (
     JOB_FUNCTION,
     PROTOCOL_VERSION,
@@ -18,9 +19,7 @@ from llm_router.client.protocol import (
     decode,
     encode,
     job_blob,
-    job_key,
     result_from_blob,
-    result_key,
 )
 from llm_router.client.schemas import InvalidSchemaError, canonical_json, compile_schema
 from tests.unit.blobs import result_blob

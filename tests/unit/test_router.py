@@ -14,7 +14,8 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from llm_router.client.client import RouteFailed
-from llm_router.client.protocol import METRICS_COUNTERS_KEY, RouteRequest
+from llm_router.client.keys import METRICS_COUNTERS_KEY
+from llm_router.client.protocol import RouteRequest
 from llm_router.worker import router as router_module
 from llm_router.worker.calls import (
     ModelCallError,

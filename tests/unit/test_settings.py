@@ -14,7 +14,8 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
-from llm_router.client.heartbeats import WORKERS_KEY, Heartbeat, heartbeat_key
+from llm_router.client.heartbeats import Heartbeat
+from llm_router.client.keys import WORKERS_KEY, heartbeat_key
 from llm_router.worker.cli import main as worker_main
 from llm_router.worker.logs import QUIET_AT_INFO
 from llm_router.worker.settings import (

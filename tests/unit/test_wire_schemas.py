@@ -16,9 +16,11 @@ from llm_router.client import wire
 from llm_router.client.client import build_request
 from llm_router.client.events import MetricsEvent
 from llm_router.client.protocol import Attempt, RouteRequest, RouteResult, result_from_blob
-from llm_router.worker.jobs import exception_result
+from llm_router.worker.jobs import RouteJobs
 from llm_router.worker.metrics import Metrics, event_payload
-from llm_router.worker.router import invalid_result
+from llm_router.worker.router import Router, invalid_result
+from llm_router.worker.settings import Settings
+from llm_router_testing.inproc import claimed
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
@@ -122,7 +124,9 @@ def produced_results() -> list[RouteResult]:
         RouteResult(status="failed", error="every model failed"),
         invalid_result("unknown chain 'nope'", request, job_id="j1"),
         invalid_result("invalid request: messages: Field required", job_id="j2"),
-        exception_result(ValueError("boom"), "j3"),
+        RouteJobs(Router(Settings()), Settings())
+        .crashed(claimed("j3", None), ValueError("boom"))
+        .result,
         result_from_blob(b"\x80\x03pickle"),
         result_from_blob(b'{"r": 5, "id": "j4"}'),
     ]

@@ -28,7 +28,8 @@ from typing import Any
 from redis import Redis as SyncRedis
 
 from llm_router.client import RouterClient
-from llm_router.client.protocol import METRICS_CHANNEL, RouteResult
+from llm_router.client.keys import METRICS_CHANNEL
+from llm_router.client.protocol import RouteResult
 from llm_router_testing.stubs import StubServer
 
 SCHEMA: dict[str, Any] = {

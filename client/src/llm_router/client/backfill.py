@@ -33,20 +33,22 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.idset import IdSet
+from llm_router.client.keys import (
+    DEFAULT_BATCH_QUEUE,
+    JOB_PREFIX,
+    RESULT_PREFIX,
+    result_key,
+    wake_key,
+)
 from llm_router.client.lua import script
 from llm_router.client.protocol import (
-    DEFAULT_BATCH_QUEUE,
-    JOB_KEY_PREFIX,
     JOB_TTL_MS,
-    RESULT_KEY_PREFIX,
     WAKE_TOKENS_MAX,
     RouteRequest,
     RouteResult,
     encode,
     now_ms,
     result_from_blob,
-    result_key,
-    wake_key,
 )
 from llm_router.client.rows import (
     WRITE_MAX,
@@ -526,8 +528,8 @@ class Backfill:
             JOB_TTL_MS,
             enqueue_ms,
             WAKE_TOKENS_MAX,
-            JOB_KEY_PREFIX,
-            RESULT_KEY_PREFIX,
+            JOB_PREFIX,
+            RESULT_PREFIX,
         ]
         for ref, request in batch:
             canonical = canonical_request(request)

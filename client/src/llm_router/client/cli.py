@@ -35,8 +35,9 @@ from llm_router.client.costs import as_json as costs_json
 from llm_router.client.costs import render as render_costs
 from llm_router.client.follow import follow, styled_line
 from llm_router.client.health import check
+from llm_router.client.keys import DEFAULT_QUEUE, METRICS_CHANNEL
 from llm_router.client.progress import ProgressView, make_progress
-from llm_router.client.protocol import DEFAULT_QUEUE, METRICS_CHANNEL, RouteResult
+from llm_router.client.protocol import RouteResult
 from llm_router.client.rows import BackfillError
 from llm_router.client.spend import read_days
 from llm_router.client.status import (

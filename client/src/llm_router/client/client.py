@@ -16,22 +16,17 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.connections import redis_from_url
+from llm_router.client.keys import DEFAULT_QUEUE, idle_key, inbox_key, job_key, result_key, wake_key
 from llm_router.client.lua import script
 from llm_router.client.protocol import (
-    DEFAULT_QUEUE,
     JOB_TTL_MS,
     RETRY_KEY_TTL_S,
     WAKE_TOKENS_MAX,
     Attempt,
     RouteRequest,
     RouteResult,
-    idle_key,
-    inbox_key,
     job_blob,
-    job_key,
     now_ms,
-    result_key,
-    wake_key,
 )
 from llm_router.client.replies import ReplyInbox
 

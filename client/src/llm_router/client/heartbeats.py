@@ -14,14 +14,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 
-HEARTBEAT_PREFIX = "llm_router:worker:"
-WORKERS_KEY = "llm_router:workers"
+from llm_router.client.keys import WORKERS_KEY, heartbeat_key
+
 #: A heartbeat lapses this long after its last renewal; workers renew it every third.
 HEARTBEAT_TTL_S = 15
-
-
-def heartbeat_key(worker_id: str) -> str:
-    return HEARTBEAT_PREFIX + worker_id
 
 
 class Heartbeat(BaseModel):

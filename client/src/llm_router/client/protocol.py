@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from llm_router.client.keys import REPLY_PREFIX
 from llm_router.client.schemas import CEILING, SchemaLimits, compile_schema
 from llm_router.client.untrusted import problem
 
@@ -42,22 +43,13 @@ PROTOCOL_VERSION = 1
 #: Request versions this release understands; a request without ``v`` is version 1.
 SUPPORTED_VERSIONS = (1,)
 
-DEFAULT_QUEUE = "llm_router:queue"
-#: Backfills go here; workers serve it only with what the interactive queue leaves.
-DEFAULT_BATCH_QUEUE = "llm_router:batch"
 JOB_FUNCTION = "route"
-JOB_KEY_PREFIX = "arq:job:"
-RESULT_KEY_PREFIX = "arq:result:"
-METRICS_CHANNEL = "llm_router_metrics"
-METRICS_COUNTERS_KEY = "llm_router:metrics:counters"
 DEFAULT_CHAIN = "default"
 #: The chain a batch-queue job without ``chain`` uses when the worker has one so named.
 BATCH_CHAIN = "batch"
 
 #: How long an unclaimed job stays in Redis before it expires (arq's default).
 JOB_TTL_MS = 86_400_000
-#: Reply lists must start with this, so a job cannot make the worker push elsewhere.
-REPLY_PREFIX = "llm_router:reply:"
 #: A reply list nobody reads disappears after this long.
 REPLY_TTL_S = 600
 #: At most this many wake-up tokens wait in a queue's wake-up list.
@@ -215,28 +207,6 @@ def valid_reply_to(value: Any) -> str | None:
     if isinstance(value, str) and value.startswith(REPLY_PREFIX) and len(value) <= 200:
         return value
     return None
-
-
-def wake_key(queue_name: str) -> str:
-    return f"{queue_name}:wake"
-
-
-def idle_key(queue_name: str) -> str:
-    """Sorted set of waiting workers (member ``<token>|<lease ms>``, score = expiry ms)."""
-    return f"{queue_name}:idle"
-
-
-def inbox_key(queue_name: str, worker_token: str) -> str:
-    """The list a waiting worker blocks on for jobs handed to it at enqueue."""
-    return f"{queue_name}:inbox:{worker_token}"
-
-
-def job_key(job_id: str) -> str:
-    return JOB_KEY_PREFIX + job_id
-
-
-def result_key(job_id: str) -> str:
-    return RESULT_KEY_PREFIX + job_id
 
 
 def result_from_blob(blob: bytes | str) -> RouteResult:

@@ -22,7 +22,8 @@ from collections import OrderedDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llm_router.client.protocol import REPLY_PREFIX, RouteResult, result_from_blob, result_key
+from llm_router.client.keys import REPLY_PREFIX, result_key
+from llm_router.client.protocol import RouteResult, result_from_blob
 
 log = logging.getLogger("llm_router.client")
 

@@ -22,13 +22,8 @@ from pydantic import ValidationError
 
 from llm_router.client.client import build_request
 from llm_router.client.idset import IdSet
-from llm_router.client.protocol import (
-    JOB_FUNCTION,
-    REPLY_PREFIX,
-    RouteRequest,
-    RouteResult,
-    decode,
-)
+from llm_router.client.keys import REPLY_PREFIX
+from llm_router.client.protocol import JOB_FUNCTION, RouteRequest, RouteResult, decode
 
 #: Most rows in one write (and fsync, and DEL of their results): after a kill, only the
 #: last write's results can still be in Redis, so a rerun knows which rows to look at.

@@ -20,7 +20,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-SPEND_KEY_PREFIX = "llm_router:spend:"
+from llm_router.client.keys import spend_key
+
 #: The day's hash and its holds are kept this long (a year and a bit, for reports).
 SPEND_TTL_S = 400 * 86_400
 NANO_USD = 1_000_000_000
@@ -38,15 +39,6 @@ MODEL_FIELDS = (
 
 def utc_day(at: float | None = None) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(time.time() if at is None else at))
-
-
-def spend_key(day: str) -> str:
-    return SPEND_KEY_PREFIX + day
-
-
-def holds_key(day: str) -> str:
-    """A sorted set of the day's reservations (member ``<chain>|<nusd>|<id>``, score expiry)."""
-    return SPEND_KEY_PREFIX + day + ":holds"
 
 
 def to_nusd(usd: float) -> int:

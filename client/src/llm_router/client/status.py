@@ -22,12 +22,10 @@ from rich.text import Text
 
 from llm_router.client.costs import budget_used, usd
 from llm_router.client.heartbeats import Heartbeat, live_workers
+from llm_router.client.keys import BREAKER_PREFIX, METRICS_COUNTERS_KEY
 from llm_router.client.progress import human_seconds
-from llm_router.client.protocol import METRICS_COUNTERS_KEY
 from llm_router.client.spend import DaySpend, read_days
 
-#: The workers' shared circuit breakers: ``<prefix><model>@<api_base>``, field ``state``.
-BREAKER_PREFIX = "llm_router:breaker:"
 OUTCOMES = ("success", "fallback", "error", "skipped")
 
 

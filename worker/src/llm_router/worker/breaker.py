@@ -27,12 +27,12 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.client.keys import breaker_key
 from llm_router.worker.lua import script
 from llm_router.worker.settings import ModelConfig
 
 log = structlog.get_logger("llm_router.breaker")
 
-KEY_PREFIX = "llm_router:breaker:"
 #: Beyond the model's wait and timeout, how long a probe may stay out before another
 #: job probes instead.
 PROBE_MARGIN_S = 5.0
@@ -83,7 +83,7 @@ class Breakers:
             return self._local.setdefault(cfg.endpoint, _LocalBreaker()).admit(cfg, self)
         try:
             decision, left_ms, changed = await self._admit(
-                keys=[KEY_PREFIX + cfg.endpoint],
+                keys=[breaker_key(cfg.endpoint)],
                 args=[self.token, int(cfg.breaker_cooldown * 1000), self._probe_ms(cfg)],
             )
         except (RedisError, OSError):  # no shared view: call the model as if closed
@@ -117,7 +117,7 @@ class Breakers:
         else:
             try:
                 raw, failures = await self._record(
-                    keys=[KEY_PREFIX + cfg.endpoint],
+                    keys=[breaker_key(cfg.endpoint)],
                     args=[self.token, verdict, cfg.breaker_failures, KEY_TTL_MS],
                 )
             except (RedisError, OSError):

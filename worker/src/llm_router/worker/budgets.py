@@ -28,14 +28,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llm_router.client.spend import (
-    SPEND_TTL_S,
-    holds_key,
-    spend_key,
-    to_nusd,
-    to_usd,
-    utc_day,
-)
+from llm_router.client.keys import holds_key, spend_key
+from llm_router.client.spend import SPEND_TTL_S, to_nusd, to_usd, utc_day
 from llm_router.worker.costs import Usage
 from llm_router.worker.lua import script
 from llm_router.worker.settings import ModelConfig

@@ -33,12 +33,12 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.client.keys import CAPACITY_PREFIX
 from llm_router.worker.lua import script
 from llm_router.worker.settings import ModelConfig
 
 log = structlog.get_logger("llm_router.capacity")
 
-KEY_PREFIX = "llm_router:capacity:"
 #: A place in line lapses this long after its waiter last looked (it looks at least
 #: every :data:`SAFETY_POLL_S`).
 WAITER_TTL_S = 3.0
@@ -60,7 +60,7 @@ _RELEASE = script("capacity_release.lua")
 
 def keys(model: str) -> list[str]:
     """holders, line, alive, ticket counter."""
-    base = f"{KEY_PREFIX}{model}:"
+    base = f"{CAPACITY_PREFIX}{model}:"
     return [base + "holders", base + "line", base + "alive", base + "tickets"]
 
 
@@ -91,7 +91,7 @@ class Capacity:
     def __init__(self, redis: Redis | None) -> None:
         self.redis = redis
         self.process = uuid.uuid4().hex
-        self.wake_list = f"{KEY_PREFIX}wake:{self.process}"
+        self.wake_list = f"{CAPACITY_PREFIX}wake:{self.process}"
         self._numbers = itertools.count()
         self._waiting: dict[str, asyncio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -184,7 +184,9 @@ class Capacity:
 
     async def _give_back(self, cfg: ModelConfig, token: str) -> None:
         slots = cfg.max_in_flight or 0
-        await self._release(keys=keys(cfg.endpoint)[:3], args=[token, slots, f"{KEY_PREFIX}wake:"])
+        await self._release(
+            keys=keys(cfg.endpoint)[:3], args=[token, slots, f"{CAPACITY_PREFIX}wake:"]
+        )
 
     def _listen(self) -> None:
         if self._listener is None or self._listener.done():

@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return _health(settings)
 
     # Heavy imports (litellm) only once the settings are known to be good.
+    import asyncio
+
     from llm_router.worker import calls
-    from llm_router.worker.jobs import create_worker
+    from llm_router.worker.services import serve
 
     calls.warm_up()
-    worker = create_worker(settings)
-    worker.run()
+    asyncio.run(serve(settings))
     return 0
 
 

@@ -24,12 +24,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llm_router.client.heartbeats import (
-    HEARTBEAT_TTL_S,
-    WORKERS_KEY,
-    Heartbeat,
-    heartbeat_key,
-)
+from llm_router.client.heartbeats import HEARTBEAT_TTL_S, Heartbeat
+from llm_router.client.keys import WORKERS_KEY, heartbeat_key
 from llm_router.client.protocol import RouteResult
 from llm_router.worker.lanes import Lanes
 from llm_router.worker.settings import Settings

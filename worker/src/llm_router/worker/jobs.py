@@ -1,35 +1,33 @@
-"""The arq side: JSON (never pickle) job codec, the ``route`` job, the Worker.
+"""The route job: decode an arq job blob (JSON, never pickle), validate the request,
+walk the chain, and say what to store.
 
-The job is a thin wrapper around :class:`~llm_router.worker.router.Router`:
-decode, validate, route, and always return a result object, because an
-exception raised by an arq job reaches the producer only as a lost string.
+Whatever happens, a job ends with a result object for the producer: a blob that is
+not a JSON arq job, an unknown function, a job started too often (its workers died
+running it), a request the worker refuses and a job that overran its time all get
+one. What to store and what to run once it is stored is returned as a
+:class:`Finished`; the loop (:mod:`llm_router.worker.loop`) stores it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import structlog
-from arq.connections import RedisSettings
-from arq.jobs import SerializationError
-from arq.worker import Function, JobExecutionFailed, func
 from pydantic import ValidationError
 
-from llm_router.client.connections import SentinelURL, is_sentinel_url, parse_sentinel_url
 from llm_router.client.protocol import (
     JOB_FUNCTION,
     RouteRequest,
     RouteResult,
     encode,
+    now_ms,
     unsupported_version,
     valid_reply_to,
 )
 from llm_router.client.untrusted import loads
-from llm_router.worker import services
-from llm_router.worker.daemon import RouterWorker
+from llm_router.worker.queue import Claimed
 from llm_router.worker.router import Router, invalid_result
 from llm_router.worker.settings import Settings
 
@@ -39,72 +37,90 @@ _PICKLE_MAGIC = b"\x80"
 #: A job with a schema, larger than this, is validated in the checks thread: checking a
 #: schema that is not compiled yet costs about 2.6 µs of CPU a byte.
 INLINE_JOB_BYTES = 2048
+#: The error of a job whose id was queued but whose blob had expired or been deleted
+#: (a stable beginning producers may match on: docs/protocol.md).
+EXPIRED = "JobExecutionFailed: job expired"
 
 
-def serialize(data: dict[str, Any]) -> bytes:
-    """arq's serializer hook; result blobs carry a protocol result, never an exception."""
-    if "r" in data:
-        result = data["r"]
-        if isinstance(result, BaseException):
-            result = exception_result(result, data.get("id")).model_dump(mode="json")
-        # The request is not copied into the result: it can be large, and it is prompt text.
-        data = {**data, "a": [], "k": {}, "r": result}
-    return encode(data)
+class UnreadableJob(ValueError):
+    """The blob is not a JSON arq job; the message says why."""
 
 
-def deserialize(blob: bytes, max_bytes: int | None = None) -> Any:
-    """arq's deserializer hook: JSON only; a pickle is refused without being loaded."""
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A job's end: the result to store, the reply list to push it to, and what to do
+    once it is stored (count and announce it: ``after_store``).
+
+    ``success`` is arq's ``s``: the job function returned (a routed job, even one no
+    model answered); False for a job that could not run or overran its time.
+    ``announce``: the job is counted in the metrics and announced, exactly once.
+    """
+
+    result: RouteResult
+    success: bool
+    reply_to: str | None = None
+    function: str = ""
+    enqueued_ms: int = 0
+    announce: bool = False
+    after_store: Callable[[], Awaitable[object]] | None = None
+
+    def blob(self, job: Claimed, started_ms: int) -> bytes:
+        """arq's result blob (the request is not copied back: ``a`` and ``k`` empty)."""
+        return encode(
+            {"t": job.tries if self.success else 0, "f": self.function, "a": [], "k": {},
+             "et": self.enqueued_ms, "s": self.success, "r": self.result.model_dump(mode="json"),
+             "st": started_ms, "ft": now_ms(), "q": job.lane.name, "id": job.job_id}
+        )  # fmt: skip
+
+
+def decode_job(blob: bytes, max_bytes: int | None = None) -> dict[str, Any]:
+    """The job blob as a dict, checked: JSON only (a pickle is refused unread), at most
+    ``max_bytes``, and the fields arq's data model has, of the right types."""
     if max_bytes is not None and len(blob) > max_bytes:
-        raise ValueError(
+        raise UnreadableJob(
             f"the job is {len(blob)} bytes, more than the limit of {max_bytes} (max_request_bytes)"
         )
     if blob[:1] == _PICKLE_MAGIC:
-        raise ValueError("pickle payloads are refused; jobs must be JSON")
+        raise UnreadableJob("pickle payloads are refused; jobs must be JSON")
     try:
         data = loads(blob)
     except RecursionError:
-        raise ValueError("the job is nested too deeply to parse") from None
+        raise UnreadableJob("the job is nested too deeply to parse") from None
+    except ValueError as exc:
+        raise UnreadableJob(str(exc)) from None
     check_job_shape(data)
-    return data
+    return data  # type: ignore[no-any-return]
 
 
 def check_job_shape(data: Any) -> None:
-    """arq trusts these fields; a wrong type would crash it outside its own error handling."""
     if not isinstance(data, dict):
-        raise ValueError(f"a job must be a JSON object, not {type(data).__name__}")
+        raise UnreadableJob(f"a job must be a JSON object, not {type(data).__name__}")
     missing = [key for key in ("t", "f", "a", "k", "et") if key not in data]
     if missing:
-        raise ValueError(f"the job has no {', '.join(repr(m) for m in missing)}")
+        raise UnreadableJob(f"the job has no {', '.join(repr(m) for m in missing)}")
     if not isinstance(data.get("f"), str):
-        raise ValueError("'f' (the function name) must be a string")
+        raise UnreadableJob("'f' (the function name) must be a string")
     if not isinstance(data.get("a"), list):
-        raise ValueError("'a' (the arguments) must be a list")
+        raise UnreadableJob("'a' (the arguments) must be a list")
     if not isinstance(data.get("k"), dict):
-        raise ValueError("'k' (the keyword arguments) must be an object")
+        raise UnreadableJob("'k' (the keyword arguments) must be an object")
     et, t = data.get("et"), data.get("t")
     if not isinstance(et, int) or isinstance(et, bool) or not 0 <= et < 2**53:
-        raise ValueError("'et' (the enqueue time in ms) must be a non-negative integer")
+        raise UnreadableJob("'et' (the enqueue time in ms) must be a non-negative integer")
     if t is not None and (not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 1):
-        raise ValueError("'t' (the try number) must be null, 0 or 1")
+        raise UnreadableJob("'t' (the try number) must be null, 0 or 1")
 
 
-def exception_result(exc: BaseException, job_id: str | None) -> RouteResult:
-    """Map what arq reports (unreadable job, unknown function, crash) to a result."""
-    if isinstance(exc, SerializationError):
-        cause = exc.__cause__ or exc
-        return invalid_result(f"job payload is not a JSON arq job: {cause}", job_id=job_id)
-    if isinstance(exc, JobExecutionFailed) and "not found" in str(exc):
-        return invalid_result(f"unknown job function: {exc}", job_id=job_id)
-    if isinstance(exc, JobExecutionFailed) and "retries exceeded" in str(exc):
-        error = (
-            f"the job was started too often without finishing ({exc}): its workers died "
-            "or were killed while running it, so it is not tried again"
-        )
-        return RouteResult(status="failed", error=error, job_id=job_id)
-    return RouteResult(status="failed", error=f"{type(exc).__name__}: {exc}", job_id=job_id)
+def reply_to_of(blob: bytes | None) -> str | None:
+    """The reply list a raw job blob names, if the blob can be read at all."""
+    try:
+        data = loads(blob or b"null")
+        return valid_reply_to(data["k"].get("reply_to"))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
 
 
-def _payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _payload(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     if len(args) == 1 and not kwargs:
         return args[0]
     if not args and set(kwargs) == {"request"}:
@@ -117,9 +133,7 @@ class UnsupportedVersion(ValueError):
     the whole error, as producers may match on it."""
 
 
-def parse_request(
-    args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings
-) -> RouteRequest:
+def parse_request(args: Sequence[Any], kwargs: dict[str, Any], settings: Settings) -> RouteRequest:
     """Accept ``a=[request]`` (the documented form) or ``k={"request": request}``;
     validate it with this worker's limits."""
     payload = _payload(args, kwargs)
@@ -146,127 +160,83 @@ def _validation_message(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def register_reply(ctx: dict[str, Any], job_id: str, kwargs: dict[str, Any]) -> None:
-    """Note where the producer waits, for the script that stores the result."""
-    reply_to = valid_reply_to(kwargs.pop("reply_to", None))
-    if reply_to is not None:
-        ctx.setdefault("replies", {})[job_id] = reply_to
+def _cannot_run(result: RouteResult, job: Claimed) -> Finished:
+    """A job that never reached the router: its result, pushed where its blob says."""
+    log.warning("job_failed_to_start", job_id=job.job_id, error=(result.error or "")[:200])
+    return Finished(result, False, reply_to_of(job.blob))
 
 
-async def route(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """The arq job: decode, route, and return the result as a JSON object."""
-    job_id: str = ctx["job_id"]
-    router: Router = ctx["router"]
-    register_reply(ctx, job_id, kwargs)
-    try:
-        payload = _payload(args, kwargs)
-        has_schema = isinstance(payload, dict) and payload.get("schema") is not None
-        if has_schema and ctx.get("job_bytes", 0) > INLINE_JOB_BYTES:
-            request = await router.offload.run(parse_request, args, kwargs, router.settings)
-        else:
-            request = parse_request(args, kwargs, router.settings)
-    except (ValidationError, ValueError) as exc:
-        if isinstance(exc, ValidationError):
-            error = _validation_message(exc)
-        else:
-            error = str(exc) if isinstance(exc, UnsupportedVersion) else f"invalid request: {exc}"
-        result = invalid_result(error, job_id=job_id)
-        log.warning("invalid_request", job_id=job_id, error=result.error)
-    else:
-        result = await router.run(
-            request, job_id=job_id, record=False, lane=ctx.get("lane", "interactive")
+def _unable(reason: str, job: Claimed) -> Finished:
+    return _cannot_run(invalid_result(reason, job_id=job.job_id), job)
+
+
+class RouteJobs:
+    """Runs claimed jobs through the router; what the loop calls for each job."""
+
+    def __init__(self, router: Router, settings: Settings) -> None:
+        self.router = router
+        self.settings = settings
+
+    async def run(self, job: Claimed) -> Finished:
+        """The job's end, whatever the job holds; raises only if cancelled."""
+        if job.blob is None:
+            return _cannot_run(RouteResult(status="failed", error=EXPIRED, job_id=job.job_id), job)
+        try:
+            data = decode_job(job.blob, self.settings.max_request_bytes)
+        except UnreadableJob as exc:
+            return _unable(f"job payload is not a JSON arq job: {exc}", job)
+        if data["f"] != JOB_FUNCTION:
+            return _unable(f"unknown job function: function {data['f']!r} not found", job)
+        if job.tries > self.settings.max_tries:
+            error = (
+                f"the job was started too often without finishing (max {self.settings.max_tries}"
+                " retries exceeded): its workers died or were killed while running it, so it "
+                "is not tried again"
+            )
+            return _cannot_run(RouteResult(status="failed", error=error, job_id=job.job_id), job)
+        kwargs = dict(data["k"])
+        reply_to = valid_reply_to(kwargs.pop("reply_to", None))
+        result = await self.route(job, data["a"], kwargs)
+        # Counted and announced once the result is stored, off the producer's clock.
+        breakers = self.router.breaker_states(result.chain)
+
+        async def record() -> object:
+            return await self.router.metrics.record(result, breakers)
+
+        return Finished(
+            result,
+            True,
+            reply_to,
+            function=data["f"],
+            enqueued_ms=data["et"],
+            announce=True,
+            after_store=record,
         )
-    for observe in ctx.get("observers", ()):
-        observe(result)
-    # Counted and announced once the result is stored, off the producer's clock.
-    breakers = router.breaker_states(result.chain)
-    ctx.setdefault("after_finish", {})[job_id] = functools.partial(
-        router.metrics.record, result, breakers
-    )
-    return result.model_dump(mode="json")
 
+    async def route(self, job: Claimed, args: list[Any], kwargs: dict[str, Any]) -> RouteResult:
+        """Validate and route one request; a request the worker refuses is a result too."""
+        router = self.router
+        try:
+            payload = _payload(args, kwargs)
+            has_schema = isinstance(payload, dict) and payload.get("schema") is not None
+            if has_schema and len(job.blob or b"") > INLINE_JOB_BYTES:
+                request = await router.offload.run(parse_request, args, kwargs, self.settings)
+            else:
+                request = parse_request(args, kwargs, self.settings)
+        except (ValidationError, ValueError) as exc:
+            if isinstance(exc, ValidationError):
+                error = _validation_message(exc)
+            else:
+                error = (
+                    str(exc) if isinstance(exc, UnsupportedVersion) else f"invalid request: {exc}"
+                )
+            log.warning("invalid_request", job_id=job.job_id, error=error)
+            return invalid_result(error, job_id=job.job_id)
+        return await router.run(request, job_id=job.job_id, record=False, lane=job.lane.kind)
 
-@dataclasses.dataclass(repr=False)
-class SentinelRedisSettings(RedisSettings):
-    """arq's settings for a Sentinel URL, with the parsed URL for ``RouterWorker._connect``
-    (arq's own Sentinel pool takes no sentinel password, TLS options or timeouts)."""
-
-    sentinel_url: SentinelURL | None = None
-
-    def __repr__(self) -> str:  # arq's would show the password
-        return f"SentinelRedisSettings({self.sentinel_url!r})"
-
-
-def redis_settings(url: str) -> RedisSettings:
-    """arq's DSN parser plus what it misses: percent-encoded credentials, TLS options,
-    Sentinel URLs (``redis+sentinel://``, parsed by :mod:`llm_router.client.connections`)."""
-    if is_sentinel_url(url):
-        info = parse_sentinel_url(url)
-        return SentinelRedisSettings(
-            host=list(info.sentinels),
-            sentinel=True,
-            sentinel_master=info.master,
-            database=info.db,
-            username=info.username,
-            password=info.password,
-            ssl=info.ssl,
-            ssl_cert_reqs=info.ssl_cert_reqs or "required",
-            ssl_ca_certs=info.ssl_ca_certs,
-            ssl_certfile=info.ssl_certfile,
-            ssl_keyfile=info.ssl_keyfile,
-            ssl_check_hostname=bool(info.ssl_check_hostname),
-            conn_timeout=5,
-            sentinel_url=info,
+    def crashed(self, job: Claimed, exc: BaseException) -> Finished:
+        """A job that overran ``job_timeout`` or hit a bug: a failed result all the same."""
+        result = RouteResult(
+            status="failed", error=f"{type(exc).__name__}: {exc}"[:500], job_id=job.job_id
         )
-    settings = RedisSettings.from_dsn(url)
-    if settings.username:
-        settings.username = unquote(settings.username)
-    if settings.password:
-        settings.password = unquote(settings.password)
-    query = {k: v[-1] for k, v in parse_qs(urlparse(url).query).items()}
-    if "ssl_cert_reqs" in query:
-        settings.ssl_cert_reqs = query["ssl_cert_reqs"]
-    if "ssl_ca_certs" in query:
-        settings.ssl_ca_certs = query["ssl_ca_certs"]
-    if "ssl_certfile" in query:
-        settings.ssl_certfile = query["ssl_certfile"]
-    if "ssl_keyfile" in query:
-        settings.ssl_keyfile = query["ssl_keyfile"]
-    if "ssl_check_hostname" in query:
-        settings.ssl_check_hostname = query["ssl_check_hostname"].lower() in {"1", "true", "yes"}
-    settings.conn_timeout = 5
-    return settings
-
-
-def route_function(settings: Settings) -> Function:
-    return func(route, name=JOB_FUNCTION, timeout=settings.job_timeout)
-
-
-def worker_settings(settings: Settings) -> dict[str, Any]:
-    """The keyword arguments of :class:`arq.worker.Worker` for these settings."""
-    return {
-        "functions": [route_function(settings)],
-        "redis_settings": redis_settings(settings.redis_url.get_secret_value()),
-        "queue_name": settings.queue_name,
-        "max_jobs": settings.max_jobs,
-        "job_timeout": settings.job_timeout,
-        "keep_result": settings.keep_result,
-        "poll_delay": settings.poll_delay,
-        "job_serializer": serialize,
-        "job_deserializer": functools.partial(deserialize, max_bytes=settings.max_request_bytes),
-        "max_tries": settings.max_tries,
-        "job_completion_wait": settings.shutdown_grace,
-        "lease_seconds": settings.lease_seconds,
-        "batch_queue": settings.batch_queue_name,
-        "batch_max_jobs": settings.batch_slots,
-        "batch_keep_result": settings.batch_keep_result,
-        "on_startup": services.start,
-        "on_shutdown": services.stop,
-        "ctx": {"settings": settings},
-        "log_results": False,
-        "allow_abort_jobs": False,
-    }
-
-
-def create_worker(settings: Settings, **overrides: Any) -> RouterWorker:
-    return RouterWorker(**{**worker_settings(settings), **overrides})
+        return Finished(result, False, reply_to_of(job.blob))

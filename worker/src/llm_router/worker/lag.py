@@ -3,7 +3,8 @@
 Everything a worker does for its jobs, and the renewal of their leases, waits
 while the loop is held. A sleeper that wakes every ``interval`` measures the
 delay; a delay past ``warn_after`` is logged as it happens (``event_loop_blocked``),
-and the worker logs a summary when it stops (``event_loop_lag``).
+and the worker logs a summary when it stops (``event_loop_lag``). It samples only
+while ``active`` is set (jobs run): an idle worker should not wake ten times a second.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ log = structlog.get_logger("llm_router.worker")
 
 
 class LoopLag:
-    def __init__(self, interval: float = 0.1, warn_after: float = 0.25, keep: int = 10_000) -> None:
+    def __init__(
+        self,
+        interval: float = 0.1,
+        warn_after: float = 0.25,
+        keep: int = 10_000,
+        *,
+        active: asyncio.Event | None = None,
+    ) -> None:
         self.interval = interval
+        self.active = active
         self.warn_after = warn_after
         self.recent: deque[float] = deque(maxlen=keep)
         self.samples = 0
@@ -38,6 +47,8 @@ class LoopLag:
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self.active is not None and not self.active.is_set():
+                await self.active.wait()
             before = loop.time()
             await asyncio.sleep(self.interval)
             lag = max(0.0, loop.time() - before - self.interval)

@@ -17,16 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from llm_router.client.protocol import wake_key
+from llm_router.client.keys import wake_key
 
-Lane = Literal["interactive", "batch"]
+LaneKind = Literal["interactive", "batch"]
 
 
 @dataclass(slots=True)
-class Queue:
+class Lane:
     """One queue a worker serves, and what it has running from it."""
 
-    lane: Lane
+    kind: LaneKind
     name: str
     max_jobs: int
     keep_result_s: int
@@ -55,10 +55,10 @@ class Lanes:
         keep_result_s: int,
         batch_keep_result_s: int,
     ) -> None:
-        self.queues: list[Queue] = [Queue("interactive", interactive, max_jobs, keep_result_s)]
+        self.queues: list[Lane] = [Lane("interactive", interactive, max_jobs, keep_result_s)]
         if batch is not None and batch != interactive:
             share = batch_share(max_jobs, batch_max_jobs)
-            self.queues.append(Queue("batch", batch, share, batch_keep_result_s))
+            self.queues.append(Lane("batch", batch, share, batch_keep_result_s))
         self.interactive = self.queues[0]
 
     @property

@@ -1,8 +1,8 @@
 """structlog set-up: JSON lines under systemd, readable lines on a terminal.
 
-Everything from the standard library (arq, litellm, redis) goes through the
-same renderer. arq's own INFO lines print job arguments, i.e. prompt text,
-so ``arq.worker`` is held at WARNING; our job lines replace them.
+Everything from the standard library's logging (litellm, httpx, redis) goes
+through the same renderer; litellm's and httpx's chatter at INFO (request URLs,
+model lists) is held at WARNING.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 
 import structlog
 
-QUIET_AT_INFO = ("arq.worker", "arq.jobs", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx")
+QUIET_AT_INFO = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx")
 
 
 def configure_logging(
@@ -47,7 +47,7 @@ def configure_logging(
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                # Tracebacks from arq/redis records as text, not "<traceback object>".
+                # Tracebacks from stdlib records as text, not "<traceback object>".
                 *([structlog.processors.format_exc_info] if use_json else []),
                 renderer,
             ],

@@ -2,12 +2,16 @@
 
 The counters live in one Redis hash (field ``<model>|<outcome>``) so all
 workers add to the same totals. A job's counts are added at most once (a
-marker key per job id), so a job that runs twice is not counted twice.
+marker key per job id), so a job that runs twice is not counted twice; and at
+least once: the script that stores a result also lists the job as pending, and a
+worker killed before it counted the job leaves it there for :meth:`Metrics.sweep`
+(any worker, every few seconds) to count from the stored result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -18,14 +22,22 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llm_router.client.protocol import METRICS_CHANNEL, METRICS_COUNTERS_KEY, RouteResult
+from llm_router.client.keys import (
+    COUNTED_PREFIX,
+    METRICS_CHANNEL,
+    METRICS_COUNTERS_KEY,
+    METRICS_PENDING_KEY,
+    result_key,
+)
+from llm_router.client.protocol import RouteResult, result_from_blob
 from llm_router.worker.lua import script
 
 log = structlog.get_logger("llm_router.metrics")
 
 OUTCOMES = ("success", "fallback", "error", "skipped")
 RETRY_FOR_S = 600.0
-COUNTED_KEY_PREFIX = "llm_router:metrics:counted:"
+#: A job stored this long ago and still not counted: its worker is presumed gone.
+SWEEP_AFTER_S = 5.0
 COUNTED_TTL_S = 86_400
 
 # One round trip per job: count (once per job id), snapshot, publish. A job that ran
@@ -113,8 +125,9 @@ class Metrics:
         event = event_payload(result, {}, breakers)
         del event["metrics_snapshot"]
         head = json.dumps(event, ensure_ascii=False)[:-1]
-        keys = [METRICS_COUNTERS_KEY, COUNTED_KEY_PREFIX + (result.job_id or uuid.uuid4().hex)]
-        args: list[str | int] = [COUNTED_TTL_S, self.channel, head]
+        job_id = result.job_id or uuid.uuid4().hex
+        keys = [METRICS_COUNTERS_KEY, COUNTED_PREFIX + job_id, METRICS_PENDING_KEY]
+        args: list[str | int] = [COUNTED_TTL_S, self.channel, head, job_id]
         args += [f"{m}|{o}" for m, o in fields]
         try:
             snapshot = await self._record_script(keys=keys, args=args)
@@ -146,6 +159,35 @@ class Metrics:
                 log.warning("metrics_failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
             return
         log.warning("metrics_failed", job_id=job_id, error="Redis did not come back in time")
+
+    async def sweep(self, older_than_s: float = SWEEP_AFTER_S, most: int = 100) -> int:
+        """Count and announce the jobs whose worker stored their result but died before
+        it counted them; return how many. Never raises."""
+        if self.redis is None:
+            return 0
+        cutoff = int((time.time() - older_than_s) * 1000)
+        try:
+            ids = await self.redis.zrangebyscore(
+                METRICS_PENDING_KEY, "-inf", cutoff, start=0, num=most
+            )
+            if not ids:
+                return 0
+            blobs = await self.redis.mget([result_key(i.decode()) for i in ids])
+        except (RedisError, OSError):
+            return 0
+        swept = 0
+        for job_id, blob in zip(ids, blobs, strict=True):
+            if blob is None:  # expired or deleted: nothing left to count from
+                with contextlib.suppress(RedisError, OSError):
+                    await self.redis.zrem(METRICS_PENDING_KEY, job_id)
+                continue
+            result = result_from_blob(blob)
+            result.job_id = job_id.decode()
+            if await self.record(result) is not None:
+                swept += 1
+        if swept:
+            log.info("metrics_swept", jobs=swept)
+        return swept
 
     async def aclose(self) -> None:
         """Give pending background counts a last chance, then drop them."""

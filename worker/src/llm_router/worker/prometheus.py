@@ -37,9 +37,9 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llm_router.client.heartbeats import WORKERS_KEY
-from llm_router.client.protocol import METRICS_COUNTERS_KEY, RouteResult
-from llm_router.client.spend import parse_day, spend_key, utc_day
+from llm_router.client.keys import METRICS_COUNTERS_KEY, WORKERS_KEY, spend_key
+from llm_router.client.protocol import RouteResult
+from llm_router.client.spend import parse_day, utc_day
 from llm_router.worker.heartbeat import Serving
 from llm_router.worker.metrics import parse_counters
 from llm_router.worker.settings import Settings

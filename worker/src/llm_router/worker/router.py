@@ -36,7 +36,7 @@ from llm_router.worker.calls import (
 from llm_router.worker.capacity import Busy, Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
 from llm_router.worker.costs import Usage, worst_case_usd
-from llm_router.worker.lanes import Lane
+from llm_router.worker.lanes import LaneKind
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
 from llm_router.worker.settings import ModelConfig, Settings
@@ -141,7 +141,7 @@ class Router:
             raise RouteFailed(result)
         return result
 
-    def chain_for(self, request: RouteRequest, lane: Lane = "interactive") -> str:
+    def chain_for(self, request: RouteRequest, lane: LaneKind = "interactive") -> str:
         """The request's chain, else the lane's: ``batch`` for batch work if configured."""
         if request.chain is not None:
             return request.chain
@@ -153,7 +153,7 @@ class Router:
         *,
         job_id: str | None = None,
         record: bool = True,
-        lane: Lane = "interactive",
+        lane: LaneKind = "interactive",
     ) -> RouteResult:
         """Walk the chain for a validated request; never raises for a model's failure.
 
@@ -187,7 +187,7 @@ class Router:
         request: RouteRequest,
         job_id: str | None,
         bound: structlog.typing.FilteringBoundLogger,
-        lane: Lane,
+        lane: LaneKind,
     ) -> RouteResult:
         start = time.monotonic()
         models = self.chains.get(request.chain or DEFAULT_CHAIN)
@@ -266,7 +266,7 @@ class Router:
         prompt: Prompt,
         schema: dict[str, Any] | None,
         validator: Validator | None,
-        lane: Lane,
+        lane: LaneKind,
     ) -> Tried:
         """One model: does the prompt fit it, its budget, its breaker, a slot, the call
         under its deadline, the checks; what the call used is counted whatever came of it."""
@@ -294,7 +294,7 @@ class Router:
         messages: list[dict[str, Any]],
         schema: dict[str, Any] | None,
         validator: Validator | None,
-        lane: Lane,
+        lane: LaneKind,
     ) -> Tried:
         admission = await self.breakers.admit(cfg)
         if admission.skip_reason is not None:

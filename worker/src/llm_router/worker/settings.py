@@ -23,12 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from llm_router.client.protocol import (
-    DEFAULT_BATCH_QUEUE,
-    DEFAULT_CHAIN,
-    DEFAULT_QUEUE,
-    METRICS_CHANNEL,
-)
+from llm_router.client.keys import DEFAULT_BATCH_QUEUE, DEFAULT_QUEUE, METRICS_CHANNEL
+from llm_router.client.protocol import DEFAULT_CHAIN
 from llm_router.client.schemas import CEILING, SchemaLimits
 from llm_router.worker.checks import AnswerLimits
 from llm_router.worker.lanes import batch_share
@@ -58,45 +54,93 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)
-    timeout: float = Field(gt=0, le=3600, description="hard wall-clock deadline, seconds")
-    api_base: str | None = None
-    api_key: SecretStr | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
+    model: str = Field(
+        min_length=1,
+        description="litellm model string: `ollama_chat/<name>` (Ollama's `/api/chat`), "
+        "`anthropic/<name>`, …; `ollama/` and `ollama_chat/` models are local: free, never "
+        "budgeted",
+    )
+    timeout: float = Field(
+        gt=0,
+        le=3600,
+        description="Hard wall-clock deadline in seconds, enforced by the worker whatever the "
+        "provider does; it covers the model's retries and starts once a capacity slot is held",
+    )
+    api_base: str | None = Field(
+        default=None,
+        description="The provider's base URL, e.g. `http://localhost:11434`; unset: litellm's "
+        "default for the provider",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Key for this model; unset: litellm reads the provider's variable "
+        "(`ANTHROPIC_API_KEY`). Never logged",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for `litellm.acompletion`, applied last (they "
+        'override the worker\'s own), e.g. `{"temperature": 0}`; a `max_tokens` or '
+        "`num_predict` here is also the answer's share of the context window",
+    )
     structured_output: bool = Field(
-        default=True, description="send the caller's schema to the model as response_format"
+        default=True,
+        description="Send the request's schema to the model as `response_format` (Ollama: "
+        "constrained decoding); the answer is validated against it either way",
     )
     max_in_flight: int | None = Field(
-        default=None, ge=1, description="calls in flight to this model across all workers"
+        default=None,
+        ge=1,
+        description="Calls in flight to this model across every worker process and host "
+        "(slots leased in Redis); unset: unlimited",
     )
     max_wait: float = Field(
-        default=0.0, ge=0, le=3600, description="seconds a job waits for a free slot"
+        default=0.0,
+        ge=0,
+        le=3600,
+        description="Seconds a job waits, first come first served, for one of the "
+        "`max_in_flight` slots before it moves on down the chain (`skipped`, `busy: …`)",
     )
     keep_alive: int | str | None = Field(
-        default=-1, description="Ollama keep_alive: seconds, a duration, -1 = stay loaded"
+        default=-1,
+        description="Local models: Ollama's `keep_alive`, sent with every call and warm-up: "
+        'seconds, a duration such as `"30m"`, `-1` = stay loaded, `0` = unload after the '
+        "call; JSON `null`: not sent",
     )
     max_retries: int | None = Field(
         default=None,
         ge=0,
         le=10,
-        description="retries of a transient failure within the timeout (2; local models 0)",
+        description="Retries of a transient failure (HTTP 429, 529, 500, 502, 503, 504, a "
+        "connection reset) on this model, within its `timeout`; unset: 2 for a cloud model, "
+        "0 for a local one",
     )
     cache_prompt: bool = Field(
         default=False,
-        description="mark the system prompt cacheable (Anthropic prompt caching)",
+        description="Anthropic: send the last system message as a prompt-cache breakpoint, so "
+        "jobs sharing a long system prompt read it at a tenth of the input price",
     )
     breaker_failures: int = Field(
-        default=3, ge=1, le=1000, description="unwell failures in a row that open the breaker"
+        default=3,
+        ge=1,
+        le=1000,
+        description="Failures in a row that say the model is unwell (deadline, connection "
+        "refused or reset, HTTP 5xx, 404, 401/403) and open its circuit breaker, shared by "
+        "all workers",
     )
     breaker_cooldown: float = Field(
-        default=30.0, gt=0, le=86_400, description="seconds an open breaker skips the model"
+        default=30.0,
+        gt=0,
+        le=86_400,
+        description="Seconds an open breaker skips the model before one probe request decides",
     )
     context_window: int | None = Field(
         default=None,
         ge=256,
         le=100_000_000,
-        description="tokens of prompt and answer the model takes (default: asked of Ollama, "
-        "else its num_ctx or 4096; cloud models: litellm's max_input_tokens)",
+        description="Tokens of prompt and answer the model takes; a prompt that does not fit "
+        "skips the model (`context: …`). Unset: for Ollama, what `/api/ps` reports once the "
+        "warm-up has loaded it, else `params.num_ctx`, else 4096; for cloud models, litellm's "
+        "`max_input_tokens`",
     )
 
     @property
@@ -167,62 +211,179 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    queue_name: str = Field(default=DEFAULT_QUEUE, min_length=1)
-    max_jobs: int = Field(default=10, ge=1, le=10_000)
-    keep_result: int = Field(default=3600, ge=1, description="seconds a result stays in Redis")
-    batch_queue_name: str = Field(default=DEFAULT_BATCH_QUEUE, min_length=1)
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis to take jobs from: `redis://`, `rediss://` (TLS) or "
+        "`redis+sentinel://`. A secret: never printed or logged",
+    )
+    queue_name: str = Field(
+        default=DEFAULT_QUEUE,
+        min_length=1,
+        description="The queue (a Redis sorted set) interactive jobs are taken from; "
+        "producers must use the same name",
+    )
+    max_jobs: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="Jobs one worker process runs at once, both queues together",
+    )
+    keep_result: int = Field(
+        default=3600,
+        ge=1,
+        description="Seconds a result (`arq:result:<id>`) stays in Redis for its producer",
+    )
+    batch_queue_name: str = Field(
+        default=DEFAULT_BATCH_QUEUE,
+        min_length=1,
+        description="The batch queue `llm-router backfill` fills, served after `queue_name` "
+        "with the job slots interactive work leaves; must differ from `queue_name`",
+    )
     batch_max_jobs: int | None = Field(
-        default=None, ge=1, le=10_000, description="job slots batch work may fill (default 4/5)"
+        default=None,
+        ge=1,
+        le=10_000,
+        description="Job slots batch work may fill (at most `max_jobs`); the rest wait for "
+        "interactive jobs. Unset: `max_jobs` less a fifth of it (at least one slot less), "
+        "but at least 1 (10 gives 8)",
     )
     batch_keep_result: int = Field(
-        default=7 * 86_400, ge=1, description="seconds a batch result waits for its backfill"
+        default=7 * 86_400,
+        ge=1,
+        description="Seconds a batch result waits in Redis for its backfill to collect it; a "
+        "backfill deletes each result once its row is on disk",
     )
     poll_delay: float = Field(
-        default=0.5, gt=0, le=60, description="safety-net poll for producers that do not wake"
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Seconds between safety-net polls of the queue: our producers wake a "
+        "worker at once; the poll serves producers that only write arq's keys, and finds a "
+        "dead worker's jobs once their lease has lapsed",
     )
-    chains: dict[str, list[ModelConfig]] = Field(default_factory=default_chains)
-    refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
+    chains: dict[str, list[ModelConfig]] = Field(
+        default_factory=default_chains,
+        description="Named chains, each an ordered list of models (the model fields). A "
+        "chain `default` is required and none may be empty; setting `chains` replaces the "
+        "built-in ones whole. JSON in the environment",
+    )
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
+        description="An answer that contains any of these (case-insensitive substring) is "
+        "rejected. Setting it replaces the list; a blank pattern is refused. JSON list in "
+        "the environment",
+    )
     budgets: dict[str, float] = Field(
-        default_factory=dict, description="USD per UTC day a chain's cloud models may spend"
+        default_factory=dict,
+        description="USD per UTC day each named chain's cloud models may spend, shared by all "
+        'workers, e.g. `{"default": 5.0}` (JSON in the environment). Reached, they are '
+        "skipped (`budget: …`) and local models go on; a chain without an entry is not "
+        "capped, `0` turns its cloud off",
     )
     budget_wait: float = Field(
         default=10.0,
         ge=0,
         le=600,
-        description="seconds a cloud call waits while calls in flight hold its budget's rest",
+        description="Seconds a cloud call of a capped chain waits while calls in flight hold "
+        "the rest of its budget (they settle to their real cost, usually far less); a budget "
+        "really spent skips at once",
     )
-    anthropic_max_tokens: int = Field(default=4096, ge=1, le=64_000)
-    metrics_channel: str = Field(default=METRICS_CHANNEL, min_length=1)
+    anthropic_max_tokens: int = Field(
+        default=4096,
+        ge=1,
+        le=64_000,
+        description="`max_tokens` of every call to an `anthropic/*` or `claude*` model "
+        "(litellm would ask for 64,000): the answer's share of the context window and of a "
+        "budget's worst case",
+    )
+    metrics_channel: str = Field(
+        default=METRICS_CHANNEL,
+        min_length=1,
+        description="Redis pub/sub channel of the per-job metrics event",
+    )
     metrics_port: int | None = Field(
-        default=None, ge=1, le=65_535, description="serve Prometheus /metrics on this port"
+        default=None,
+        ge=1,
+        le=65_535,
+        description="Serve Prometheus `/metrics` on this port; unset: not served",
     )
-    metrics_host: str = Field(default="127.0.0.1", min_length=1)
+    metrics_host: str = Field(
+        default="127.0.0.1", min_length=1, description="Address `/metrics` binds to"
+    )
     lease_seconds: float = Field(
-        default=10.0, ge=2, le=300, description="a dead worker's job is taken over after this"
+        default=10.0,
+        ge=2,
+        le=300,
+        description="Seconds of the lease on a running job (`arq:in-progress:<id>`), renewed "
+        "every third of it: a dead or stalled worker's job is taken over by another worker "
+        "within `lease_seconds` + `poll_delay`",
     )
     max_tries: int = Field(
-        default=3, ge=1, le=100, description="starts of one job before it fails as a poison job"
+        default=3,
+        ge=1,
+        le=100,
+        description="Starts of one job: a job whose workers died (or stalled) this many times "
+        "while running it is not run again, its next start stores a `failed` result. A "
+        "hand-back on SIGTERM is not a start",
     )
     shutdown_grace: float = Field(
-        default=30.0, ge=0, le=3600, description="on SIGTERM, how long running jobs may finish"
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, seconds the running jobs may still finish; what still runs "
+        "then is handed back to the queue at once (as on SIGINT or a second signal). Keep "
+        "systemd's `TimeoutStopSec` longer",
     )
-    max_request_bytes: int = Field(default=1_000_000, ge=1024, description="a job blob's size")
-    max_messages: int = Field(default=1000, ge=1)
-    max_schema_bytes: int = Field(default=65_536, ge=64, le=CEILING.max_bytes)
+    max_request_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        description="Largest job blob (`arq:job:<id>`) in bytes; a larger one is refused "
+        "(`invalid_request`) without being parsed",
+    )
+    max_messages: int = Field(default=1000, ge=1, description="Most messages in one request")
+    max_schema_bytes: int = Field(
+        default=65_536,
+        ge=64,
+        le=CEILING.max_bytes,
+        description="Largest request `schema`, as compact UTF-8 JSON, in bytes",
+    )
     max_schema_depth: int = Field(
         default=32,
         ge=2,
         le=CEILING.max_depth,
-        description="nesting of a schema's objects and arrays, and of its in-place ref chains",
+        description="Deepest nesting of a schema's objects and arrays, and longest chain of "
+        "subschemas applied at one place in the answer (`$ref`, `allOf`, …)",
     )
-    max_answer_bytes: int = Field(default=1_000_000, ge=1024, le=64_000_000)
-    max_answer_depth: int = Field(default=64, ge=1, le=128)
+    max_answer_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        le=64_000_000,
+        description="Largest answer, in bytes of UTF-8; a larger one is an `invalid` attempt "
+        "(`AnswerTooLarge`)",
+    )
+    max_answer_depth: int = Field(
+        default=64,
+        ge=1,
+        le=128,
+        description="Deepest nesting of an answer's JSON when a schema was asked for "
+        "(`AnswerNotAcceptable`)",
+    )
     max_check_seconds: float = Field(
-        default=1.0, ge=0.01, le=60, description="CPU time to validate one answer"
+        default=1.0,
+        ge=0.01,
+        le=60,
+        description="CPU seconds validating one answer against its schema may take; then the "
+        "attempt is `invalid` (`ValidationTooCostly`)",
     )
-    log_format: Literal["auto", "json", "console"] = "auto"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="`json`, `console`, or `auto`: JSON unless stderr is a terminal. Any case",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO",
+        description="Any case. arq, litellm and httpx stay at WARNING or above whatever this "
+        "says (their INFO lines would print prompts)",
+    )
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

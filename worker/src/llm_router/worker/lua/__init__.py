@@ -5,11 +5,7 @@ Each file's header says what it does, its KEYS and ARGV in order, and what it re
 
 from __future__ import annotations
 
-from functools import cache
-from importlib.resources import files
+from llm_router.client.lua import reader
 
-
-@cache
-def script(name: str) -> str:
-    """The text of the script ``name`` (e.g. ``"claim.lua"``) of this package."""
-    return files(__name__).joinpath(name).read_text(encoding="utf-8")
+#: The text of one of this package's scripts (e.g. ``"claim.lua"``).
+script = reader(__name__)

@@ -1,6 +1,6 @@
 -- claim.lua: find due jobs nobody holds, lease them and read them, in one step, from
 -- each queue in turn (interactive first). Jobs being run stay in their queue, so the
--- script pages past them. Used by llm_router.worker.daemon (scripts.CLAIM).
+-- script pages past them. Used by llm_router.worker.queue.RedisQueue.claim.
 --
 -- KEYS: the queues (sorted sets of job ids, score = enqueue ms), in claim order.
 -- ARGV, in order:

@@ -1,7 +1,7 @@
 -- finish.lua: store a job's result, push it to the producer's reply list and release
 -- the lease; the first result wins. With an empty blob, hand the job back instead (it
 -- stays queued, is not counted as a try, and a wake-up token calls another worker).
--- Used by llm_router.worker.daemon (scripts.FINISH).
+-- Used by llm_router.worker.queue.RedisQueue.finish and .hand_back.
 --
 -- KEYS, in order:
 --   1. arq:result:<id>
@@ -11,13 +11,16 @@
 --   5. the queue (sorted set)
 --   6. the producer's reply list ('' for none)
 --   7. the queue's wake-up list, <queue>:wake
+--   8. the jobs stored but not yet counted, llm_router:metrics:pending (sorted set,
+--      score = when stored, ms): metrics_record.lua takes the job out once it counts it
 -- ARGV, in order:
 --   1. the job id
 --   2. this worker's token
 --   3. the result blob ('' hands the job back)
---   4. the result's time to live, ms ('' = forever)
+--   4. the result's time to live, ms
 --   5. the reply list's time to live, s
 --   6. the most wake-up tokens kept
+--   7. '1': the job is to be counted and announced (KEYS[8]); '': not
 -- Returns 1 when done, 0 when another run's result was already there (or, handing
 -- back, when the lease was no longer ours).
 local function release()
@@ -35,16 +38,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   release()
   return 0
 end
-if ARGV[4] == '' then
-  redis.call('SET', KEYS[1], ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 if KEYS[6] ~= '' then
   redis.call('LPUSH', KEYS[6], ARGV[3])
   redis.call('EXPIRE', KEYS[6], ARGV[5])
 end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[1])
+if ARGV[7] == '1' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[8], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+end
 release()
 return 1

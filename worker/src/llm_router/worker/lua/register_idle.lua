@@ -1,7 +1,7 @@
 -- register_idle.lua: a waiting worker offers itself to producers, whose enqueue script
 -- (the client's enqueue.lua) then hands it a job directly (lease, try count and job in
 -- its inbox: no claim round trip). Expires unless renewed. Used by
--- llm_router.worker.daemon (scripts.REGISTER).
+-- llm_router.worker.queue.RedisQueue.wait_for_work.
 --
 -- KEYS, in order:
 --   1. the idle set, <queue>:idle

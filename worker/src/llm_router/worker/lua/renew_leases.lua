@@ -1,5 +1,5 @@
--- renew_leases.lua: extend this worker's leases. Used by llm_router.worker.daemon
--- (scripts.RENEW).
+-- renew_leases.lua: extend this worker's leases. Used by
+-- llm_router.worker.queue.RedisQueue.renew.
 --
 -- KEYS: the in-progress keys, arq:in-progress:<id>, of the jobs this worker runs.
 -- ARGV, in order:

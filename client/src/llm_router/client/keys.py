@@ -1,0 +1,106 @@
+"""Every Redis key and channel llm-router uses, named once for producers and workers.
+
+arq's data model, kept so that arq's own producers and tools still work: the job
+(``arq:job:<id>``), its result (``arq:result:<id>``), the lease of a running job
+(``arq:in-progress:<id>``), its try counter (``arq:retry:<id>``) and the queue, a
+sorted set of job ids. Everything else is ours. A few Lua scripts build key names
+from these prefixes themselves (their headers say which); a unit test holds the
+scripts to this module. docs/protocol.md describes each key for producers in any
+language.
+"""
+
+from __future__ import annotations
+
+DEFAULT_QUEUE = "llm_router:queue"
+#: Backfills go here; workers serve it only with what the interactive queue leaves.
+DEFAULT_BATCH_QUEUE = "llm_router:batch"
+
+# --- arq's data model ------------------------------------------------------------------------
+
+JOB_PREFIX = "arq:job:"
+RESULT_PREFIX = "arq:result:"
+#: The lease of a running job: its value is the token of the worker that runs it.
+IN_PROGRESS_PREFIX = "arq:in-progress:"
+#: How often the job has been started (INCR at each claim).
+RETRY_PREFIX = "arq:retry:"
+
+
+def job_key(job_id: str) -> str:
+    return JOB_PREFIX + job_id
+
+
+def result_key(job_id: str) -> str:
+    return RESULT_PREFIX + job_id
+
+
+def in_progress_key(job_id: str) -> str:
+    return IN_PROGRESS_PREFIX + job_id
+
+
+def retry_key(job_id: str) -> str:
+    return RETRY_PREFIX + job_id
+
+
+# --- ours: around each queue ------------------------------------------------------------------
+
+
+def wake_key(queue_name: str) -> str:
+    """The list idle workers block on; producers push a token after each enqueue."""
+    return f"{queue_name}:wake"
+
+
+def idle_key(queue_name: str) -> str:
+    """Sorted set of waiting workers (member ``<token>|<lease ms>``, score = expiry ms)."""
+    return f"{queue_name}:idle"
+
+
+def inbox_key(queue_name: str, worker_token: str) -> str:
+    """The list a waiting worker blocks on for jobs handed to it at enqueue."""
+    return f"{queue_name}:inbox:{worker_token}"
+
+
+#: Reply lists must start with this, so a job cannot make the worker push elsewhere.
+REPLY_PREFIX = "llm_router:reply:"
+
+# --- ours: shared state of the fleet ----------------------------------------------------------
+
+METRICS_CHANNEL = "llm_router_metrics"
+#: Field ``<model>|<outcome>``, an integer: every worker adds to the same totals.
+METRICS_COUNTERS_KEY = "llm_router:metrics:counters"
+#: ``1`` once a job has been counted and announced (a job that ran twice is counted once).
+COUNTED_PREFIX = "llm_router:metrics:counted:"
+#: Jobs whose result is stored but not yet counted and announced (score: when stored,
+#: ms): a worker killed in between leaves them here for another to finish.
+METRICS_PENDING_KEY = "llm_router:metrics:pending"
+
+HEARTBEAT_PREFIX = "llm_router:worker:"
+#: Sorted set of live workers: member the worker id, score when its heartbeat lapses (ms).
+WORKERS_KEY = "llm_router:workers"
+
+
+def heartbeat_key(worker_id: str) -> str:
+    return HEARTBEAT_PREFIX + worker_id
+
+
+#: A model's circuit breaker at one server: ``<prefix><model>@<api_base>``, a hash.
+BREAKER_PREFIX = "llm_router:breaker:"
+
+
+def breaker_key(endpoint: str) -> str:
+    return BREAKER_PREFIX + endpoint
+
+
+#: A model's capacity slots: ``<prefix><model>@<api_base>:holders|line|alive|tickets``,
+#: and each process's wake-up list ``<prefix>wake:<process>``.
+CAPACITY_PREFIX = "llm_router:capacity:"
+
+#: A UTC day's spend hash ``<prefix><YYYY-MM-DD>`` and its budget holds ``…:holds``.
+SPEND_PREFIX = "llm_router:spend:"
+
+
+def spend_key(day: str) -> str:
+    return SPEND_PREFIX + day
+
+
+def holds_key(day: str) -> str:
+    return SPEND_PREFIX + day + ":holds"

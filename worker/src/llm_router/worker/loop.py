@@ -1,0 +1,343 @@
+"""The worker's loop: take jobs while a slot is free, run them, keep their leases, stop.
+
+* It blocks on the queues' wake-up lists (``BLPOP <queue>:wake``), which producers
+  push to when they enqueue, and offers itself in the idle set, so that a producer's
+  enqueue can hand it a job at once. It polls only as a slow safety net for producers
+  that write arq's keys alone; it takes no token while it has no free slot, so tokens
+  reach idle workers; a queue with a backlog is claimed from again whenever a slot
+  frees, so it drains at full speed.
+* It serves the interactive queue first and a batch queue with the slots interactive
+  work leaves (:mod:`~llm_router.worker.lanes`).
+* A job's lease (``arq:in-progress:<id>`` = this worker's token) is renewed while the
+  job runs; when the worker dies it lapses within ``lease_seconds`` and another worker
+  takes the job.
+* On SIGTERM it stops taking jobs, lets running ones finish within the grace period
+  and hands the rest back at once (SIGINT: no grace; a second signal: stop now).
+* Redis errors never end it (:mod:`~llm_router.worker.outage`).
+
+The Redis side is :mod:`~llm_router.worker.queue`; what a job is, and what its result
+says, is the job runner's (:mod:`~llm_router.worker.jobs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol
+
+import structlog
+from redis.exceptions import RedisError
+
+from llm_router.client.protocol import RouteResult, now_ms
+from llm_router.worker.jobs import Finished
+from llm_router.worker.lanes import Lanes
+from llm_router.worker.queue import Claimed, RedisQueue, Woken
+
+log = structlog.get_logger("llm_router.worker")
+
+#: How long one wait for a wake-up blocks before the worker offers itself again.
+WAKE_BLOCK_S = 5.0
+#: While stopping, how long storing a result may wait for Redis before the lease is left
+#: to lapse (another worker then runs the job again).
+STOPPING_STORE_S = 10.0
+
+
+class JobRunner(Protocol):
+    """What runs a claimed job: :class:`~llm_router.worker.jobs.RouteJobs`."""
+
+    async def run(self, job: Claimed) -> Finished: ...
+
+    def crashed(self, job: Claimed, exc: BaseException) -> Finished: ...
+
+
+class Listener(Protocol):
+    """Told of every stored result and of the stop (heartbeat, Prometheus, systemd)."""
+
+    def finished(self, result: RouteResult) -> None: ...
+
+    def stopping(self) -> None: ...
+
+
+class Worker:
+    """Serves the lanes of one :class:`~llm_router.worker.queue.RedisQueue`."""
+
+    def __init__(
+        self,
+        queue: RedisQueue,
+        jobs: JobRunner,
+        *,
+        poll_delay: float = 0.5,
+        job_timeout: float = 300.0,
+        shutdown_grace: float = 30.0,
+        listeners: Sequence[Listener] = (),
+    ) -> None:
+        self.queue = queue
+        self.jobs = jobs
+        self.lanes: Lanes = queue.lanes
+        self.poll_delay = poll_delay
+        self.job_timeout = job_timeout
+        self.shutdown_grace = shutdown_grace
+        self.listeners = list(listeners)
+        #: The value of this worker's leases, also its id in heartbeats and logs.
+        self.token = queue.token
+        self.stopping = False
+        #: Set while at least one job runs (the event-loop lag monitor samples then).
+        self.busy = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._leased: set[str] = set()
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._grace: float | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def max_jobs(self) -> int:
+        return self.lanes.interactive.max_jobs
+
+    # -- serving ----------------------------------------------------------------------------
+
+    async def serve(self, *, handle_signals: bool = True) -> None:
+        """Take and run jobs until :meth:`stop` (or a signal), then stop gracefully."""
+        if handle_signals:
+            self._handle_signals()
+        helpers = [
+            asyncio.create_task(self._listen_for_wake_ups(), name="wake-up listener"),
+            asyncio.create_task(self._renew_leases(), name="lease renewal"),
+        ]
+        try:
+            while not self.stopping:
+                self._wake.clear()
+                await self._claim()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_delay):
+                        await self._wake.wait()
+            await self._withdraw()  # producers stop handing jobs to this worker
+            await self._wind_down()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if self._tasks:  # cancelled from outside: hand back what is still running
+                for task in self._tasks.values():
+                    task.cancel()
+                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            if self._background:
+                await asyncio.wait(self._background, timeout=5)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking jobs; running ones get ``grace`` seconds (default
+        ``shutdown_grace``) to finish, then are handed back. Called again: stop now."""
+        if self.stopping:
+            self._grace = 0.0
+            self._cancel_running()
+            return
+        self.stopping = True
+        self._grace = self.shutdown_grace if grace is None else grace
+        self._wake.set()
+        self._slot_freed.set()
+        for listener in self.listeners:
+            listener.stopping()
+
+    def _handle_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum, grace in ((signal.SIGTERM, None), (signal.SIGINT, 0.0)):
+            loop.add_signal_handler(signum, self._on_signal, signum, grace)
+
+    def _on_signal(self, signum: signal.Signals, grace: float | None) -> None:
+        log.info(
+            "worker_stopping",
+            signal=signal.Signals(signum).name,
+            running=self.running,
+            grace_s=self.shutdown_grace if grace is None else grace,
+        )
+        self.stop(grace)
+
+    async def _claim(self) -> None:
+        free = self.max_jobs - self.running
+        if self.stopping or free <= 0:
+            return
+        wants = self.lanes.wants(free)
+        try:
+            claimed = await self.queue.claim(wants, free)
+        except (RedisError, OSError) as exc:
+            await asyncio.sleep(self.queue.outage.failed(exc, "polling the queue"))
+            return
+        self.queue.outage.ok()
+        got = [0] * len(wants)
+        for job in claimed:
+            got[self.lanes.queues.index(job.lane)] += 1
+            self._start(job)
+        self.lanes.claimed(wants, got)
+
+    async def _listen_for_wake_ups(self) -> None:
+        """While a slot is free, wait for a job handed over at enqueue (start it at once)
+        or a wake-up token (claim at once); while full or stopping, take neither."""
+        while True:
+            free = self.max_jobs - self.running
+            if self.stopping or free <= 0:
+                await self._withdraw()
+                if self.stopping:
+                    return
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            lanes = [lane for lane in self.lanes.queues if lane.room(free) > 0]
+            try:
+                arrival = await self.queue.wait_for_work(lanes, WAKE_BLOCK_S)
+            except (RedisError, OSError) as exc:
+                await asyncio.sleep(self.queue.outage.failed(exc, "waiting for wake-ups"))
+                continue
+            self.queue.outage.ok()
+            if isinstance(arrival, Claimed):
+                self._take_handed_job(arrival)
+                await asyncio.sleep(0)  # let the job start before this loop's next round trip
+            elif isinstance(arrival, Woken):
+                if self.stopping:  # the token belongs to another worker
+                    await self.queue.return_token(arrival)
+                else:
+                    self._wake.set()
+
+    def _take_handed_job(self, job: Claimed) -> None:
+        """A producer leased this job to us in its enqueue script: run it, or hand it back
+        when stopping or full (a claim may have filled the slot the producer saw free)."""
+        if not self.stopping and self.running < self.max_jobs:
+            self._start(job)
+        else:
+            self._in_background(self._hand_back(job))
+
+    async def _withdraw(self) -> None:
+        """Stop being offered jobs; hand back any that were handed over meanwhile."""
+        try:
+            handed = await self.queue.withdraw()
+        except (RedisError, OSError):
+            return  # the idle entry lapses, and so do the leases of anything handed over
+        for job in handed:
+            self._take_handed_job(job)
+
+    async def _renew_leases(self) -> None:
+        """Extend the lease of every running job, three times per lease."""
+        while True:
+            await asyncio.sleep(self.queue.lease_ms / 3000)
+            if not self._leased:
+                continue
+            try:
+                lost = await self.queue.renew(list(self._leased))
+            except (RedisError, OSError) as exc:
+                await asyncio.sleep(self.queue.outage.failed(exc, "renewing leases"))
+                continue
+            self.queue.outage.ok()
+            for job_id in lost:
+                if job_id in self._leased:  # not a job that finished during the renewal
+                    log.warning("lease_lost", job_id=job_id)
+
+    # -- one job ----------------------------------------------------------------------------
+
+    def _start(self, job: Claimed) -> None:
+        job.lane.running += 1
+        self._leased.add(job.job_id)
+        self.busy.set()
+        task = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.job_id}")
+        self._tasks[job.job_id] = task
+        task.add_done_callback(lambda _: self._job_done(job))
+
+    def _job_done(self, job: Claimed) -> None:
+        # While full (the worker, or this lane's share), no wake-up tokens were taken.
+        lane = job.lane
+        was_full = self.running >= self.max_jobs or lane.running >= lane.max_jobs
+        self._tasks.pop(job.job_id, None)
+        lane.running -= 1
+        if not self._tasks:
+            self.busy.clear()
+        self._slot_freed.set()
+        if was_full or self.lanes.backlog_waiting(self.max_jobs - self.running):
+            # Look for queued jobs now: a backlog outlasts its producers' wake-up tokens.
+            self._wake.set()
+
+    async def _run(self, job: Claimed) -> None:
+        """Run one leased job to a stored result, or hand it back; never raises but for
+        cancellation."""
+        started_ms = now_ms()
+        try:
+            try:
+                # asyncio.timeout, not wait_for: no extra task, so no extra turn of the loop.
+                async with asyncio.timeout(self.job_timeout):
+                    finished = await self.jobs.run(job)
+            except asyncio.CancelledError:
+                # Stopping and out of grace: hand the job back for another worker now.
+                if await self._hand_back(job):
+                    log.info("job_handed_back", job_id=job.job_id)
+                return
+            except Exception as exc:  # the runner catches its own; a bug, or the timeout
+                if not isinstance(exc, TimeoutError):
+                    log.exception("job_crashed", job_id=job.job_id)
+                finished = self.jobs.crashed(job, exc)
+            await self._store(job, finished, started_ms)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job_crashed", job_id=job.job_id)
+        finally:
+            self._leased.discard(job.job_id)
+
+    async def _store(self, job: Claimed, finished: Finished, started_ms: int) -> None:
+        """Store the result (the first one of a job wins); then tell the listeners, and run
+        what comes after the store in the background, off the producer's clock."""
+        self._leased.discard(job.job_id)  # the script releases it; renewing now would miss it
+        blob = finished.blob(job, started_ms)
+
+        async def finish() -> bool:
+            return await self.queue.finish(
+                job.job_id, job.lane, blob, finished.reply_to, announce=finished.announce
+            )
+
+        # While stopping, do not wait for Redis for ever: the lease lapses and another
+        # worker runs the job again.
+        give_up = STOPPING_STORE_S if self.stopping else None
+        try:
+            done = await self.queue.outage.retry("storing a result", finish, give_up_after=give_up)
+        except (RedisError, OSError):
+            log.warning("result_not_stored", job_id=job.job_id)
+            return
+        if not done:
+            log.info("duplicate_run", job_id=job.job_id)
+            return
+        for listener in self.listeners:
+            listener.finished(finished.result)
+        if finished.after_store is not None:
+            self._in_background(finished.after_store())
+
+    async def _hand_back(self, job: Claimed) -> bool:
+        self._leased.discard(job.job_id)
+        try:
+            return await self.queue.outage.retry(
+                "handing a job back",
+                lambda: self.queue.hand_back(job.job_id, job.lane),
+                give_up_after=STOPPING_STORE_S,
+            )
+        except (RedisError, OSError):
+            return False  # the lease lapses on its own
+
+    def _in_background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def _wind_down(self) -> None:
+        """Let running jobs finish within the grace period, then hand the rest back."""
+        running = list(self._tasks.values())
+        if running and self._grace:
+            await asyncio.wait(running, timeout=self._grace)
+        self._cancel_running()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _cancel_running(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()

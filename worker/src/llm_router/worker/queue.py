@@ -1,0 +1,194 @@
+"""The Redis side of the queue: claim, renew, finish, hand back, wait for work.
+
+Keys and blobs are arq's (:mod:`llm_router.client.keys`), so arq's producers and
+tools still understand them; every step is one of the scripts in
+:mod:`llm_router.worker.lua`, one atomic round trip each (their headers give KEYS,
+ARGV and returns). ``arq:in-progress:<id>`` holds the token of the worker that
+leases the job. What to claim, when, and what to run is the loop's
+(:mod:`llm_router.worker.loop`); this module only talks to Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from llm_router.client.keys import (
+    METRICS_PENDING_KEY,
+    idle_key,
+    in_progress_key,
+    inbox_key,
+    job_key,
+    result_key,
+    retry_key,
+)
+from llm_router.client.protocol import REPLY_TTL_S, RETRY_KEY_TTL_S, WAKE_TOKENS_MAX
+from llm_router.worker.lanes import Lane, Lanes
+from llm_router.worker.lua import script
+from llm_router.worker.outage import RedisOutage
+
+#: Past the running jobs at the head of a queue (they stay in it while leased), the
+#: claim script looks this far for jobs it can take.
+CLAIM_SCAN_MAX = 2000
+
+# KEYS, ARGV and returns: see the files.
+_CLAIM = script("claim.lua")
+_RENEW = script("renew_leases.lua")
+_FINISH = script("finish.lua")
+_REGISTER = script("register_idle.lua")
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job this worker holds the lease of: where it came from, its blob and try number.
+
+    ``blob`` is None when the job's key had expired or been deleted.
+    """
+
+    job_id: str
+    lane: Lane
+    score: int
+    blob: bytes | None
+    tries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Woken:
+    """A wake-up token taken from a queue's list: there may be a job to claim."""
+
+    key: str
+
+
+class RedisQueue:
+    """The queues one worker serves (interactive first, then batch), on one Redis."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        lanes: Lanes,
+        *,
+        token: str,
+        lease_ms: int,
+        outage: RedisOutage | None = None,
+    ) -> None:
+        self.redis = redis
+        self.lanes = lanes
+        #: The value of this worker's leases (``arq:in-progress:<id>``).
+        self.token = token
+        self.lease_ms = lease_ms
+        self.outage = outage or RedisOutage()
+        self.idle_key = idle_key(lanes.interactive.name)
+        self.inbox_key = inbox_key(lanes.interactive.name, token)
+        self._idle_member = f"{token}|{lease_ms}"
+        self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._finish = redis.register_script(_FINISH)
+        self._register = redis.register_script(_REGISTER)
+
+    async def claim(self, wants: Sequence[int], free: int) -> list[Claimed]:
+        """Lease and read due jobs: at most ``wants[i]`` from lane ``i``, ``free`` in all."""
+        raw = await self._claim(
+            keys=self.lanes.names,
+            args=[
+                int(time.time() * 1000),
+                self.lease_ms,
+                free,
+                self.token,
+                CLAIM_SCAN_MAX,
+                RETRY_KEY_TTL_S,
+                *wants,
+            ],
+        )
+        claimed = []
+        for i in range(0, len(raw), 5):
+            index, job_id, score, blob, tries = raw[i : i + 5]
+            lane = self.lanes.queues[int(index)]
+            claimed.append(Claimed(job_id.decode(), lane, int(float(score)), blob or None, tries))
+        return claimed
+
+    async def renew(self, job_ids: Iterable[str]) -> list[str]:
+        """Extend this worker's leases; return the jobs whose lease is no longer ours."""
+        keys = [in_progress_key(j) for j in job_ids]
+        if not keys:
+            return []
+        lost = await self._renew(keys=keys, args=[self.token, self.lease_ms])
+        return [key.decode().removeprefix(in_progress_key("")) for key in lost]
+
+    async def finish(
+        self, job_id: str, lane: Lane, blob: bytes, reply_to: str | None, *, announce: bool
+    ) -> bool:
+        """Store the first result of a job, push it to the producer's reply list, release
+        the lease; ``announce`` marks it for the metrics (counted and announced once,
+        by this worker or, if it dies first, another). False: another run's result was
+        there already."""
+        return await self._run_finish(job_id, lane, blob, reply_to, announce)
+
+    async def hand_back(self, job_id: str, lane: Lane) -> bool:
+        """Release a job unfinished: it stays queued, the start is not counted, and a
+        wake-up token calls another worker. False: the lease was no longer ours."""
+        return await self._run_finish(job_id, lane, b"", None, False)
+
+    async def _run_finish(
+        self, job_id: str, lane: Lane, blob: bytes, reply_to: str | None, announce: bool
+    ) -> bool:
+        keys = [
+            result_key(job_id),
+            in_progress_key(job_id),
+            retry_key(job_id),
+            job_key(job_id),
+            lane.name,
+            reply_to or "",
+            lane.wake_key,
+            METRICS_PENDING_KEY,
+        ]
+        args: list[str | bytes | int] = [
+            job_id,
+            self.token,
+            blob,
+            lane.keep_result_s * 1000,
+            REPLY_TTL_S,
+            WAKE_TOKENS_MAX,
+            "1" if announce else "",
+        ]
+        done = await self._finish(keys=keys, args=args)
+        return bool(done)
+
+    async def wait_for_work(self, lanes: Sequence[Lane], block_s: float) -> Claimed | Woken | None:
+        """Offer this worker to producers (whose enqueue may hand it a job at once) and
+        block until a job is handed over, a wake-up token arrives on one of ``lanes``,
+        or ``block_s`` passes."""
+        await self._register(
+            keys=[self.idle_key], args=[self._idle_member, int((block_s + 2) * 1000)]
+        )
+        popped = await self.redis.blpop(  # type: ignore[misc]
+            [self.inbox_key, *(lane.wake_key for lane in lanes)],
+            timeout=block_s,  # type: ignore[arg-type]  # Redis takes seconds as a float
+        )
+        if popped is None:
+            return None
+        key, value = popped[0].decode(), popped[1]
+        return self._handed(value) if key == self.inbox_key else Woken(key)
+
+    async def withdraw(self) -> list[Claimed]:
+        """Stop being offered jobs; return any that were handed over meanwhile."""
+        await self.redis.zrem(self.idle_key, self._idle_member)
+        handed = []
+        while (message := await self.redis.lpop(self.inbox_key)) is not None:  # type: ignore[misc]
+            handed.append(self._handed(message))
+        return handed
+
+    async def return_token(self, woken: Woken) -> None:
+        """Give back a wake-up token this worker will not act on (it is stopping)."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.lpush(woken.key, "1")  # type: ignore[misc]
+
+    def _handed(self, message: bytes) -> Claimed:
+        """A job a producer's enqueue script leased to this worker: "<id> <try> <score> <blob>"."""
+        job_id, tries, score, blob = message.split(b" ", 3)
+        lane = self.lanes.interactive
+        return Claimed(job_id.decode(), lane, int(float(score)), blob, int(tries))
