@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import fakeredis
@@ -233,15 +233,36 @@ class Recorder:
         return Finished(RouteResult(status="failed", error=repr(exc), job_id=job.job_id), False)
 
 
-def worker_for(queue: RedisQueue, runner: Recorder, **kw: Any) -> Worker:
-    return Worker(queue, runner, poll_delay=kw.pop("poll_delay", 0.05), **kw)
+class Served:
+    """A worker serving in the background, as ``serve`` runs it in the daemon."""
+
+    def __init__(self, queue: RedisQueue, runner: Recorder, **kw: Any) -> None:
+        self.worker = Worker(queue, runner, poll_delay=kw.pop("poll_delay", 0.05), **kw)
+        self.task = asyncio.ensure_future(self.worker.serve(handle_signals=False))
+
+    async def running(self, n: int) -> None:
+        await until(lambda: self.worker.running == n)
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        await self.task
 
 
-async def until(check: Any, timeout: float = 5.0) -> None:
+async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while not await check():
+    while True:
+        done = check()
+        if done if isinstance(done, bool) else await done:
+            return
         assert time.monotonic() < deadline, "never got there"
         await asyncio.sleep(0.01)
+
+
+async def handed_back(redis: fakeredis.FakeAsyncRedis, job_id: str) -> bool:
+    """Released unfinished: the start is not counted, and no lease is left to lapse."""
+    return bool(await redis.get(f"arq:retry:{job_id}") == b"0") and not await redis.exists(
+        f"{IP}{job_id}"
+    )
 
 
 async def test_a_backlog_drains_without_waiting_for_polls_or_wake_ups(
@@ -251,59 +272,43 @@ async def test_a_backlog_drains_without_waiting_for_polls_or_wake_ups(
     again at once while the last claim got all it asked for."""
     for n in range(60):
         await put(redis, f"b{n:02}", n)
-    queue = queue_for(redis, max_jobs=5)
     runner = Recorder()
-    worker = worker_for(queue, runner, poll_delay=60.0)  # the safety poll never comes
-    serving = asyncio.ensure_future(worker.serve(handle_signals=False))
+    started = time.monotonic()
+    served = Served(queue_for(redis, max_jobs=5), runner, poll_delay=60.0)  # no safety poll
 
     async def drained() -> bool:
         return int(await redis.zcard(Q)) == 0
 
-    started = time.monotonic()
     await until(drained)
     elapsed = time.monotonic() - started
-    worker.stop()
-    await serving
+    await served.stop()
     assert sorted(runner.ran) == [f"b{n:02}" for n in range(60)]
     assert elapsed < 5
-    stored = [
-        result_from_blob(b) for b in await redis.mget([f"arq:result:b{n:02}" for n in range(60)])
-    ]
-    assert {r.status for r in stored} == {"ok"}
+    blobs = await redis.mget([f"arq:result:b{n:02}" for n in range(60)])
+    assert {result_from_blob(b).status for b in blobs} == {"ok"}
 
 
 async def test_never_more_jobs_than_slots_and_a_job_handed_meanwhile_waits_for_one(
     redis: fakeredis.FakeAsyncRedis,
 ) -> None:
     gate = asyncio.Event()
-    queue = queue_for(redis, max_jobs=2)
-    runner = Recorder(gate)
-    worker = worker_for(queue, runner)
-    serving = asyncio.ensure_future(worker.serve(handle_signals=False))
+    queue, runner = queue_for(redis, max_jobs=2), Recorder(gate)
+    served = Served(queue, runner)
     for n in range(3):
         await put(redis, f"f{n}", n)
         await redis.lpush(wake_key(Q), "1")  # type: ignore[misc]
-
-    async def two_running() -> bool:
-        return worker.running == 2
-
-    await until(two_running)
+    await served.running(2)
     # A producer that saw this worker idle a moment ago hands it a job (its enqueue
     # script read the idle set before the worker withdrew from it).
     await redis.zadd(queue.idle_key, {f"{queue.token}|10000": 2**50})
     async with RouterClient(redis=redis, queue_name=Q) as client:
         await client.enqueue("handed over", job_id="late")
     await asyncio.sleep(0.3)
-    assert worker.running == 2  # full: neither the third job nor the handed one runs
+    assert served.worker.running == 2  # full: neither the third job nor the handed one runs
     assert sorted(runner.ran) == ["f0", "f1"]
     gate.set()
-
-    async def all_ran() -> bool:
-        return sorted(runner.ran) == ["f0", "f1", "f2", "late"]
-
-    await until(all_ran)
-    worker.stop()
-    await serving
+    await until(lambda: sorted(runner.ran) == ["f0", "f1", "f2", "late"])
+    await served.stop()
     assert result_from_blob(await redis.get("arq:result:late")).ok
 
 
@@ -311,30 +316,19 @@ async def test_a_job_handed_over_while_stopping_goes_back_at_once(
     redis: fakeredis.FakeAsyncRedis,
 ) -> None:
     gate = asyncio.Event()
-    queue = queue_for(redis, max_jobs=1)
-    runner = Recorder(gate)
-    worker = worker_for(queue, runner, shutdown_grace=5.0)
-    serving = asyncio.ensure_future(worker.serve(handle_signals=False))
+    queue, runner = queue_for(redis, max_jobs=1), Recorder(gate)
+    served = Served(queue, runner, shutdown_grace=5.0)
     await put(redis, "s1", 1)
-
-    async def running() -> bool:
-        return worker.running == 1
-
-    await until(running)
+    await served.running(1)
     await redis.zadd(queue.idle_key, {f"{queue.token}|10000": 2**50})
     async with RouterClient(redis=redis, queue_name=Q) as client:
         await client.enqueue("handed over", job_id="late")
-    worker.stop()
-
-    async def handed_back() -> bool:
-        return bool(await redis.get("arq:retry:late") == b"0")
-
-    await until(handed_back)
-    assert await redis.exists(f"{IP}late") == 0  # released at once, not left to lapse
+    served.worker.stop()
+    await until(lambda: handed_back(redis, "late"))
     assert await redis.zscore(Q, "late") is not None  # still queued, for any worker
     assert await redis.llen(wake_key(Q)) >= 1  # type: ignore[misc]  # and another is woken
     gate.set()
-    await serving
+    await served.task
     assert runner.ran == ["s1"]
 
 
@@ -342,57 +336,40 @@ async def test_stop_lets_running_jobs_finish_within_the_grace(
     redis: fakeredis.FakeAsyncRedis,
 ) -> None:
     gate = asyncio.Event()
-    queue = queue_for(redis)
     runner = Recorder(gate)
-    worker = worker_for(queue, runner, shutdown_grace=5.0)
-    serving = asyncio.ensure_future(worker.serve(handle_signals=False))
+    served = Served(queue_for(redis), runner, shutdown_grace=5.0)
     await put(redis, "g1", 1)
-
-    async def running() -> bool:
-        return worker.running == 1
-
-    await until(running)
-    worker.stop()
+    await served.running(1)
+    served.worker.stop()
     await put(redis, "g2", 2)  # enqueued while stopping: not taken
     await asyncio.sleep(0.2)
     gate.set()
-    await serving
+    await served.task
     assert runner.ran == ["g1"]
     assert result_from_blob(await redis.get("arq:result:g1")).ok
     assert await redis.zscore(Q, "g2") == 2
 
 
 async def test_out_of_grace_a_running_job_is_handed_back(redis: fakeredis.FakeAsyncRedis) -> None:
-    queue = queue_for(redis)
     runner = Recorder(asyncio.Event())  # never set: the job would run for ever
-    worker = worker_for(queue, runner, shutdown_grace=0.1)
-    serving = asyncio.ensure_future(worker.serve(handle_signals=False))
+    served = Served(queue_for(redis), runner, shutdown_grace=0.1)
     await put(redis, "h1", 1)
-
-    async def running() -> bool:
-        return worker.running == 1
-
-    await until(running)
-    worker.stop()
-    await serving
+    await served.running(1)
+    await served.stop()
     assert await redis.get("arq:result:h1") is None
-    assert await redis.exists(f"{IP}h1") == 0  # released at once, not left to lapse
-    assert await redis.get("arq:retry:h1") == b"0"
+    assert await handed_back(redis, "h1")
     assert await redis.zscore(Q, "h1") == 1
 
 
 async def test_a_job_over_its_time_gets_a_failed_result(redis: fakeredis.FakeAsyncRedis) -> None:
-    queue = queue_for(redis)
-    worker = worker_for(queue, Recorder(asyncio.Event()), job_timeout=0.2)
-    serving = asyncio.ensure_future(worker.serve(handle_signals=False))
+    served = Served(queue_for(redis), Recorder(asyncio.Event()), job_timeout=0.2)
     await put(redis, "t1", 1)
 
     async def stored() -> bool:
         return int(await redis.exists("arq:result:t1")) == 1
 
     await until(stored)
-    worker.stop()
-    await serving
+    await served.stop()
     result = result_from_blob(await redis.get("arq:result:t1"))
     assert result.status == "failed"
     assert "TimeoutError" in (result.error or "")

@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from rich.console import Console, RenderableType
 
+from llm_router.client.counters import ModelCounts, parse_counters
 from llm_router.client.follow import attempts_line, event_line, short_model, styled_line
 from llm_router.client.health import check, verdict
 from llm_router.client.heartbeats import Heartbeat
@@ -25,13 +26,11 @@ from llm_router.client.keys import (
 from llm_router.client.spend import ChainSpend, DaySpend, utc_day
 from llm_router.client.status import (
     Breaker,
-    ModelCounts,
     QueueDepth,
     Status,
     as_json,
     collect,
     merge_breakers,
-    parse_counters,
     render,
 )
 
@@ -99,7 +98,7 @@ def status() -> Status:
         queues={QUEUE: QueueDepth(depth=7, running=3), BATCH: QueueDepth(depth=0, running=1)},
         models={
             QWEN: ModelCounts(success=30, fallback=9, error=1, skipped=5),
-            HAIKU: ModelCounts(skipped=2),
+            HAIKU: ModelCounts(success=0, fallback=0, error=0, skipped=2),
         },
         breakers={
             f"{HAIKU}@": Breaker(state="open", source="redis", failures=5, opened_at=NOW - 30),
@@ -205,7 +204,13 @@ def test_breakers_merge_shared_hashes_and_heartbeats() -> None:
 def test_counters_parse_ignores_foreign_fields() -> None:
     raw = {b"m|success": b"3", b"a|b|error": b"1", b"m|weird": b"9", b"x|success": b"NaN"}
     counts = parse_counters(raw)
-    assert counts == {"a|b": ModelCounts(error=1), "m": ModelCounts(success=3)}
+    assert counts == {
+        "a|b": ModelCounts(success=0, fallback=0, error=1, skipped=0),
+        "m": ModelCounts(success=3, fallback=0, error=0, skipped=0),
+    }
+    # The flat list a Lua script's HGETALL gives reads the same.
+    flat = [k for pair in raw.items() for k in pair]
+    assert parse_counters(flat) == counts
 
 
 async def test_collect_reads_what_workers_leave(redis: Redis) -> None:

@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from llm_router.client.backoff import Backoff
 from llm_router.client.idset import IdSet
 from llm_router.client.keys import (
     DEFAULT_BATCH_QUEUE,
@@ -68,6 +69,7 @@ from llm_router.client.rows import (
     reply_key_for,
     run_key,
 )
+from llm_router.client.tally import Tally
 
 BATCH_QUEUE_ENV = "LLM_ROUTER_BATCH_QUEUE_NAME"
 DEFAULT_MAX_IN_FLIGHT = 1000
@@ -133,27 +135,6 @@ class BackfillSummary:
         return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-class Tally:
-    """Counts of the rows written, by status, model and failure reason."""
-
-    def __init__(self) -> None:
-        self.written = self.ok = self.failed = self.invalid = 0
-        self.per_model: dict[str, int] = {}
-        self.per_reason: dict[str, int] = {}
-
-    def count(self, status: str, model: str, reason: str | None) -> None:
-        self.written += 1
-        if status == "ok":
-            self.ok += 1
-            self.per_model[model] = self.per_model.get(model, 0) + 1
-        elif status == "invalid_request":
-            self.invalid += 1
-        else:
-            self.failed += 1
-        if reason is not None:
-            self.per_reason[reason] = self.per_reason.get(reason, 0) + 1
-
-
 # --- Redis --------------------------------------------------------------------------------
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -169,18 +150,18 @@ class Outage:
     def __init__(self, patience: float) -> None:
         self.patience = patience
         self._since: float | None = None
-        self._failures = 0
+        self._backoff = Backoff(0.2, 2.0)
 
     def ok(self) -> None:
-        self._since, self._failures = None, 0
+        self._since = None
+        self._backoff.reset()
 
     async def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
         self._since = self._since or now
-        self._failures += 1
         if now - self._since >= self.patience:
             raise RedisLost(f"{type(exc).__name__}: {exc}") from exc
-        await asyncio.sleep(min(0.1 * 2**self._failures, 2.0))
+        await asyncio.sleep(self._backoff.next())
 
 
 class Sink:
@@ -307,14 +288,14 @@ class Backfill:
             total = max(self._total - self._lines.blank, self._rows)
         return BackfillSummary(
             total=total,
-            written=tally.written,
+            written=tally.total,
             already_done=self._already_done,
             ok=tally.ok,
             failed=tally.failed,
             invalid=tally.invalid,
             enqueued=self._enqueued,
             in_flight=len(self._in_flight),
-            missing=max(0, total - tally.written - self._already_done),
+            missing=max(0, total - tally.total - self._already_done),
             per_model=dict(tally.per_model),
             per_reason=dict(tally.per_reason),
             elapsed_s=time.monotonic() - self._started,

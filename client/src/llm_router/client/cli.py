@@ -33,6 +33,7 @@ from llm_router.client.client import DEFAULT_REDIS_URL, RouterClient
 from llm_router.client.connections import redis_from_url
 from llm_router.client.costs import as_json as costs_json
 from llm_router.client.costs import render as render_costs
+from llm_router.client.counters import read_counters
 from llm_router.client.follow import follow, styled_line
 from llm_router.client.health import check
 from llm_router.client.keys import DEFAULT_QUEUE, METRICS_CHANNEL
@@ -40,13 +41,7 @@ from llm_router.client.progress import ProgressView, make_progress
 from llm_router.client.protocol import RouteResult
 from llm_router.client.rows import BackfillError
 from llm_router.client.spend import read_days
-from llm_router.client.status import (
-    Status,
-    collect,
-    models_json,
-    models_table,
-    read_counters,
-)
+from llm_router.client.status import Status, collect, models_json, models_table
 from llm_router.client.status import as_json as status_json
 from llm_router.client.status import render as render_status
 

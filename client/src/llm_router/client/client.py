@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from llm_router.client.backoff import Backoff
 from llm_router.client.connections import redis_from_url
 from llm_router.client.keys import DEFAULT_QUEUE, idle_key, inbox_key, job_key, result_key, wake_key
 from llm_router.client.lua import script
@@ -209,7 +210,7 @@ class RouterClient:
         ]
         # Safe to repeat: the script does nothing for a job id that is already there.
         deadline = time.monotonic() + self.reconnect_for
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0)
         added = 0
         while True:
             try:
@@ -220,11 +221,10 @@ class RouterClient:
                 # WAIT has already waited; try again at once, on the master of the moment.
                 replicating = isinstance(exc, NotReplicated)
                 added = 1 if replicating else added
-                pause = 0.05 if replicating else delay
+                pause = 0.05 if replicating else backoff.next()
                 if time.monotonic() + pause > deadline:
                     raise
                 await asyncio.sleep(pause)
-                delay = delay if replicating else min(delay * 2, 2.0)
         if added:
             self.inbox.expect(job_id)
         return JobHandle(self, job_id)

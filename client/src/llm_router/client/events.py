@@ -12,20 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llm_router.client.counters import ModelCounts
 from llm_router.client.protocol import Attempt, Status
 
 BreakerState = Literal["closed", "open", "half_open"]
-
-
-class ModelCounts(BaseModel):
-    """One model's shared counters (the ``<model>|<outcome>`` fields of the counters hash)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    success: int = Field(ge=0, description="the model's answer was accepted")
-    fallback: int = Field(ge=0, description="rejected, and a later model was tried")
-    error: int = Field(ge=0, description="rejected, and it was the last model tried")
-    skipped: int = Field(ge=0, description="not called: busy, or its circuit breaker open")
 
 
 class MetricsEvent(BaseModel):

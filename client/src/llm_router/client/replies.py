@@ -22,6 +22,7 @@ from collections import OrderedDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.client.backoff import Backoff
 from llm_router.client.keys import REPLY_PREFIX, result_key
 from llm_router.client.protocol import RouteResult, result_from_blob
 
@@ -117,7 +118,7 @@ class ReplyInbox:
 
     async def _read(self) -> None:
         last_sweep = time.monotonic()
-        failures = 0
+        backoff = Backoff(0.2, 5.0)
         while self._waiters:
             try:
                 item = await self._redis.blpop(
@@ -135,10 +136,9 @@ class ReplyInbox:
                     last_sweep = time.monotonic()
                     cutoff = last_sweep - self.fallback_poll
                     await self._check_keys([j for j, t in self._since.items() if t <= cutoff])
-                failures = 0
+                backoff.reset()
             except RedisError as exc:
-                failures += 1
-                delay = min(0.1 * 2**failures, 5.0)
+                delay = backoff.next()
                 log.warning("reply reader: Redis error (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
 

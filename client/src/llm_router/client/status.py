@@ -21,12 +21,11 @@ from rich.table import Table
 from rich.text import Text
 
 from llm_router.client.costs import budget_used, usd
+from llm_router.client.counters import OUTCOMES, ModelCounts, parse_counters
 from llm_router.client.heartbeats import Heartbeat, live_workers
 from llm_router.client.keys import BREAKER_PREFIX, METRICS_COUNTERS_KEY
 from llm_router.client.progress import human_seconds
 from llm_router.client.spend import DaySpend, read_days
-
-OUTCOMES = ("success", "fallback", "error", "skipped")
 
 
 @dataclass
@@ -37,20 +36,6 @@ class QueueDepth:
     @property
     def pending(self) -> int:
         return max(0, self.depth - self.running)
-
-
-@dataclass
-class ModelCounts:
-    success: int = 0
-    fallback: int = 0
-    error: int = 0
-    skipped: int = 0
-
-    @property
-    def success_rate(self) -> float | None:
-        """Accepted answers of the calls made (skips were not calls); None before any."""
-        tried = self.success + self.fallback + self.error
-        return self.success / tried if tried else None
 
 
 @dataclass
@@ -75,27 +60,6 @@ class Status:
     @property
     def in_flight(self) -> int:
         return sum(b.running_total for b in self.workers)
-
-
-def parse_counters(raw: dict[Any, Any]) -> dict[str, ModelCounts]:
-    """The counters hash as ``HGETALL`` returns it (fields ``<model>|<outcome>``)."""
-    models: dict[str, ModelCounts] = {}
-    for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else str(key)
-        model, _, outcome = name.rpartition("|")
-        if not model or outcome not in OUTCOMES:
-            continue
-        try:
-            number = int(value)
-        except ValueError:
-            continue
-        setattr(models.setdefault(model, ModelCounts()), outcome, number)
-    return dict(sorted(models.items()))
-
-
-async def read_counters(redis: Redis) -> dict[str, ModelCounts]:
-    raw: dict[Any, Any] = await redis.hgetall(METRICS_COUNTERS_KEY)  # type: ignore[misc]
-    return parse_counters(raw)
 
 
 def _text(value: Any) -> str:
@@ -177,10 +141,7 @@ async def collect(redis: Redis, queues: list[str], *, now: float | None = None) 
 
 
 def models_json(models: dict[str, ModelCounts]) -> dict[str, Any]:
-    return {
-        name: {**dataclasses.asdict(c), "success_rate": c.success_rate}
-        for name, c in models.items()
-    }
+    return {name: {**c.model_dump(), "success_rate": c.success_rate} for name, c in models.items()}
 
 
 def as_json(status: Status) -> dict[str, Any]:

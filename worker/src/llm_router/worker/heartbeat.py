@@ -15,7 +15,6 @@ import functools
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Protocol
@@ -26,7 +25,7 @@ from redis.exceptions import RedisError
 
 from llm_router.client.heartbeats import HEARTBEAT_TTL_S, Heartbeat
 from llm_router.client.keys import WORKERS_KEY, heartbeat_key
-from llm_router.client.protocol import RouteResult
+from llm_router.client.tally import Tally
 from llm_router.worker.lanes import Lanes
 from llm_router.worker.settings import Settings
 
@@ -42,18 +41,6 @@ def package_version() -> str:
         return version("llm-router-worker")
     except PackageNotFoundError:  # pragma: no cover - run from a source tree
         return "unknown"
-
-
-class Tally:
-    """Jobs this process finished, by result status, and when it last finished one."""
-
-    def __init__(self) -> None:
-        self.done: Counter[str] = Counter()
-        self.last_job_at: float | None = None
-
-    def observe(self, result: RouteResult) -> None:
-        self.done[result.status] += 1
-        self.last_job_at = time.time()
 
 
 class HeartbeatWriter:
@@ -139,8 +126,8 @@ def heartbeat_of(
         max_jobs=settings.max_jobs,
         batch_max_jobs=settings.batch_slots,
         running={q.name: q.running for q in worker.lanes.queues},
-        done=dict(tally.done),
-        last_job_at=tally.last_job_at,
+        done=dict(tally.by_status),
+        last_job_at=tally.last_at,
         breakers={m.model: router.breakers.seen.get(m.model, "closed") for m in router.models},
         chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
         metrics_port=metrics_port,

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from redis.exceptions import RedisError
@@ -36,6 +36,8 @@ from llm_router.worker.lanes import Lanes
 from llm_router.worker.queue import Claimed, RedisQueue, Woken
 
 log = structlog.get_logger("llm_router.worker")
+
+T = TypeVar("T")
 
 #: How long one wait for a wake-up blocks before the worker offers itself again.
 WAKE_BLOCK_S = 5.0
@@ -163,12 +165,10 @@ class Worker:
         if self.stopping or free <= 0:
             return
         wants = self.lanes.wants(free)
-        try:
-            claimed = await self.queue.claim(wants, free)
-        except (RedisError, OSError) as exc:
-            await asyncio.sleep(self.queue.outage.failed(exc, "polling the queue"))
+        answer = await self._through_outage("polling the queue", self.queue.claim(wants, free))
+        if answer is None:
             return
-        self.queue.outage.ok()
+        (claimed,) = answer
         got = [0] * len(wants)
         for job in claimed:
             got[self.lanes.queues.index(job.lane)] += 1
@@ -188,12 +188,11 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             lanes = [lane for lane in self.lanes.queues if lane.room(free) > 0]
-            try:
-                arrival = await self.queue.wait_for_work(lanes, WAKE_BLOCK_S)
-            except (RedisError, OSError) as exc:
-                await asyncio.sleep(self.queue.outage.failed(exc, "waiting for wake-ups"))
+            waiting = self.queue.wait_for_work(lanes, WAKE_BLOCK_S)
+            answer = await self._through_outage("waiting for wake-ups", waiting)
+            if answer is None:
                 continue
-            self.queue.outage.ok()
+            (arrival,) = answer
             if isinstance(arrival, Claimed):
                 self._take_handed_job(arrival)
                 await asyncio.sleep(0)  # let the job start before this loop's next round trip
@@ -226,15 +225,22 @@ class Worker:
             await asyncio.sleep(self.queue.lease_ms / 3000)
             if not self._leased:
                 continue
-            try:
-                lost = await self.queue.renew(list(self._leased))
-            except (RedisError, OSError) as exc:
-                await asyncio.sleep(self.queue.outage.failed(exc, "renewing leases"))
+            answer = await self._through_outage("renewing leases", self.queue.renew(self._leased))
+            if answer is None:
                 continue
-            self.queue.outage.ok()
-            for job_id in lost:
+            for job_id in answer[0]:
                 if job_id in self._leased:  # not a job that finished during the renewal
                     log.warning("lease_lost", job_id=job_id)
+
+    async def _through_outage(self, during: str, call: Awaitable[T]) -> tuple[T] | None:
+        """``(its answer,)``; None when Redis did not answer, after the outage's backoff."""
+        try:
+            value = await call
+        except (RedisError, OSError) as exc:
+            await asyncio.sleep(self.queue.outage.failed(exc, during))
+            return None
+        self.queue.outage.ok()
+        return (value,)
 
     # -- one job ----------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.client.backoff import Backoff
+from llm_router.client.counters import parse_counters, read_counters
 from llm_router.client.keys import (
     COUNTED_PREFIX,
     METRICS_CHANNEL,
@@ -34,7 +36,6 @@ from llm_router.worker.lua import script
 
 log = structlog.get_logger("llm_router.metrics")
 
-OUTCOMES = ("success", "fallback", "error", "skipped")
 RETRY_FOR_S = 600.0
 #: A job stored this long ago and still not counted: its worker is presumed gone.
 SWEEP_AFTER_S = 5.0
@@ -65,10 +66,8 @@ def counter_fields(result: RouteResult) -> list[tuple[str, str]]:
 
 
 def _snapshot(counts: Counter[tuple[str, str]]) -> Snapshot:
-    snap: Snapshot = {}
-    for (model, outcome), n in sorted(counts.items()):
-        snap.setdefault(model, dict.fromkeys(OUTCOMES, 0))[outcome] = n
-    return snap
+    fields = {f"{model}|{outcome}": n for (model, outcome), n in counts.items()}
+    return {model: c.model_dump() for model, c in parse_counters(fields).items()}
 
 
 def event_payload(
@@ -147,13 +146,12 @@ class Metrics:
 
     async def _retry(self, keys: list[str], args: list[str | int], job_id: str | None) -> None:
         deadline = time.monotonic() + self.retry_for
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while time.monotonic() < deadline:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.next())
             try:
                 await self._record_script(keys=keys, args=args)
             except (RedisError, OSError):
-                delay = min(delay * 2, 10.0)
                 continue
             except Exception as exc:
                 log.warning("metrics_failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
@@ -199,18 +197,4 @@ class Metrics:
     async def snapshot(self) -> Snapshot:
         if self.redis is None:
             return _snapshot(self._local)
-        raw: dict[bytes, bytes] = await self.redis.hgetall(METRICS_COUNTERS_KEY)  # type: ignore[misc]
-        return parse_counters(raw)
-
-
-def parse_counters(raw: Any) -> Snapshot:
-    """Turn ``HGETALL`` output (a flat list from Lua, a dict from redis-py) into a snapshot."""
-    items = (
-        list(raw.items()) if isinstance(raw, dict) else list(zip(raw[::2], raw[1::2], strict=True))
-    )
-    counts: Counter[tuple[str, str]] = Counter()
-    for field, value in items:
-        name = field.decode() if isinstance(field, bytes) else str(field)
-        model, _, outcome = name.rpartition("|")
-        counts[(model, outcome)] = int(value)
-    return _snapshot(counts)
+        return {model: c.model_dump() for model, c in (await read_counters(self.redis)).items()}

@@ -10,6 +10,8 @@ from typing import TypeVar
 import structlog
 from redis.exceptions import RedisError
 
+from llm_router.client.backoff import Backoff
+
 log = structlog.get_logger("llm_router.worker")
 
 T = TypeVar("T")
@@ -20,23 +22,25 @@ class RedisOutage:
     when Redis goes away and one when it is back, whatever was running."""
 
     def __init__(self) -> None:
-        self.failures = 0
+        self.backoff = Backoff(0.2, 5.0)
         self.since = 0.0
+
+    @property
+    def failures(self) -> int:
+        return self.backoff.failures
 
     def failed(self, exc: BaseException, during: str) -> float:
         """Note a failed call; return how long to wait before the next try."""
-        self.failures += 1
-        if self.failures == 1:
+        if self.failures == 0:
             self.since = time.monotonic()
             log.warning("redis_unavailable", during=during, error=f"{type(exc).__name__}: {exc}")
-        backoff: float = min(0.2 * 2.0 ** min(self.failures - 1, 10), 5.0)
-        return backoff
+        return self.backoff.next()
 
     def ok(self) -> None:
         if self.failures:
             down_s = round(time.monotonic() - self.since, 1)
             log.info("redis_back", down_s=down_s, failed_calls=self.failures)
-        self.failures = 0
+        self.backoff.reset()
 
     async def retry(
         self, during: str, call: Callable[[], Awaitable[T]], *, give_up_after: float | None = None

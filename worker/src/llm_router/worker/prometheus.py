@@ -37,11 +37,11 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.client.counters import parse_counters
 from llm_router.client.keys import METRICS_COUNTERS_KEY, WORKERS_KEY, spend_key
 from llm_router.client.protocol import RouteResult
 from llm_router.client.spend import parse_day, utc_day
 from llm_router.worker.heartbeat import Serving
-from llm_router.worker.metrics import parse_counters
 from llm_router.worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class Exporter:
             labels=["model", "outcome"],
         )
         for model, counts in shared["outcomes"].items():
-            for outcome, n in counts.items():
+            for outcome, n in counts.model_dump().items():
                 outcomes.add_metric([model, outcome], n)
         yield outcomes
         day = shared["spend"]

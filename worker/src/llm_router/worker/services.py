@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 
 from llm_router.client.connections import redis_from_url
 from llm_router.client.protocol import RouteResult
-from llm_router.worker.heartbeat import HeartbeatWriter, Tally, heartbeat_of
+from llm_router.client.tally import Tally
+from llm_router.worker.heartbeat import HeartbeatWriter, heartbeat_of
 from llm_router.worker.jobs import RouteJobs
 from llm_router.worker.lag import LoopLag, exempt_start_up_objects
 from llm_router.worker.lanes import Lanes
@@ -89,13 +90,13 @@ class Services:
         )
 
     def status(self) -> str:
-        done = sum(self.tally.done.values())
+        done = self.tally.total
         return f"serving {self.settings.queue_name}: {self.worker.running} running, {done} done"
 
     # -- what the loop tells (loop.Listener) ------------------------------------------------
 
     def finished(self, result: RouteResult) -> None:
-        self.tally.observe(result)
+        self.tally.count(result.status)
         self.exporter.observe(result)
 
     def stopping(self) -> None:
