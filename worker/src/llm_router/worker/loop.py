@@ -5,7 +5,8 @@
   enqueue can hand it a job at once. It polls only as a slow safety net for producers
   that write arq's keys alone; it takes no token while it has no free slot, so tokens
   reach idle workers; a queue with a backlog is claimed from again whenever a slot
-  frees, so it drains at full speed.
+  frees, so it drains at full speed. While it is idle and its polls find nothing, the
+  poll slows to twice ``poll_delay``: an idle worker costs little CPU.
 * It serves the interactive queue first and a batch queue with the slots interactive
   work leaves (:mod:`~llm_router.worker.lanes`).
 * A job's lease (``arq:in-progress:<id>`` = this worker's token) is renewed while the
@@ -41,6 +42,8 @@ T = TypeVar("T")
 
 #: How long one wait for a wake-up blocks before the worker offers itself again.
 WAKE_BLOCK_S = 5.0
+#: An idle worker whose polls find nothing polls at most this many times slower.
+IDLE_POLL_FACTOR = 2.0
 #: While stopping, how long storing a result may wait for Redis before the lease is left
 #: to lapse (another worker then runs the job again).
 STOPPING_STORE_S = 10.0
@@ -113,11 +116,18 @@ class Worker:
             asyncio.create_task(self._renew_leases(), name="lease renewal"),
         ]
         try:
+            delay = self.poll_delay
             while not self.stopping:
                 self._wake.clear()
-                await self._claim()
+                found = await self._claim()
+                # Idle and nothing found: the safety poll slows to IDLE_POLL_FACTOR times
+                # poll_delay (producers that push wake-ups are served at once anyway).
+                idle = not found and not self.running
+                delay = (
+                    min(delay * 2, self.poll_delay * IDLE_POLL_FACTOR) if idle else self.poll_delay
+                )
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_delay):
+                    async with asyncio.timeout(delay):
                         await self._wake.wait()
             await self._withdraw()  # producers stop handing jobs to this worker
             await self._wind_down()
@@ -160,20 +170,22 @@ class Worker:
         )
         self.stop(grace)
 
-    async def _claim(self) -> None:
+    async def _claim(self) -> int:
+        """Claim what the free slots can take; the number of jobs started."""
         free = self.max_jobs - self.running
         if self.stopping or free <= 0:
-            return
+            return 0
         wants = self.lanes.wants(free)
         answer = await self._through_outage("polling the queue", self.queue.claim(wants, free))
         if answer is None:
-            return
+            return 0
         (claimed,) = answer
         got = [0] * len(wants)
         for job in claimed:
             got[self.lanes.queues.index(job.lane)] += 1
             self._start(job)
         self.lanes.claimed(wants, got)
+        return len(claimed)
 
     async def _listen_for_wake_ups(self) -> None:
         """While a slot is free, wait for a job handed over at enqueue (start it at once)
@@ -222,6 +234,7 @@ class Worker:
     async def _renew_leases(self) -> None:
         """Extend the lease of every running job, three times per lease."""
         while True:
+            await self.busy.wait()  # an idle worker has no lease to renew: no wake-ups
             await asyncio.sleep(self.queue.lease_ms / 3000)
             if not self._leased:
                 continue

@@ -162,13 +162,17 @@ class RedisQueue:
         """Offer this worker to producers (whose enqueue may hand it a job at once) and
         block until a job is handed over, a wake-up token arrives on one of ``lanes``,
         or ``block_s`` passes."""
-        await self._register(
-            keys=[self.idle_key], args=[self._idle_member, int((block_s + 2) * 1000)]
-        )
-        popped = await self.redis.blpop(  # type: ignore[misc]
-            [self.inbox_key, *(lane.wake_key for lane in lanes)],
-            timeout=block_s,  # type: ignore[arg-type]  # Redis takes seconds as a float
-        )
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip
+            await self._register(
+                keys=[self.idle_key],
+                args=[self._idle_member, int((block_s + 2) * 1000)],
+                client=pipe,
+            )
+            pipe.blpop(
+                [self.inbox_key, *(lane.wake_key for lane in lanes)],
+                timeout=block_s,  # type: ignore[arg-type]  # Redis takes seconds as a float
+            )
+            _, popped = await pipe.execute()
         if popped is None:
             return None
         key, value = popped[0].decode(), popped[1]

@@ -37,8 +37,9 @@ from llm_router.worker.systemd import Notifier
 
 log = structlog.get_logger("llm_router.jobs")
 
-#: How often a worker looks for jobs another worker stored but died before counting.
-SWEEP_EVERY_S = 5.0
+#: How often a worker looks for jobs another worker stored but died before counting
+#: (rare: only a worker killed in that instant leaves one).
+SWEEP_EVERY_S = 15.0
 
 
 class Services:

@@ -259,7 +259,8 @@ class Settings(BaseSettings):
         le=60,
         description="Seconds between safety-net polls of the queue: our producers wake a "
         "worker at once; the poll serves producers that only write arq's keys, and finds a "
-        "dead worker's jobs once their lease has lapsed",
+        "dead worker's jobs once their lease has lapsed. An idle worker whose polls find "
+        "nothing polls at twice this",
     )
     chains: dict[str, list[ModelConfig]] = Field(
         default_factory=default_chains,
@@ -316,7 +317,7 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds of the lease on a running job (`arq:in-progress:<id>`), renewed "
         "every third of it: a dead or stalled worker's job is taken over by another worker "
-        "within `lease_seconds` + `poll_delay`",
+        "within `lease_seconds` + twice `poll_delay`",
     )
     max_tries: int = Field(
         default=3,
