@@ -40,13 +40,14 @@ PRODUCER_ACL = (
     "ACL SETUSER producer on >PRODUCER_PASSWORD resetkeys resetchannels"
     " %W~arq:job:* %R~arq:result:* ~llm_router:reply:*"
     " %W~llm_router:queue %W~llm_router:queue:wake %W~llm_router:batch %W~llm_router:batch:wake"
+    " %W~llm_router:deadline:* %W~llm_router:cancel:* &llm_router:cancel"
     " -@all +ping +hello +auth +select +client|setname"
     " +exists +set +zadd +lpush +ltrim +multi +exec +discard +wait"
-    " +get +mget +blpop +lpop"
+    " +get +mget +blpop +lpop +watch +unwatch +publish"
 )
 WORKER_ACL = (
     "ACL SETUSER worker on >WORKER_PASSWORD resetkeys resetchannels"
-    " ~arq:* ~llm_router:* &llm_router_metrics"
+    " ~arq:* ~llm_router:* &llm_router_metrics &llm_router:cancel"
     " +@all -@dangerous +info"
 )
 
@@ -96,6 +97,14 @@ async def test_producer_mode_under_acl(
             # A repeated enqueue of a job id that has its result is not queued again.
             again = await client.enqueue("acl again", job_id=handles[0].job_id)
             assert (await again.result(timeout=5)).job_id == handles[0].job_id
+            # The producer may cancel; a finished job is not cancelled.
+            assert not await client.cancel(handles[0].job_id)
+            hanging = await client.enqueue("stub:qwen=hang stub:haiku=hang acl cancel")
+            await asyncio.sleep(0.3)
+            assert await client.cancel(hanging.job_id)
+            assert (await hanging.result(timeout=10, raise_on_failure=False)).status == (
+                "cancelled"
+            )
         # The shell example is a producer too: plain commands only, allowed by the ACL.
         shell = await asyncio.to_thread(
             subprocess.run,

@@ -153,7 +153,7 @@ async def test_an_unsupported_protocol_version_gets_its_own_error(
     job_id = await enqueue_raw(redis, queue_name, request)
     result = await client.wait(job_id, timeout=20)
     assert result.status == "invalid_request"
-    assert result.error == "unsupported protocol version 999 (supported: 1)"
+    assert result.error == "unsupported protocol version 999 (supported: 1, 2)"
 
 
 async def test_named_chain_is_used(client: RouterClient) -> None:

@@ -160,11 +160,12 @@ async def test_provider_refusals_fall_through_and_leave_the_breaker_closed(
             await client.route(f"stub:qwen=refusal stub:haiku=provider_refusal {tag()}")
             for _ in range(4)
         ]
+        ids = {r.job_id for r in results}
         events: list[dict[str, Any]] = []
         deadline = time.monotonic() + 10
-        while len(events) < 4 and time.monotonic() < deadline:
+        while len(events) < 4 and time.monotonic() < deadline:  # other tests publish too
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
+            if message is not None and json.loads(message["data"])["job_id"] in ids:
                 events.append(json.loads(message["data"]))
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -173,7 +174,7 @@ async def test_provider_refusals_fall_through_and_leave_the_breaker_closed(
         assert result.model_used == SONNET
         assert reasons(result)[1] == (HAIKU, "rejected", expected)
         assert result.attempts[1].finish_reason == "content_filter"
-    ours = [e for e in events if e["job_id"] in {r.job_id for r in results}]
+    ours = events
     assert len(ours) == 4
     assert ours[-1]["attempts"][1]["reason"] == expected  # the metrics event carries it
     assert ours[-1]["breakers"][HAIKU] == "closed"

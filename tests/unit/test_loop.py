@@ -20,6 +20,7 @@ import pytest
 from llm_router.client import RouterClient
 from llm_router.client.keys import METRICS_PENDING_KEY, wake_key
 from llm_router.client.protocol import RouteResult, result_from_blob
+from llm_router.worker.control import Control
 from llm_router.worker.jobs import Finished, RouteJobs, reply_to_of
 from llm_router.worker.lanes import Lanes
 from llm_router.worker.loop import Worker
@@ -124,11 +125,13 @@ async def test_claim_serves_the_interactive_queue_first_within_each_share(
 async def test_renew_extends_only_own_leases(redis: fakeredis.FakeAsyncRedis) -> None:
     await redis.set(f"{IP}a", "me", px=1000)
     await redis.set(f"{IP}b", "other", px=1000)
-    lost = await queue_for(redis).renew(["a", "b", "c"])
+    await redis.set("llm_router:cancel:a", "1")  # its producer cancelled it
+    lost, cancelled = await queue_for(redis).renew(["a", "b", "c"])
     assert sorted(lost) == ["b", "c"]
+    assert cancelled == ["a"]
     assert await redis.pttl(f"{IP}a") > 5_000
     assert await redis.pttl(f"{IP}b") <= 1000
-    assert await queue_for(redis).renew([]) == []
+    assert await queue_for(redis).renew([]) == ([], [])
 
 
 async def test_first_result_wins_is_pushed_once_and_marked_for_the_metrics(
@@ -222,7 +225,7 @@ class Recorder:
         self.ran: list[str] = []
         self.gate = gate
 
-    async def run(self, job: Claimed) -> Finished:
+    async def run(self, job: Claimed, control: Control) -> Finished:
         self.ran.append(job.job_id)
         if self.gate is not None:
             await self.gate.wait()
@@ -231,6 +234,9 @@ class Recorder:
 
     def crashed(self, job: Claimed, exc: BaseException) -> Finished:
         return Finished(RouteResult(status="failed", error=repr(exc), job_id=job.job_id), False)
+
+    def cancelled(self, job: Claimed) -> Finished:
+        return Finished(RouteResult(status="cancelled", job_id=job.job_id), True)
 
 
 class Served:

@@ -56,7 +56,20 @@ def test_an_unsupported_version_is_named_before_anything_else(v: object) -> None
         RouteRequest.model_validate({"v": v, "messages": [USER], "from_the_future": 1})
     [error] = info.value.errors()  # the version alone, not the unknown field
     assert error["msg"].startswith("Value error, unsupported protocol version ")
-    assert error["msg"].endswith(" (supported: 1)")
+    assert error["msg"].endswith(" (supported: 1, 2)")
+
+
+def test_expires_in_is_a_version_2_field() -> None:
+    request = RouteRequest.model_validate({"v": 2, "messages": [USER], "expires_in": 30})
+    assert (request.v, request.expires_in) == (2, 30)
+    assert request.wire()["v"] == 2
+    with pytest.raises(ValidationError, match="needs protocol version 2"):
+        RouteRequest.model_validate({"messages": [USER], "expires_in": 30})
+    for bad in (0, -1, 86_401):
+        with pytest.raises(ValidationError):
+            RouteRequest.model_validate({"v": 2, "messages": [USER], "expires_in": bad})
+    # Version 2 without a version 2 field is fine, and travels as it came.
+    assert RouteRequest.model_validate({"v": 2, "messages": [USER]}).wire()["v"] == 2
 
 
 def test_request_without_messages_is_refused() -> None:

@@ -238,13 +238,18 @@ class Backfill:
         sweep_every: float = 10.0,
         sweep_age: float = 10.0,
         reconnect_for: float = 30.0,
+        expires_in: float | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._redis = redis
         self._input_path = Path(input_path)
         self._output = OutputFile(output_path)
-        self._parser = RowParser(schema=schema, chain=chain, context=context)
+        # Rows never expire unless asked: a backfill waits for the workers however long.
+        self._parser = RowParser(schema=schema, chain=chain, context=context, expires_in=expires_in)
+        self._deadline_ms: int | str = (
+            "" if expires_in is None else max(1, round(expires_in * 1000))
+        )
         self._max = max_in_flight
         self._queue = batch_queue or default_batch_queue()
         self.on_progress = on_progress
@@ -511,6 +516,7 @@ class Backfill:
             WAKE_TOKENS_MAX,
             JOB_PREFIX,
             RESULT_PREFIX,
+            self._deadline_ms,
         ]
         for ref, request in batch:
             canonical = canonical_request(request)

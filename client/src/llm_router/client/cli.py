@@ -38,7 +38,7 @@ from llm_router.client.follow import follow, styled_line
 from llm_router.client.health import check
 from llm_router.client.keys import DEFAULT_QUEUE, METRICS_CHANNEL
 from llm_router.client.progress import ProgressView, make_progress
-from llm_router.client.protocol import RouteResult
+from llm_router.client.protocol import MAX_EXPIRES_IN_S, RouteResult
 from llm_router.client.rows import BackfillError
 from llm_router.client.spend import read_days
 from llm_router.client.status import Status, collect, models_json, models_table
@@ -62,7 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     route.add_argument("--context", help="a label that appears in the worker's logs")
     route.add_argument("--chain", help="named chain to use (default: the worker's 'default')")
-    route.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    route.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait (default 120); the job expires with the wait",
+    )
+    cancel = sub.add_parser(
+        "cancel",
+        help="stop queued or running jobs; they end 'cancelled'",
+        description=(
+            "Ask for each job to stop: a queued job is never run, a running one stops "
+            "within about a second, its model call abandoned. Exit 0 when every job was "
+            "queued or running, 1 when some had finished (their results stay) or are unknown."
+        ),
+    )
+    cancel.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     _add_backfill(sub)
     costs = sub.add_parser(
         "costs", help="spend per chain and per model per UTC day, from the workers' counters"
@@ -132,6 +147,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= MAX_EXPIRES_IN_S:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_EXPIRES_IN_S:g}")
+    return value
+
+
 def _add_backfill(sub: Any) -> None:
     backfill = sub.add_parser(
         "backfill",
@@ -160,6 +182,12 @@ def _add_backfill(sub: Any) -> None:
     )
     backfill.add_argument("--context", help="a label that appears in the worker's logs")
     backfill.add_argument(
+        "--expires-in",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="a row not started this long after it is queued ends 'expired' (default: never)",
+    )
+    backfill.add_argument(
         "--batch-queue",
         metavar="NAME",
         help="batch queue (default: LLM_ROUTER_BATCH_QUEUE_NAME, else llm_router:batch)",
@@ -187,7 +215,11 @@ async def _route(args: argparse.Namespace) -> int:
     async with RouterClient(args.redis_url, queue_name=args.queue, reconnect_for=2.0) as client:
         try:
             handle = await client.enqueue(
-                messages, schema=schema, context=args.context, chain=args.chain
+                messages,
+                schema=schema,
+                context=args.context,
+                chain=args.chain,
+                expires_in=args.timeout if args.timeout > 0 else None,
             )
         except ValidationError as exc:
             return _fail(EXIT_USAGE, f"invalid request: {exc.errors()[0]['msg']}")
@@ -202,6 +234,18 @@ async def _route(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_FAILED
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    async with RouterClient(args.redis_url, queue_name=args.queue, reconnect_for=2.0) as client:
+        code = EXIT_OK
+        for job_id in args.job_ids:
+            if await client.cancel(job_id):
+                print(f"{job_id}: cancelled")
+            else:
+                print(f"{job_id}: not queued or running (finished, or unknown)", file=sys.stderr)
+                code = EXIT_FAILED
+    return code
 
 
 def _connect(url: str | None) -> Redis:
@@ -259,6 +303,7 @@ async def _backfill(args: argparse.Namespace, redis: Redis) -> int:
             context=args.context,
             max_in_flight=args.max_in_flight,
             batch_queue=args.batch_queue,
+            expires_in=args.expires_in,
         )
     except (BackfillError, ValueError) as exc:
         return _fail(EXIT_USAGE, str(exc))
@@ -448,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
         "backfill": _backfill,
+        "cancel": _cancel,
         "costs": _costs,
         "health": _health,
         "metrics": _metrics,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import time
 import uuid
@@ -12,12 +13,22 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.backoff import Backoff
 from llm_router.client.connections import redis_from_url
-from llm_router.client.keys import DEFAULT_QUEUE, idle_key, inbox_key, job_key, result_key, wake_key
+from llm_router.client.keys import (
+    CANCEL_CHANNEL,
+    DEFAULT_QUEUE,
+    cancel_key,
+    deadline_key,
+    idle_key,
+    inbox_key,
+    job_key,
+    result_key,
+    wake_key,
+)
 from llm_router.client.lua import script
 from llm_router.client.protocol import (
     JOB_TTL_MS,
@@ -26,6 +37,7 @@ from llm_router.client.protocol import (
     Attempt,
     RouteRequest,
     RouteResult,
+    expires_ms,
     job_blob,
     now_ms,
 )
@@ -37,11 +49,23 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # worker is waiting, the job is handed to it here. KEYS, ARGV and returns: see the file.
 _ENQUEUE_LUA = script("enqueue.lua")
 
+#: A cancel marker outlives any job that can still be queued (its key lives a day).
+CANCEL_TTL_S = 86_400
+
 #: ``LLM_ROUTER_PRODUCER_MODE=1`` makes ``RouterClient()`` default to ``handover=False``.
 PRODUCER_MODE_ENV = "LLM_ROUTER_PRODUCER_MODE"
 _TRUE = ("1", "true", "yes", "on")
 
 MessagesLike = str | Sequence[dict[str, Any]]
+
+
+class Unset(enum.Enum):
+    """An argument not given (where None means something)."""
+
+    UNSET = 0
+
+
+UNSET = Unset.UNSET
 
 
 class NotReplicated(RedisConnectionError):
@@ -73,14 +97,19 @@ def build_request(
     context: str | None = None,
     chain: str | None = None,
     metadata: dict[str, Any] | None = None,
+    expires_in: float | None = None,
 ) -> RouteRequest:
-    """Validate a request before it is enqueued; a bare string is one user message."""
+    """Validate a request before it is enqueued; a bare string is one user message.
+    ``expires_in`` makes it a version 2 request."""
     msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
     fields: dict[str, Any] = {"messages": list(msgs), "schema": schema, "context": context}
     if chain is not None:
         fields["chain"] = chain
     if metadata is not None:
         fields["metadata"] = metadata
+    if expires_in is not None:
+        fields["expires_in"] = expires_in
+        fields["v"] = 2
     return RouteRequest.model_validate(fields)
 
 
@@ -179,10 +208,21 @@ class RouterClient:
         chain: str | None = None,
         metadata: dict[str, Any] | None = None,
         job_id: str | None = None,
+        expires_in: float | None = None,
     ) -> JobHandle:
-        """Validate and enqueue one request; a repeated ``job_id`` is not queued again."""
+        """Validate and enqueue one request; a repeated ``job_id`` is not queued again.
+
+        ``expires_in``: seconds, counted on Redis' clock from now, after which the job
+        is not started (and a running one starts no further model); its result is then
+        ``expired``. None: it waits for a worker as long as its key lives (a day).
+        """
         request = build_request(
-            messages, schema=schema, context=context, chain=chain, metadata=metadata
+            messages,
+            schema=schema,
+            context=context,
+            chain=chain,
+            metadata=metadata,
+            expires_in=expires_in,
         )
         return await self.enqueue_request(request, job_id=job_id)
 
@@ -207,6 +247,7 @@ class RouterClient:
             WAKE_TOKENS_MAX - 1,
             self._inbox_prefix,
             RETRY_KEY_TTL_S,
+            expires_ms(request.expires_in),
         ]
         # Safe to repeat: the script does nothing for a job id that is already there.
         deadline = time.monotonic() + self.reconnect_for
@@ -253,6 +294,7 @@ class RouterClient:
         the idle set, inbox prefix and try-counter TTL go unused)."""
         job, result, queue, wake = keys[0], keys[1], keys[2], keys[3]
         blob, ttl_ms, score, job_id, wake_end = args[0], args[1], args[2], args[3], args[4]
+        expires_ms = args[7]
         commands: list[tuple[Any, ...]] = []
         if not await self.redis.exists(job, result):  # else a repeat: queued or answered
             commands += [
@@ -261,8 +303,10 @@ class RouterClient:
                 ("ZADD", queue, "NX", score, job_id),
                 ("LPUSH", wake, "1"),
                 ("LTRIM", wake, 0, wake_end),
-                ("EXEC",),
             ]
+            if expires_ms:  # its time to live, on Redis' clock, is the deadline
+                commands.append(("SET", deadline_key(str(job_id)), "1", "NX", "PX", expires_ms))
+            commands.append(("EXEC",))
         if self.wait_for_replicas > 0:
             # On the same connection: WAIT counts the replicas that have its writes (a
             # repeat after NotReplicated waits again, as the script path does).
@@ -271,7 +315,8 @@ class RouterClient:
         if not commands:
             return 0
         replies = await self._send_raw(commands)
-        stored = len(replies) > 1 and replies[5][0] is not None  # SET NX: None if it existed
+        exec_reply = next((r for r in replies if isinstance(r, list)), None)
+        stored = exec_reply is not None and exec_reply[0] is not None  # SET NX: None if it was
         if self.wait_for_replicas > 0 and int(replies[-1]) < self.wait_for_replicas:
             raise NotReplicated(
                 f"enqueue confirmed by {replies[-1]} of {self.wait_for_replicas} replicas"
@@ -305,6 +350,27 @@ class RouterClient:
             raise error
         return replies
 
+    async def cancel(self, job_id: str) -> bool:
+        """Ask for a job to stop: True when it was queued or running (it then ends
+        ``cancelled``: a queued one is never run, a running one stops within about a
+        second, its model call abandoned), False when it had finished (its result
+        stays) or is unknown. Plain commands only, so producer mode may cancel too."""
+        result, job = result_key(job_id), job_key(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(result)
+                    if await pipe.exists(result) or not await pipe.exists(job):
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        return False
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(cancel_key(job_id), "1", ex=CANCEL_TTL_S)
+                    pipe.publish(CANCEL_CHANNEL, job_id)
+                    await pipe.execute()
+                    return True
+                except WatchError:  # its result came meanwhile: look again
+                    continue
+
     async def wait(self, job_id: str, *, timeout: float | None = 120.0) -> RouteResult:
         """Wait for a job's result; ``TimeoutError`` when it does not come in time."""
         return await self.inbox.wait(job_id, timeout)
@@ -318,9 +384,22 @@ class RouterClient:
         chain: str | None = None,
         metadata: dict[str, Any] | None = None,
         timeout: float | None = 120.0,
+        expires_in: float | Unset | None = UNSET,
     ) -> RouteResult:
-        """Enqueue and wait; raise :class:`RouteFailed` unless a model answered."""
+        """Enqueue and wait; raise :class:`RouteFailed` unless a model answered.
+
+        The job expires when this call stops waiting (``expires_in`` = ``timeout``)
+        unless ``expires_in`` says otherwise (None: never), so that nobody answers, and
+        pays for, a request whose caller has gone.
+        """
+        if isinstance(expires_in, Unset):
+            expires_in = timeout
         handle = await self.enqueue(
-            messages, schema=schema, context=context, chain=chain, metadata=metadata
+            messages,
+            schema=schema,
+            context=context,
+            chain=chain,
+            metadata=metadata,
+            expires_in=expires_in,
         )
         return await handle.result(timeout=timeout)

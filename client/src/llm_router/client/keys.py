@@ -62,6 +62,33 @@ def inbox_key(queue_name: str, worker_token: str) -> str:
 #: Reply lists must start with this, so a job cannot make the worker push elsewhere.
 REPLY_PREFIX = "llm_router:reply:"
 
+#: A job's deadline: a key set at enqueue whose time to live, on Redis' clock, is what is
+#: left of the job's ``expires_in`` (gone: the deadline has passed).
+DEADLINE_PREFIX = "llm_router:deadline:"
+#: A producer asked to cancel the job (``1``, kept a day); the channel tells running
+#: workers at once.
+CANCEL_PREFIX = "llm_router:cancel:"
+CANCEL_CHANNEL = "llm_router:cancel"
+
+
+def deadline_key(job_id: str) -> str:
+    return DEADLINE_PREFIX + job_id
+
+
+def cancel_key(job_id: str) -> str:
+    return CANCEL_PREFIX + job_id
+
+
+#: Jobs that ended ``failed`` or ``expired``: a sorted set (score: when, ms) and one entry
+#: per job, ``<prefix><id>``, with its job blob and result, for ``llm-router failed``.
+FAILED_KEY = "llm_router:failed"
+FAILED_PREFIX = "llm_router:failed:"
+
+
+def failed_key(job_id: str) -> str:
+    return FAILED_PREFIX + job_id
+
+
 # --- ours: shared state of the fleet ----------------------------------------------------------
 
 METRICS_CHANNEL = "llm_router_metrics"

@@ -39,9 +39,13 @@ from llm_router.client.keys import REPLY_PREFIX
 from llm_router.client.schemas import CEILING, SchemaLimits, compile_schema
 from llm_router.client.untrusted import problem
 
-PROTOCOL_VERSION = 1
+#: The newest version this release speaks (results carry it); version 2 added the
+#: request's ``expires_in`` and the statuses ``expired`` and ``cancelled``.
+PROTOCOL_VERSION = 2
 #: Request versions this release understands; a request without ``v`` is version 1.
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
+#: The longest deadline a request may ask for: a queued job's key lives a day anyway.
+MAX_EXPIRES_IN_S = 86_400.0
 
 JOB_FUNCTION = "route"
 DEFAULT_CHAIN = "default"
@@ -60,7 +64,7 @@ RETRY_KEY_TTL_S = 88_400
 #: lower limit): results echo ``metadata``, and pydantic serializes at most ~255 levels.
 MAX_REQUEST_DEPTH = 100
 
-Status = Literal["ok", "failed", "invalid_request"]
+Status = Literal["ok", "failed", "invalid_request", "expired", "cancelled"]
 Outcome = Literal["success", "rejected", "invalid", "skipped"]
 
 
@@ -89,13 +93,16 @@ class RouteRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    v: int = Field(default=PROTOCOL_VERSION, description="protocol version; absent means 1")
+    v: int = Field(default=1, description="protocol version; absent means 1")
     messages: list[Message] = Field(min_length=1)
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     context: str | None = Field(default=None, max_length=200)
     #: Absent: the worker's ``default`` chain (on the batch queue, ``batch`` if it has one).
     chain: str | None = Field(default=None, min_length=1, max_length=100)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: Version 2: seconds from enqueue, on Redis' clock, after which the job is not
+    #: started (and a running one starts no further model): the result is ``expired``.
+    expires_in: float | None = Field(default=None, gt=0, le=MAX_EXPIRES_IN_S)
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +112,12 @@ class RouteRequest(BaseModel):
         if (unsupported := unsupported_version(data)) is not None:
             raise ValueError(unsupported)  # first: a newer request's fields mean nothing here
         return data
+
+    @model_validator(mode="after")
+    def _version_has_the_fields(self) -> RouteRequest:
+        if self.expires_in is not None and self.v < 2:
+            raise ValueError('expires_in needs protocol version 2: send "v": 2')
+        return self
 
     @field_validator("json_schema")
     @classmethod
@@ -120,7 +133,8 @@ class RouteRequest(BaseModel):
 
     def wire(self) -> dict[str, Any]:
         """The request as it travels: aliases, no unset optionals, and no ``v`` for
-        version 1 (absent means 1), which workers older than ``v`` also read."""
+        version 1 (absent means 1), which workers older than ``v`` also read. A request
+        without a version 2 field is sent as version 1."""
         wire = self.model_dump(by_alias=True, exclude_none=True, mode="json")
         if wire.get("v") == 1:
             del wire["v"]
@@ -195,6 +209,11 @@ def encode(value: Any) -> bytes:
 
 def decode(blob: bytes | str) -> Any:
     return json.loads(blob)
+
+
+def expires_ms(expires_in: float | None) -> int | str:
+    """The enqueue scripts' deadline argument: ms (at least 1), or '' for none."""
+    return "" if expires_in is None else max(1, round(expires_in * 1000))
 
 
 def job_blob(request: RouteRequest, enqueue_ms: int, reply_to: str | None = None) -> bytes:

@@ -181,12 +181,16 @@ class RowParser:
         schema: dict[str, Any] | None = None,
         chain: str | None = None,
         context: str | None = None,
+        expires_in: float | None = None,
     ) -> None:
         self.schema = schema
         self.chain = chain
         self.context = context
+        self.expires_in = expires_in
         try:
-            build_request("check", schema=schema, context=context, chain=chain)
+            build_request(
+                "check", schema=schema, context=context, chain=chain, expires_in=expires_in
+            )
         except ValidationError as exc:
             raise Rejected(_first_error(exc)) from None
 
@@ -236,6 +240,7 @@ class RowParser:
                 context=self.context,
                 chain=self.chain,
                 metadata=fields.get("metadata"),
+                expires_in=self.expires_in,
             )
         except ValidationError as exc:
             raise Rejected(_first_error(exc)) from None

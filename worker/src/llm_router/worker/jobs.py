@@ -27,8 +27,15 @@ from llm_router.client.protocol import (
     valid_reply_to,
 )
 from llm_router.client.untrusted import loads
+from llm_router.worker.control import Control
 from llm_router.worker.queue import Claimed
-from llm_router.worker.router import Router, invalid_result
+from llm_router.worker.router import (
+    CANCELLED_BEFORE,
+    EXPIRED_BEFORE,
+    Router,
+    invalid_result,
+    stopped_result,
+)
 from llm_router.worker.settings import Settings
 
 log = structlog.get_logger("llm_router.jobs")
@@ -177,8 +184,9 @@ class RouteJobs:
         self.router = router
         self.settings = settings
 
-    async def run(self, job: Claimed) -> Finished:
+    async def run(self, job: Claimed, control: Control | None = None) -> Finished:
         """The job's end, whatever the job holds; raises only if cancelled."""
+        control = control or Control()
         if job.blob is None:
             return _cannot_run(RouteResult(status="failed", error=EXPIRED, job_id=job.job_id), job)
         try:
@@ -196,7 +204,7 @@ class RouteJobs:
             return _cannot_run(RouteResult(status="failed", error=error, job_id=job.job_id), job)
         kwargs = dict(data["k"])
         reply_to = valid_reply_to(kwargs.pop("reply_to", None))
-        result = await self.route(job, data["a"], kwargs)
+        result = await self.route(job, data["a"], kwargs, control)
         # Counted and announced once the result is stored, off the producer's clock.
         breakers = self.router.breaker_states(result.chain)
 
@@ -213,8 +221,11 @@ class RouteJobs:
             after_store=record,
         )
 
-    async def route(self, job: Claimed, args: list[Any], kwargs: dict[str, Any]) -> RouteResult:
-        """Validate and route one request; a request the worker refuses is a result too."""
+    async def route(
+        self, job: Claimed, args: list[Any], kwargs: dict[str, Any], control: Control
+    ) -> RouteResult:
+        """Validate and route one request; a request the worker refuses is a result too,
+        and so is one cancelled, or past its deadline, before a model was called."""
         router = self.router
         try:
             payload = _payload(args, kwargs)
@@ -232,7 +243,21 @@ class RouteJobs:
                 )
             log.warning("invalid_request", job_id=job.job_id, error=error)
             return invalid_result(error, job_id=job.job_id)
-        return await router.run(request, job_id=job.job_id, record=False, lane=job.lane.kind)
+        if job.cancelled:
+            return stopped_result("cancelled", CANCELLED_BEFORE, request, job.job_id)
+        if request.expires_in is not None:
+            left_ms = request.expires_in * 1000 if job.handed else job.deadline_ms
+            if left_ms is None or left_ms <= 0:
+                return stopped_result("expired", EXPIRED_BEFORE, request, job.job_id)
+            control.expire_in(left_ms / 1000)
+        return await router.run(
+            request, job_id=job.job_id, record=False, lane=job.lane.kind, control=control
+        )
+
+    def cancelled(self, job: Claimed) -> Finished:
+        """Cancelled before the router had the job (it has its own result for that)."""
+        result = RouteResult(status="cancelled", error=CANCELLED_BEFORE, job_id=job.job_id)
+        return Finished(result, True, reply_to_of(job.blob), function=JOB_FUNCTION, announce=True)
 
     def crashed(self, job: Claimed, exc: BaseException) -> Finished:
         """A job that overran ``job_timeout`` or hit a bug: a failed result all the same."""

@@ -14,6 +14,9 @@
   takes the job.
 * On SIGTERM it stops taking jobs, lets running ones finish within the grace period
   and hands the rest back at once (SIGINT: no grace; a second signal: stop now).
+* A producer's cancel reaches a running job at once (a message on the cancel
+  channel) or at the next lease renewal (its marker): the job's task is cancelled, its
+  model call abandoned, and it ends ``cancelled``.
 * Redis errors never end it (:mod:`~llm_router.worker.outage`).
 
 The Redis side is :mod:`~llm_router.worker.queue`; what a job is, and what its result
@@ -32,6 +35,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from llm_router.client.protocol import RouteResult, now_ms
+from llm_router.worker.control import Control
 from llm_router.worker.jobs import Finished
 from llm_router.worker.lanes import Lanes
 from llm_router.worker.queue import Claimed, RedisQueue, Woken
@@ -52,9 +56,11 @@ STOPPING_STORE_S = 10.0
 class JobRunner(Protocol):
     """What runs a claimed job: :class:`~llm_router.worker.jobs.RouteJobs`."""
 
-    async def run(self, job: Claimed) -> Finished: ...
+    async def run(self, job: Claimed, control: Control) -> Finished: ...
 
     def crashed(self, job: Claimed, exc: BaseException) -> Finished: ...
+
+    def cancelled(self, job: Claimed) -> Finished: ...
 
 
 class Listener(Protocol):
@@ -91,7 +97,11 @@ class Worker:
         #: Set while at least one job runs (the event-loop lag monitor samples then).
         self.busy = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._controls: dict[str, Control] = {}
         self._leased: set[str] = set()
+        #: Jobs whose result is being stored: still leased (the lease is renewed while a
+        #: store waits for Redis), no longer to be cancelled or reported lost.
+        self._storing: set[str] = set()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._grace: float | None = None
@@ -114,6 +124,7 @@ class Worker:
         helpers = [
             asyncio.create_task(self._listen_for_wake_ups(), name="wake-up listener"),
             asyncio.create_task(self._renew_leases(), name="lease renewal"),
+            asyncio.create_task(self._listen_for_cancels(), name="cancel listener"),
         ]
         try:
             delay = self.poll_delay
@@ -155,6 +166,18 @@ class Worker:
         self._slot_freed.set()
         for listener in self.listeners:
             listener.stopping()
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a job this worker runs, for its producer: it ends ``cancelled``."""
+        task, control = self._tasks.get(job_id), self._controls.get(job_id)
+        if task is None or control is None or task.done() or control.cancelled:
+            return False
+        if job_id in self._storing:  # it has its result: storing it wins
+            return False
+        control.cancelled = True
+        task.cancel()
+        log.info("job_cancelled", job_id=job_id)
+        return True
 
     def _handle_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -241,9 +264,27 @@ class Worker:
             answer = await self._through_outage("renewing leases", self.queue.renew(self._leased))
             if answer is None:
                 continue
-            for job_id in answer[0]:
-                if job_id in self._leased:  # not a job that finished during the renewal
+            lost, cancelled = answer[0]
+            for job_id in lost:
+                # Not a job that finished during the renewal.
+                if job_id in self._leased and job_id not in self._storing:
                     log.warning("lease_lost", job_id=job_id)
+            for job_id in cancelled:  # the cancel's message may have been missed
+                self.cancel(job_id)
+
+    async def _listen_for_cancels(self) -> None:
+        """Producers' cancels as they are published; the lease renewal is the net."""
+        failing = False
+        while True:
+            try:
+                async for job_id in self.queue.cancel_requests():
+                    failing = False
+                    self.cancel(job_id)
+            except (RedisError, OSError) as exc:
+                if not failing:  # once a streak: an outage is logged by the other loops
+                    log.warning("cancel_listener_failed", error=f"{type(exc).__name__}: {exc}")
+                failing = True
+            await asyncio.sleep(1.0)
 
     async def _through_outage(self, during: str, call: Awaitable[T]) -> tuple[T] | None:
         """``(its answer,)``; None when Redis did not answer, after the outage's backoff."""
@@ -261,7 +302,10 @@ class Worker:
         job.lane.running += 1
         self._leased.add(job.job_id)
         self.busy.set()
-        task = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.job_id}")
+        control = self._controls[job.job_id] = Control()
+        task = asyncio.get_running_loop().create_task(
+            self._run(job, control), name=f"job {job.job_id}"
+        )
         self._tasks[job.job_id] = task
         task.add_done_callback(lambda _: self._job_done(job))
 
@@ -270,6 +314,7 @@ class Worker:
         lane = job.lane
         was_full = self.running >= self.max_jobs or lane.running >= lane.max_jobs
         self._tasks.pop(job.job_id, None)
+        self._controls.pop(job.job_id, None)
         lane.running -= 1
         if not self._tasks:
             self.busy.clear()
@@ -278,7 +323,7 @@ class Worker:
             # Look for queued jobs now: a backlog outlasts its producers' wake-up tokens.
             self._wake.set()
 
-    async def _run(self, job: Claimed) -> None:
+    async def _run(self, job: Claimed, control: Control) -> None:
         """Run one leased job to a stored result, or hand it back; never raises but for
         cancellation."""
         started_ms = now_ms()
@@ -286,12 +331,15 @@ class Worker:
             try:
                 # asyncio.timeout, not wait_for: no extra task, so no extra turn of the loop.
                 async with asyncio.timeout(self.job_timeout):
-                    finished = await self.jobs.run(job)
+                    finished = await self.jobs.run(job, control)
             except asyncio.CancelledError:
-                # Stopping and out of grace: hand the job back for another worker now.
-                if await self._hand_back(job):
-                    log.info("job_handed_back", job_id=job.job_id)
-                return
+                if control.swallow_cancel():  # its producer cancelled it: it ends so
+                    finished = self.jobs.cancelled(job)
+                else:
+                    # Stopping and out of grace: hand the job back for another worker now.
+                    if await self._hand_back(job):
+                        log.info("job_handed_back", job_id=job.job_id)
+                    return
             except Exception as exc:  # the runner catches its own; a bug, or the timeout
                 if not isinstance(exc, TimeoutError):
                     log.exception("job_crashed", job_id=job.job_id)
@@ -306,8 +354,9 @@ class Worker:
 
     async def _store(self, job: Claimed, finished: Finished, started_ms: int) -> None:
         """Store the result (the first one of a job wins); then tell the listeners, and run
-        what comes after the store in the background, off the producer's clock."""
-        self._leased.discard(job.job_id)  # the script releases it; renewing now would miss it
+        what comes after the store in the background, off the producer's clock. The
+        lease is renewed while the store waits for Redis (an outage, a full Redis)."""
+        self._storing.add(job.job_id)
         blob = finished.blob(job, started_ms)
 
         async def finish() -> bool:
@@ -323,6 +372,9 @@ class Worker:
         except (RedisError, OSError):
             log.warning("result_not_stored", job_id=job.job_id)
             return
+        finally:
+            self._leased.discard(job.job_id)  # the script released it
+            self._storing.discard(job.job_id)
         if not done:
             log.info("duplicate_run", job_id=job.job_id)
             return

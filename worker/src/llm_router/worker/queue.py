@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llm_router.client.keys import (
+    CANCEL_CHANNEL,
     METRICS_PENDING_KEY,
     idle_key,
     in_progress_key,
@@ -47,7 +48,11 @@ _REGISTER = script("register_idle.lua")
 class Claimed:
     """A job this worker holds the lease of: where it came from, its blob and try number.
 
-    ``blob`` is None when the job's key had expired or been deleted.
+    ``blob`` is None when the job's key had expired or been deleted. ``deadline_ms``: what
+    was left of its deadline when it was claimed (None: no deadline key, or it has
+    passed; the request says whether it had one). ``handed``: a producer's enqueue
+    handed it over at once (its deadline is all there). ``cancelled``: a producer asked
+    to cancel it before it started.
     """
 
     job_id: str
@@ -55,6 +60,9 @@ class Claimed:
     score: int
     blob: bytes | None
     tries: int
+    deadline_ms: int | None = None
+    cancelled: bool = False
+    handed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,19 +113,47 @@ class RedisQueue:
             ],
         )
         claimed = []
-        for i in range(0, len(raw), 5):
-            index, job_id, score, blob, tries = raw[i : i + 5]
-            lane = self.lanes.queues[int(index)]
-            claimed.append(Claimed(job_id.decode(), lane, int(float(score)), blob or None, tries))
+        for i in range(0, len(raw), 7):
+            index, job_id, score, blob, tries, left_ms, cancelled = raw[i : i + 7]
+            claimed.append(
+                Claimed(
+                    job_id.decode(),
+                    self.lanes.queues[int(index)],
+                    int(float(score)),
+                    blob or None,
+                    tries,
+                    left_ms if left_ms >= 0 else None,
+                    bool(cancelled),
+                )
+            )
         return claimed
 
-    async def renew(self, job_ids: Iterable[str]) -> list[str]:
-        """Extend this worker's leases; return the jobs whose lease is no longer ours."""
+    async def renew(self, job_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Extend this worker's leases; return the jobs whose lease is no longer ours, and
+        those a producer asked to cancel."""
         keys = [in_progress_key(j) for j in job_ids]
         if not keys:
-            return []
-        lost = await self._renew(keys=keys, args=[self.token, self.lease_ms])
-        return [key.decode().removeprefix(in_progress_key("")) for key in lost]
+            return [], []
+        lost, cancelled = await self._renew(keys=keys, args=[self.token, self.lease_ms])
+        prefix = in_progress_key("")
+        return [k.decode().removeprefix(prefix) for k in lost], [
+            k.decode().removeprefix(prefix) for k in cancelled
+        ]
+
+    async def cancel_requests(self) -> AsyncIterator[str]:
+        """The ids of jobs producers ask to cancel, as they publish them. Ends when Redis
+        goes away (the caller listens again; the lease renewal sees the markers anyway)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(CANCEL_CHANNEL)
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is not None and message.get("type") == "message":
+                    data = message["data"]
+                    yield data.decode() if isinstance(data, bytes) else str(data)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def finish(
         self, job_id: str, lane: Lane, blob: bytes, reply_to: str | None, *, announce: bool
@@ -195,4 +231,4 @@ class RedisQueue:
         """A job a producer's enqueue script leased to this worker: "<id> <try> <score> <blob>"."""
         job_id, tries, score, blob = message.split(b" ", 3)
         lane = self.lanes.interactive
-        return Claimed(job_id.decode(), lane, int(float(score)), blob, int(tries))
+        return Claimed(job_id.decode(), lane, int(float(score)), blob, int(tries), handed=True)

@@ -6,9 +6,10 @@ Queue-agnostic: the arq job is a thin wrapper, and a service can use
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import structlog
 from jsonschema.protocols import Validator
@@ -35,6 +36,7 @@ from llm_router.worker.calls import (
 )
 from llm_router.worker.capacity import Busy, Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
+from llm_router.worker.control import Control
 from llm_router.worker.costs import Usage, worst_case_usd
 from llm_router.worker.lanes import LaneKind
 from llm_router.worker.metrics import Metrics
@@ -60,6 +62,34 @@ def invalid_result(
         job_id=job_id,
         context=request.context if request else None,
         chain=request.chain if request else None,
+    )
+
+
+CANCELLED_BEFORE = "cancelled: its producer cancelled the job before a model was called"
+CANCELLED_WHILE = "cancelled: its producer cancelled the job while a model ran"
+#: The reason of the attempt whose call a cancel abandoned.
+ABANDONED = "Cancelled: the call was abandoned when the job was cancelled"
+EXPIRED_BEFORE = "expired: the job's deadline passed before a model was called"
+EXPIRED_WHILE = "expired: the job's deadline passed; no further model was started"
+
+
+def stopped_result(
+    status: Literal["expired", "cancelled"],
+    error: str,
+    request: RouteRequest,
+    job_id: str | None,
+    attempts: list[Attempt] | None = None,
+    since: float | None = None,
+) -> RouteResult:
+    """A job ended by its deadline or its producer, with the attempts made until then."""
+    return RouteResult(
+        status=status,
+        attempts=attempts or [],
+        latency_ms=_ms_since(since) if since is not None else 0,
+        error=error,
+        job_id=job_id,
+        context=request.context,
+        chain=request.chain,
     )
 
 
@@ -154,18 +184,21 @@ class Router:
         job_id: str | None = None,
         record: bool = True,
         lane: LaneKind = "interactive",
+        control: Control | None = None,
     ) -> RouteResult:
         """Walk the chain for a validated request; never raises for a model's failure.
 
         ``record=False`` leaves the metrics to the caller (``self.metrics.record``):
         the daemon records them once the result is on its way to the producer. Batch
-        work waits behind interactive work for a model's capacity.
+        work waits behind interactive work for a model's capacity. ``control``: past its
+        deadline no further model is started (``expired``); cancelled, the model call
+        is abandoned (``cancelled``).
         """
         if request.chain is None:
             request = request.model_copy(update={"chain": self.chain_for(request, lane)})
         bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
         start = time.perf_counter()
-        result = await self._walk(request, job_id, bound, lane)
+        result = await self._walk(request, job_id, bound, lane, control or Control())
         result.chain_ms = round((time.perf_counter() - start) * 1000, 3)
         result.cost_usd = round(sum(a.cost_usd for a in result.attempts), 10)
         result.metadata = request.metadata  # returned as given, so batch callers can match
@@ -188,6 +221,7 @@ class Router:
         job_id: str | None,
         bound: structlog.typing.FilteringBoundLogger,
         lane: LaneKind,
+        control: Control,
     ) -> RouteResult:
         start = time.monotonic()
         models = self.chains.get(request.chain or DEFAULT_CHAIN)
@@ -211,10 +245,27 @@ class Router:
         prompt = Prompt(messages, self.offload)
         attempts: list[Attempt] = []
         for position, cfg in enumerate(models, start=1):
+            if control.expired():  # the caller has gone: no further model, no further cost
+                why = EXPIRED_BEFORE if not attempts else EXPIRED_WHILE
+                return stopped_result("expired", why, request, job_id, attempts, start)
             attempt_start = time.monotonic()
-            tried = await self._try(
-                cfg, request.chain or DEFAULT_CHAIN, prompt, schema, validator, lane
-            )
+            try:
+                tried = await self._try(
+                    cfg, request.chain or DEFAULT_CHAIN, prompt, schema, validator, lane
+                )
+            except asyncio.CancelledError:
+                if not control.swallow_cancel():
+                    raise  # the worker is stopping: the job goes back to the queue
+                abandoned = Attempt(
+                    model=cfg.model,
+                    outcome="rejected",
+                    reason=ABANDONED,
+                    latency_ms=_ms_since(attempt_start),
+                )
+                why = CANCELLED_WHILE
+                return stopped_result(
+                    "cancelled", why, request, job_id, [*attempts, abandoned], start
+                )
             verdict, text = tried.verdict, tried.text
             content, outcome, reason = verdict.content, verdict.outcome, verdict.reason
             attempt = Attempt(

@@ -13,7 +13,9 @@
 --   3. the most wake-up tokens kept in KEYS[2] (100)
 --   4. the job key prefix, "arq:job:"
 --   5. the result key prefix, "arq:result:"
---   6, 7, ...  pairs: job id, job blob (the JSON of enqueue.lua's ARGV[1])
+--   6. each job's deadline, ms from now on Redis' clock, or '' for none (enqueue.lua's
+--      ARGV[8]: llm_router:deadline:<id> = '1' with this time to live)
+--   7, 8, ...  pairs: job id, job blob (the JSON of enqueue.lua's ARGV[1])
 -- Returns one answer per row, in order:
 --   the result blob  the job already finished (while the producer was away)
 --   0                its job key exists: queued or running, wait for its reply
@@ -22,13 +24,16 @@
 -- at once.
 local unpack = unpack or table.unpack
 local out, members = {}, {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local id = ARGV[i]
   local result = redis.call('GET', ARGV[5] .. id)
   if result then
     out[#out + 1] = result
   elseif redis.call('SET', ARGV[4] .. id, ARGV[i + 1], 'PX', ARGV[1], 'NX') then
     out[#out + 1] = 1
+    if ARGV[6] ~= '' then
+      redis.call('SET', 'llm_router:deadline:' .. id, '1', 'PX', ARGV[6])
+    end
     members[#members + 1] = ARGV[2]
     members[#members + 1] = id
   else

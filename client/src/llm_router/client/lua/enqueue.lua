@@ -21,6 +21,9 @@
 --   5. the last index kept in the wake-up list (LTRIM end): 99 keeps at most 100 tokens
 --   6. the inbox key prefix, "<queue>:inbox:" (the script appends the worker's token)
 --   7. the try counter's time to live, in seconds (88400)
+--   8. optional (protocol version 2): the job's deadline, ms from now on Redis' clock, or
+--      '' / absent for none. It becomes llm_router:deadline:<id> = '1' with this time to
+--      live; a job whose deadline key is gone when a worker takes it ends "expired".
 -- Returns:
 --   0  nothing done: the job key or its result already exists (a repeated enqueue of
 --      the same id is safe and never queues the job twice)
@@ -35,6 +38,9 @@
 -- is stored.
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[8] and ARGV[8] ~= '' then
+  redis.call('SET', 'llm_router:deadline:' .. ARGV[4], '1', 'PX', ARGV[8])
+end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
