@@ -254,3 +254,39 @@ async def test_backfill_rows_expire_only_when_asked(
     written = (tmp_path / "plain.jsonl").read_text().splitlines()
     assert plain.written == 3
     assert {json.loads(line)["status"] for line in written} == {"ok"}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llm_router.client.cli", "--redis-url", REDIS_URL, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_an_expired_job_is_kept_for_the_failed_commands(
+    fleet: Fleet, client: RouterClient, redis: Redis
+) -> None:
+    marker = tag()
+    handle = await client.enqueue(f"expires unread {marker}", expires_in=0.5)
+    await asyncio.sleep(0.8)
+    fleet.spawn(1)
+    assert (await handle.result(timeout=30, raise_on_failure=False)).status == "expired"
+    listed = await asyncio.to_thread(cli, "failed", "list", "--json", "--limit", "1000")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    [row] = [r for r in rows if r["job_id"] == handle.job_id]
+    assert (row["status"], row["queue"]) == ("expired", fleet.queue)
+    shown = await asyncio.to_thread(cli, "failed", "show", handle.job_id)
+    assert shown.returncode == 0
+    entry = json.loads(shown.stdout)
+    assert marker in entry["request"]["messages"][0]["content"]
+    assert entry["request"]["expires_in"] == 0.5
+    # Requeued with a live worker: its deadline starts again, and this time it is met.
+    requeued = await asyncio.to_thread(cli, "failed", "requeue", handle.job_id, "nope")
+    assert requeued.returncode == 1
+    assert f"{handle.job_id}: requeued" in requeued.stdout
+    assert "nope: not requeued: not in the registry" in requeued.stderr
+    assert (await client.wait(handle.job_id, timeout=30)).ok
+    missing = await asyncio.to_thread(cli, "failed", "show", handle.job_id)
+    assert missing.returncode == 1

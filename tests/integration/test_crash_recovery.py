@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
+from llm_router.client.failed import FailedJobs
 from llm_router.client.keys import METRICS_CHANNEL, METRICS_COUNTERS_KEY
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL, chain_env
@@ -268,3 +269,21 @@ async def test_a_job_that_kills_its_workers_stops_after_max_tries(
     assert result.error is not None
     assert "not tried again" in result.error
     assert stub_hits(slow_stub, tag) == 3  # the fourth start never called a model
+    # Kept in the failed-job registry with its request, and run exactly once more on
+    # request.
+    registry = FailedJobs(redis)
+    entry = await registry.show(handle.job_id)
+    assert entry is not None
+    assert entry.result.status == "failed"
+    assert entry.request is not None
+    assert tag in json.dumps(entry.request)
+    assert entry.queue == quick_fleet.queue
+    quick_fleet.spawn(max(0, 2 - len(quick_fleet.alive)))
+    assert await registry.requeue(handle.job_id) is None
+    assert await registry.show(handle.job_id) is None  # out of the registry
+    assert await registry.requeue(handle.job_id) == "not in the registry"
+    async with RouterClient(REDIS_URL, queue_name=quick_fleet.queue) as client:
+        again = await client.wait(handle.job_id, timeout=60)
+    assert again.ok
+    await asyncio.sleep(1.0)
+    assert stub_hits(slow_stub, tag) == 4  # once more, and only once

@@ -18,7 +18,7 @@ import fakeredis
 import pytest
 
 from llm_router.client import RouterClient
-from llm_router.client.keys import METRICS_PENDING_KEY, wake_key
+from llm_router.client.keys import FAILED_KEY, METRICS_PENDING_KEY, wake_key
 from llm_router.client.protocol import RouteResult, result_from_blob
 from llm_router.worker.control import Control
 from llm_router.worker.jobs import Finished, RouteJobs, reply_to_of
@@ -139,11 +139,11 @@ async def test_first_result_wins_is_pushed_once_and_marked_for_the_metrics(
 ) -> None:
     await put(redis, "j", 1)
     first, second = queue_for(redis, "first"), queue_for(redis, "second")
-    lane = first.lanes.interactive
+    job = Claimed("j", first.lanes.interactive, 1, b"{}", 1)
     await redis.set(f"{IP}j", "first")
-    assert await first.finish("j", lane, b"one", "llm_router:reply:x", announce=True)
+    assert await first.finish(job, b"one", "llm_router:reply:x", announce=True)
     await redis.set(f"{IP}j", "second")  # a second run, after the lease lapsed
-    assert not await second.finish("j", lane, b"two", "llm_router:reply:x", announce=True)
+    assert not await second.finish(job, b"two", "llm_router:reply:x", announce=True)
     assert await redis.get("arq:result:j") == b"one"
     assert 0 < await redis.pttl("arq:result:j") <= 60_000
     assert await redis.lrange("llm_router:reply:x", 0, -1) == [b"one"]  # type: ignore[misc]
@@ -155,8 +155,37 @@ async def test_first_result_wins_is_pushed_once_and_marked_for_the_metrics(
 async def test_a_result_not_to_announce_is_not_marked(redis: fakeredis.FakeAsyncRedis) -> None:
     queue = queue_for(redis)
     await redis.set(f"{IP}k", "me")
-    assert await queue.finish("k", queue.lanes.interactive, b"r", None, announce=False)
+    job = Claimed("k", queue.lanes.interactive, 1, b"{}", 1)
+    assert await queue.finish(job, b"r", None, announce=False)
     assert await redis.zcard(METRICS_PENDING_KEY) == 0
+    assert await redis.zcard(FAILED_KEY) == 0  # not registered unless asked
+
+
+async def test_the_failed_job_registry_keeps_the_newest_within_its_bounds(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    queue = RedisQueue(redis, lanes(), token="me", lease_ms=10_000, failed_keep=3)
+    for n in range(5):
+        await redis.set(f"{IP}f{n}", "me")
+        job = Claimed(f"f{n}", queue.lanes.interactive, n, b'{"a": [%d]}' % n, 1)
+        assert await queue.finish(
+            job, b'{"r": {"status": "failed"}}', None, announce=True, register=True
+        )
+    assert await redis.zrange(FAILED_KEY, 0, -1) == [b"f2", b"f3", b"f4"]
+    assert await redis.exists("llm_router:failed:f0", "llm_router:failed:f1") == 0
+    entry = json.loads(await redis.get("llm_router:failed:f4"))
+    assert entry == {
+        "job_id": "f4",
+        "queue": Q,
+        "job": '{"a": [4]}',  # the blob as it came, to requeue it unchanged
+        "result": {"r": {"status": "failed"}},
+    }
+    assert 0 < await redis.pttl("llm_router:failed:f4") <= 7 * 86_400_000
+    none = RedisQueue(redis, lanes(), token="me", lease_ms=10_000, failed_keep=0)
+    await redis.set(f"{IP}g", "me")
+    job = Claimed("g", none.lanes.interactive, 1, b"{}", 1)
+    assert await none.finish(job, b"{}", None, announce=True, register=True)
+    assert await redis.exists("llm_router:failed:g") == 0  # 0 keeps none
 
 
 async def test_hand_back_only_with_own_lease(redis: fakeredis.FakeAsyncRedis) -> None:

@@ -243,11 +243,10 @@ async def test_a_result_stored_but_never_counted_is_swept_once(
     queue = RedisQueue(redis, Lanes("q-sweep", None, max_jobs=1, batch_max_jobs=None,
                                     keep_result_s=60, batch_keep_result_s=60),
                        token="dead", lease_ms=10_000)  # fmt: skip
-    blob = Finished(result, True, function="route").blob(
-        Claimed("swept-1", queue.lanes.interactive, 1, b"{}", 1), started_ms=1
-    )
+    job = Claimed("swept-1", queue.lanes.interactive, 1, b"{}", 1)
+    blob = Finished(result, True, function="route").blob(job, started_ms=1)
     await redis.set("arq:in-progress:swept-1", "dead")
-    assert await queue.finish("swept-1", queue.lanes.interactive, blob, None, announce=True)
+    assert await queue.finish(job, blob, None, announce=True)
     # ... and the worker died here: nothing counted, nothing announced.
     pubsub: Any = second_redis.pubsub()
     await pubsub.subscribe(METRICS_CHANNEL)

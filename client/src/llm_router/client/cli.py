@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from llm_router.client.connections import redis_from_url
 from llm_router.client.costs import as_json as costs_json
 from llm_router.client.costs import render as render_costs
 from llm_router.client.counters import read_counters
+from llm_router.client.failed import FailedJobs
 from llm_router.client.follow import follow, styled_line
 from llm_router.client.health import check
 from llm_router.client.keys import DEFAULT_QUEUE, METRICS_CHANNEL
@@ -87,7 +89,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     costs.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_ops(sub)
+    _add_failed(sub)
     return parser
+
+
+def _add_failed(sub: Any) -> None:
+    failed = sub.add_parser(
+        "failed",
+        help="jobs that ended failed or expired: list, show, requeue, purge",
+        description=(
+            "The failed-job registry: jobs that ended failed (every model failed, a poison "
+            "job, a job that overran) or expired, kept with their request and result "
+            "(the worker settings failed_keep and failed_keep_seconds bound it)."
+        ),
+    )
+    verbs = failed.add_subparsers(dest="verb", required=True)
+    listing = verbs.add_parser("list", help="the newest first: id, when, status, error")
+    listing.add_argument("--limit", type=_positive, default=50, help="how many (default 50)")
+    listing.add_argument("--json", action="store_true", help="one JSON object a line")
+    show = verbs.add_parser("show", help="one job: its request and its result, as JSON")
+    show.add_argument("job_id", metavar="JOB_ID")
+    requeue = verbs.add_parser(
+        "requeue", help="put jobs back on their queue, to run exactly once more"
+    )
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_ids", nargs="*", default=[], metavar="JOB_ID")
+    which.add_argument("--all", action="store_true", help="every job in the registry")
+    verbs.add_parser("purge", help="forget every job in the registry")
 
 
 def _add_ops(sub: Any) -> None:
@@ -337,6 +365,60 @@ async def _costs(args: argparse.Namespace, redis: Redis) -> int:
     return EXIT_OK
 
 
+@_with_redis()
+async def _failed(args: argparse.Namespace, redis: Redis) -> int:
+    registry = FailedJobs(redis)
+    if args.verb == "list":
+        entries = await registry.list(args.limit)
+        for entry in entries:
+            row = {
+                "job_id": entry.job_id,
+                "queue": entry.queue,
+                "failed_at": entry.failed_at,
+                "status": entry.result.status,
+                "error": entry.result.error,
+            }
+            if args.json:
+                print(json.dumps(row))
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.failed_at))
+                print(f"{entry.job_id}  {when}Z  {entry.result.status}: {entry.result.error}")
+        if not args.json:
+            print(f"{len(entries)} shown of {await registry.count()}", file=sys.stderr)
+        return EXIT_OK
+    if args.verb == "show":
+        found = await registry.show(args.job_id)
+        if found is None:
+            return _fail(EXIT_FAILED, f"{args.job_id}: not in the failed-job registry")
+        print(
+            json.dumps(
+                {
+                    "job_id": found.job_id,
+                    "queue": found.queue,
+                    "failed_at": found.failed_at,
+                    "request": found.request,
+                    "result": found.result.model_dump(mode="json"),
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return EXIT_OK
+    if args.verb == "requeue":
+        ids = [i for i, _ in await registry.ids()] if args.all else args.job_ids
+        code = EXIT_OK
+        for job_id in ids:
+            why = await registry.requeue(job_id)
+            if why is None:
+                print(f"{job_id}: requeued")
+            else:
+                print(f"{job_id}: not requeued: {why}", file=sys.stderr)
+                code = EXIT_FAILED
+        return code
+    print(f"purged {await registry.purge()} jobs")
+    return EXIT_OK
+
+
 def _queue(args: argparse.Namespace) -> str:
     name: str = args.queue or os.environ.get("LLM_ROUTER_QUEUE_NAME") or DEFAULT_QUEUE
     return name
@@ -495,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "backfill": _backfill,
         "cancel": _cancel,
         "costs": _costs,
+        "failed": _failed,
         "health": _health,
         "metrics": _metrics,
         "route": _route,

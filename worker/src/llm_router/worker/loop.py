@@ -46,6 +46,8 @@ T = TypeVar("T")
 
 #: How long one wait for a wake-up blocks before the worker offers itself again.
 WAKE_BLOCK_S = 5.0
+#: Results whose jobs go to the failed-job registry (``llm-router failed``).
+REGISTERED = frozenset({"failed", "expired"})
 #: An idle worker whose polls find nothing polls at most this many times slower.
 IDLE_POLL_FACTOR = 2.0
 #: While stopping, how long storing a result may wait for Redis before the lease is left
@@ -361,7 +363,11 @@ class Worker:
 
         async def finish() -> bool:
             return await self.queue.finish(
-                job.job_id, job.lane, blob, finished.reply_to, announce=finished.announce
+                job,
+                blob,
+                finished.reply_to,
+                announce=finished.announce,
+                register=finished.result.status in REGISTERED,
             )
 
         # While stopping, do not wait for Redis for ever: the lease lapses and another

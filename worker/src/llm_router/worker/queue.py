@@ -11,6 +11,7 @@ leases the job. What to claim, when, and what to run is the loop's
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from redis.exceptions import RedisError
 
 from llm_router.client.keys import (
     CANCEL_CHANNEL,
+    FAILED_KEY,
     METRICS_PENDING_KEY,
+    failed_key,
     idle_key,
     in_progress_key,
     inbox_key,
@@ -83,6 +86,8 @@ class RedisQueue:
         token: str,
         lease_ms: int,
         outage: RedisOutage | None = None,
+        failed_keep: int = 1000,
+        failed_keep_s: int = 7 * 86_400,
     ) -> None:
         self.redis = redis
         self.lanes = lanes
@@ -90,6 +95,9 @@ class RedisQueue:
         self.token = token
         self.lease_ms = lease_ms
         self.outage = outage or RedisOutage()
+        #: The failed-job registry's bounds: how many, and how long (``llm-router failed``).
+        self.failed_keep = failed_keep
+        self.failed_keep_ms = failed_keep_s * 1000
         self.idle_key = idle_key(lanes.interactive.name)
         self.inbox_key = inbox_key(lanes.interactive.name, token)
         self._idle_member = f"{token}|{lease_ms}"
@@ -156,21 +164,42 @@ class RedisQueue:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def finish(
-        self, job_id: str, lane: Lane, blob: bytes, reply_to: str | None, *, announce: bool
+        self,
+        job: Claimed,
+        blob: bytes,
+        reply_to: str | None,
+        *,
+        announce: bool,
+        register: bool = False,
     ) -> bool:
         """Store the first result of a job, push it to the producer's reply list, release
         the lease; ``announce`` marks it for the metrics (counted and announced once,
-        by this worker or, if it dies first, another). False: another run's result was
-        there already."""
-        return await self._run_finish(job_id, lane, blob, reply_to, announce)
+        by this worker or, if it dies first, another); ``register`` keeps the job and its
+        result in the failed-job registry. False: another run's result was there already."""
+        entry = b""
+        if register and self.failed_keep > 0:
+            text = json.dumps(job.blob.decode("utf-8", "replace") if job.blob else None)
+            entry = b'{"job_id":%s,"queue":%s,"job":%s,"result":%s}' % (
+                json.dumps(job.job_id).encode(),
+                json.dumps(job.lane.name).encode(),
+                text.encode(),
+                blob,
+            )
+        return await self._run_finish(job.job_id, job.lane, blob, reply_to, announce, entry)
 
     async def hand_back(self, job_id: str, lane: Lane) -> bool:
         """Release a job unfinished: it stays queued, the start is not counted, and a
         wake-up token calls another worker. False: the lease was no longer ours."""
-        return await self._run_finish(job_id, lane, b"", None, False)
+        return await self._run_finish(job_id, lane, b"", None, False, b"")
 
     async def _run_finish(
-        self, job_id: str, lane: Lane, blob: bytes, reply_to: str | None, announce: bool
+        self,
+        job_id: str,
+        lane: Lane,
+        blob: bytes,
+        reply_to: str | None,
+        announce: bool,
+        entry: bytes,
     ) -> bool:
         keys = [
             result_key(job_id),
@@ -181,6 +210,8 @@ class RedisQueue:
             reply_to or "",
             lane.wake_key,
             METRICS_PENDING_KEY,
+            FAILED_KEY,
+            failed_key(job_id),
         ]
         args: list[str | bytes | int] = [
             job_id,
@@ -190,6 +221,9 @@ class RedisQueue:
             REPLY_TTL_S,
             WAKE_TOKENS_MAX,
             "1" if announce else "",
+            entry,
+            self.failed_keep,
+            self.failed_keep_ms,
         ]
         done = await self._finish(keys=keys, args=args)
         return bool(done)

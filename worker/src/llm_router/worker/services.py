@@ -159,6 +159,8 @@ def build(
         token=uuid.uuid4().hex,
         lease_ms=int(settings.lease_seconds * 1000),
         outage=outage,
+        failed_keep=settings.failed_keep,
+        failed_keep_s=settings.failed_keep_seconds,
     )
     router = Router(settings, redis=redis)
     worker = Worker(

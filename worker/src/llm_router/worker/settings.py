@@ -253,6 +253,20 @@ class Settings(BaseSettings):
         description="Seconds a batch result waits in Redis for its backfill to collect it; a "
         "backfill deletes each result once its row is on disk",
     )
+    failed_keep: int = Field(
+        default=1000,
+        ge=0,
+        le=1_000_000,
+        description="Jobs that ended failed or expired kept, with their request and result, "
+        "for `llm-router failed` (the oldest go first; 0 keeps none). Each holds its job "
+        "blob: up to max_request_bytes",
+    )
+    failed_keep_seconds: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        le=400 * 86_400,
+        description="Seconds a failed or expired job is kept for `llm-router failed`",
+    )
     poll_delay: float = Field(
         default=0.5,
         gt=0,

@@ -13,6 +13,8 @@
 --   7. the queue's wake-up list, <queue>:wake
 --   8. the jobs stored but not yet counted, llm_router:metrics:pending (sorted set,
 --      score = when stored, ms): metrics_record.lua takes the job out once it counts it
+--   9. the failed-job registry, llm_router:failed (sorted set, score = when, ms)
+--  10. this job's entry in it, llm_router:failed:<id>
 -- ARGV, in order:
 --   1. the job id
 --   2. this worker's token
@@ -21,6 +23,10 @@
 --   5. the reply list's time to live, s
 --   6. the most wake-up tokens kept
 --   7. '1': the job is to be counted and announced (KEYS[8]); '': not
+--   8. the registry entry (JSON: the job blob and the result), or '' when the job did not
+--      end failed or expired
+--   9. the most jobs the registry keeps (the oldest go first)
+--  10. how long an entry is kept, ms
 -- Returns 1 when done, 0 when another run's result was already there (or, handing
 -- back, when the lease was no longer ours).
 local function release()
@@ -45,9 +51,23 @@ if KEYS[6] ~= '' then
 end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[1])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if ARGV[7] == '1' then
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[8], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+  redis.call('ZADD', KEYS[8], now, ARGV[1])
+end
+local keep = tonumber(ARGV[9])
+if ARGV[8] ~= '' and keep > 0 then
+  redis.call('SET', KEYS[10], ARGV[8], 'PX', ARGV[10])
+  redis.call('ZADD', KEYS[9], now, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now - tonumber(ARGV[10]))
+  local over = redis.call('ZCARD', KEYS[9]) - keep
+  if over > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[9], 0, over - 1)) do
+      redis.call('DEL', 'llm_router:failed:' .. id)
+    end
+    redis.call('ZREMRANGEBYRANK', KEYS[9], 0, over - 1)
+  end
 end
 release()
 return 1
