@@ -20,6 +20,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from llm_router.client import RouterClient
+from llm_router_testing.servers import SERVER_KIND_ENV, RedisServer
 from llm_router_testing.stubs import StubServer
 from tests.integration.preload import ForkedProcess, Preloaded
 
@@ -31,7 +32,20 @@ def _test_db() -> int:
     return 1 + int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
 
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_test_db()}")
+def _shared_url() -> str:
+    """``TEST_REDIS_URL``; else, with ``TEST_REDIS_SERVER`` (a kind of
+    :data:`~llm_router_testing.servers.SERVER_KINDS`), a server of that kind of this
+    test process's own; else the Redis on 127.0.0.1:6379."""
+    if url := os.environ.get("TEST_REDIS_URL"):
+        return url
+    if os.environ.get(SERVER_KIND_ENV):
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="llmr-redis-"))).start()
+        atexit.register(server.stop)
+        return f"redis://127.0.0.1:{server.port}/{_test_db()}"
+    return f"redis://127.0.0.1:6379/{_test_db()}"
+
+
+REDIS_URL = _shared_url()
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +90,21 @@ def worker_env(**settings: str) -> dict[str, str]:
     env.update({"LLM_ROUTER_" + k.upper(): v for k, v in settings.items()})
     env.setdefault("LLM_ROUTER_LOG_FORMAT", "json")
     return env
+
+
+def router_cli(
+    *args: str, url: str = REDIS_URL, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """``llm-router --redis-url URL ARGS...`` in a new interpreter, without this process's
+    LLM_ROUTER_* settings; wide, so that tables are not cut."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "llm_router.client.cli", "--redis-url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**env, "COLUMNS": "200"},
+    )
 
 
 _preloaded: Preloaded | None = None

@@ -28,6 +28,7 @@ from llm_router.client.protocol import RouteResult
 from llm_router.client.spend import parse_day, utc_day
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import REDIS_URL
+from tests.integration.conftest import router_cli as cli
 from tests.integration.fleet import Fleet
 
 pytestmark = pytest.mark.integration
@@ -254,15 +255,6 @@ async def test_backfill_rows_expire_only_when_asked(
     written = (tmp_path / "plain.jsonl").read_text().splitlines()
     assert plain.written == 3
     assert {json.loads(line)["status"] for line in written} == {"ok"}
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llm_router.client.cli", "--redis-url", REDIS_URL, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 async def test_an_expired_job_is_kept_for_the_failed_commands(

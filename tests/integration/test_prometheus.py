@@ -122,6 +122,8 @@ def test_every_alert_names_series_the_worker_serves(
         "LLMRouterQueueNotDraining",
         "LLMRouterLocalModelBreakerOpen",
         "LLMRouterCloudSpendNearBudget",
+        "LLMRouterRedisMemoryHigh",
+        "LLMRouterRedisMayEvict",
     }
     for rule in rules:
         for series in re.findall(r"\bllm_router_\w+", rule["expr"]):

@@ -19,7 +19,7 @@ from typing import Any, cast
 import fakeredis
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from rich.console import Console
 
 from llm_router.client import backfill as engine
@@ -903,3 +903,69 @@ def test_rate_meter_uses_the_recent_window() -> None:
         meter.add(done)
     assert meter.rate == pytest.approx(10.0, rel=0.01)  # the slow recent pace, not 40/s
     assert meter.eta(0) == 0.0
+
+
+class FillingRedis:
+    """The backfill's enqueue script, refused as a full Redis refuses it (``OOM``, nothing
+    written) while ``full`` and after ``calls_before_full`` calls went through."""
+
+    def __init__(self, backfill: Backfill, *, calls_before_full: int) -> None:
+        self.script = backfill._script
+        self.calls_left = calls_before_full
+        self.full = True
+        self.refused = 0
+        backfill._script = self  # type: ignore[assignment]
+
+    async def __call__(self, **kwargs: Any) -> Any:
+        if self.full and self.calls_left <= 0:
+            self.refused += 1
+            raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+        self.calls_left -= 1
+        return await self.script(**kwargs)
+
+
+async def test_a_full_redis_is_waited_out_while_rows_in_flight_will_free_room(
+    redis: Redis, tmp_path: Path
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", prompts(40))
+    output = tmp_path / "out.jsonl"
+    worker = FakeWorker(redis)
+    worker.limit = 10  # ten answered; ten more stay in flight while Redis is full
+    backfill = make(redis, source, output, max_in_flight=20, reconnect_for=0.3)
+    filling = FillingRedis(backfill, calls_before_full=1)
+    worker.start()
+    run = asyncio.create_task(backfill.run())
+    try:
+        await asyncio.sleep(1.2)  # four times the patience for an unreachable Redis
+        assert filling.refused > 0
+        assert not run.done(), "a full Redis with rows in flight stopped the run"
+        filling.full, worker.limit = False, None
+        async with asyncio.timeout(20):
+            summary = await run
+    finally:
+        await worker.halt()
+    assert summary.ended == "complete", summary.error
+    assert sorted(r["id"] for r in read_rows(output)) == sorted(f"r{i}" for i in range(40))
+    assert len(worker.routed) == 40
+
+
+async def test_a_full_redis_with_nothing_in_flight_stops_the_run_saying_so(
+    redis: Redis, tmp_path: Path
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", prompts(5))
+    output = tmp_path / "out.jsonl"
+    backfill = make(redis, source, output, reconnect_for=0.3)
+    FillingRedis(backfill, calls_before_full=0)
+    async with asyncio.timeout(20):
+        summary = await backfill.run()
+    assert summary.ended == "redis_error"
+    assert summary.error is not None
+    assert "Redis is full" in summary.error
+    assert summary.written == 0
+    assert summary.missing == 5
+    assert await redis.zcard(QUEUE) == 0  # refused whole: nothing queued
+
+    worker = FakeWorker(redis)  # room again: the same command finishes the job
+    summary = await run_with(worker, make(redis, source, output, **QUICK_SWEEP))
+    assert summary.ended == "complete"
+    assert summary.written == 5

@@ -16,6 +16,8 @@ from typing import Any
 
 import fakeredis
 import pytest
+from redis.exceptions import OutOfMemoryError
+from structlog.testing import capture_logs
 
 from llm_router.client import RouterClient
 from llm_router.client.keys import FAILED_KEY, METRICS_PENDING_KEY, wake_key
@@ -234,6 +236,22 @@ async def test_a_waiting_worker_is_handed_the_next_job_at_enqueue(
     assert await redis.zcard(queue.idle_key) == 0
 
 
+async def test_a_job_handed_over_is_taken_even_when_the_registration_is_refused(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """A full Redis refuses the idle registration's write, but the BLPOP beside it in the
+    pipeline still pops: that job must be run, not dropped with the error."""
+    queue = queue_for(redis)
+    oom = "return redis.error_reply('OOM command not allowed when used memory > maxmemory')"
+    queue._register = redis.register_script(oom)
+    await redis.lpush(queue.inbox_key, b"h1 1 1000 {}")  # type: ignore[misc]
+    handed = await queue.wait_for_work(queue.lanes.queues, 0.1)
+    assert isinstance(handed, Claimed)
+    assert handed.job_id == "h1"
+    with pytest.raises(OutOfMemoryError):  # nothing popped: the refusal shows
+        await queue.wait_for_work(queue.lanes.queues, 0.1)
+
+
 def test_outage_logs_once_and_backs_off() -> None:
     outage = RedisOutage()
     delays = [outage.failed(ConnectionError("down"), "polling") for _ in range(12)]
@@ -242,6 +260,20 @@ def test_outage_logs_once_and_backs_off() -> None:
     assert delays[-1] == 5.0
     outage.ok()
     assert outage.failures == 0
+
+
+def test_a_full_redis_is_one_streak_that_only_a_write_ends() -> None:
+    outage = RedisOutage()
+    full = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    with capture_logs() as logs:
+        outage.failed(full, "storing a result")
+        outage.ok()  # a lease renewal: reads and PEXPIRE still work on a full Redis
+        outage.failed(full, "storing a result")
+        assert outage.full
+        outage.wrote()
+    assert [e["event"] for e in logs] == ["redis_full", "redis_room_again"]
+    assert logs[-1]["refused_writes"] == 2
+    assert not outage.full
 
 
 # --- the loop --------------------------------------------------------------------------------

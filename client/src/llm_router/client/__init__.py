@@ -13,6 +13,7 @@ from llm_router.client.protocol import (
     RouteResult,
 )
 from llm_router.client.schemas import InvalidSchemaError, SchemaLimits
+from llm_router.client.server import RedisFull
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -20,6 +21,7 @@ __all__ = [
     "InvalidSchemaError",
     "JobHandle",
     "Message",
+    "RedisFull",
     "RouteFailed",
     "RouteRequest",
     "RouteResult",

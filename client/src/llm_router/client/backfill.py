@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_router.client.backoff import Backoff
@@ -69,6 +69,7 @@ from llm_router.client.rows import (
     reply_key_for,
     run_key,
 )
+from llm_router.client.server import refused_for_memory
 from llm_router.client.tally import Tally
 
 BATCH_QUEUE_ENV = "LLM_ROUTER_BATCH_QUEUE_NAME"
@@ -156,10 +157,16 @@ class Outage:
         self._since = None
         self._backoff.reset()
 
-    async def failed(self, exc: BaseException) -> None:
+    async def failed(self, exc: BaseException, *, patient: bool = False) -> None:
+        """Wait before the next try. ``patient``: the wait does not count (room will come)."""
         now = time.monotonic()
-        self._since = self._since or now
+        self._since = now if patient else (self._since or now)
         if now - self._since >= self.patience:
+            if refused_for_memory(exc):
+                raise RedisLost(
+                    "Redis is full (maxmemory reached) and nothing in flight will free room: "
+                    "raise maxmemory or drain the queue, then run the backfill again to resume"
+                ) from exc
             raise RedisLost(f"{type(exc).__name__}: {exc}") from exc
         await asyncio.sleep(self._backoff.next())
 
@@ -536,6 +543,12 @@ class Backfill:
                 break
             except _TRANSIENT as exc:  # safe to repeat: queued jobs are not queued again
                 await outage.failed(exc)
+            except ResponseError as exc:
+                if not refused_for_memory(exc):
+                    raise
+                # The script wrote nothing. Rows in flight free room as their results
+                # reach the file: wait for that.
+                await outage.failed(exc, patient=len(self._in_flight) > len(ids))
         for job_id, answer in zip(ids, answers, strict=True):
             if isinstance(answer, bytes):  # it finished while we were away
                 self._deliver(job_id, result_from_blob(answer))

@@ -42,6 +42,7 @@ from llm_router.client.keys import DEFAULT_QUEUE, METRICS_CHANNEL
 from llm_router.client.progress import ProgressView, make_progress
 from llm_router.client.protocol import MAX_EXPIRES_IN_S, RouteResult
 from llm_router.client.rows import BackfillError
+from llm_router.client.server import RedisFull
 from llm_router.client.spend import read_days
 from llm_router.client.status import Status, collect, models_json, models_table
 from llm_router.client.status import as_json as status_json
@@ -588,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(command)
     except TimeoutError as exc:
         return _fail(EXIT_TIMEOUT, str(exc))
+    except RedisFull as exc:
+        return _fail(EXIT_REDIS, str(exc))
     except (RedisError, OSError) as exc:
         return _fail(EXIT_REDIS, f"cannot reach Redis: {exc}")
     except KeyboardInterrupt:

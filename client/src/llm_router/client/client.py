@@ -42,6 +42,7 @@ from llm_router.client.protocol import (
     now_ms,
 )
 from llm_router.client.replies import ReplyInbox
+from llm_router.client.server import RedisFull, refused_for_memory
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -211,6 +212,8 @@ class RouterClient:
         expires_in: float | None = None,
     ) -> JobHandle:
         """Validate and enqueue one request; a repeated ``job_id`` is not queued again.
+        Raises :class:`~llm_router.client.server.RedisFull` when Redis refuses the write
+        for want of memory (nothing of the job is written).
 
         ``expires_in``: seconds, counted on Redis' clock from now, after which the job
         is not started (and a running one starts no further model); its result is then
@@ -257,6 +260,13 @@ class RouterClient:
             try:
                 added = await self._run_enqueue(keys, args) or added
                 break
+            except ResponseError as exc:
+                if refused_for_memory(exc):  # refused whole: the script's first write
+                    raise RedisFull(
+                        f"Redis is full (maxmemory reached): job {job_id} was not queued; "
+                        "enqueue it again once there is room"
+                    ) from exc
+                raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 # Not replicated: the master took it (its reply comes to our list) and
                 # WAIT has already waited; try again at once, on the master of the moment.

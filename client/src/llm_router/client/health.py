@@ -1,8 +1,9 @@
 """``llm-router health`` and ``llm-router-worker --check``: does anyone serve this queue?
 
-Healthy means Redis answers and at least one worker whose heartbeat has not lapsed
-says it is ``serving`` the queue. The verdict is one line, safe to log: it names the
-queue and counts workers, and never shows the Redis URL (it may hold a password).
+Healthy means Redis answers, is neither full nor set to evict keys, and at least one
+worker whose heartbeat has not lapsed says it is ``serving`` the queue. The verdict is
+one line, safe to log: it names the queue and counts workers, and never shows the
+Redis URL (it may hold a password).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llm_router.client.heartbeats import Heartbeat, live_workers, serving
+from llm_router.client.server import best_known, read_server
 
 #: Longest a check waits for Redis in all, whatever the connection's own timeouts.
 CHECK_TIMEOUT_S = 5.0
@@ -57,13 +59,19 @@ def verdict(beats: list[Heartbeat], queue: str) -> Health:
 
 
 async def check(redis: Redis, queue: str, *, timeout: float = CHECK_TIMEOUT_S) -> Health:
-    """Ask Redis (PING, then the heartbeats) and judge; never raises for Redis being away."""
+    """Ask Redis (PING, its state, then the heartbeats) and judge; never raises for Redis
+    being away. A full Redis, or one that may evict jobs, is unhealthy whatever the
+    workers do: it loses or refuses work."""
     try:
         async with asyncio.timeout(timeout):
             await redis.ping()
+            state = await read_server(redis)
             beats = await live_workers(redis)
     except (RedisError, OSError, TimeoutError) as exc:
         return Health(
             False, f"unhealthy: Redis at the configured URL does not answer: {type(exc).__name__}"
         )
+    problems = best_known(state, [b.redis for b in beats]).problems()
+    if problems:
+        return Health(False, f"unhealthy: {problems[0]}")
     return verdict(beats, queue)

@@ -9,7 +9,7 @@ renewing; its key expires within :data:`HEARTBEAT_TTL_S` and readers drop it.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
@@ -43,6 +43,8 @@ class Heartbeat(BaseModel):
     breakers: dict[str, str] = Field(default_factory=dict, description="model -> state")
     chains: dict[str, list[str]] = Field(default_factory=dict)
     metrics_port: int | None = None
+    #: The worker's last look at its Redis server (llm_router.client.server.ServerState).
+    redis: dict[str, Any] | None = None
 
     @property
     def running_total(self) -> int:

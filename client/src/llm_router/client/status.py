@@ -25,6 +25,7 @@ from llm_router.client.counters import OUTCOMES, ModelCounts, parse_counters
 from llm_router.client.heartbeats import Heartbeat, live_workers
 from llm_router.client.keys import BREAKER_PREFIX, METRICS_COUNTERS_KEY
 from llm_router.client.progress import human_seconds
+from llm_router.client.server import ServerState, best_known, read_server, summary
 from llm_router.client.spend import DaySpend, read_days
 
 
@@ -56,6 +57,7 @@ class Status:
     models: dict[str, ModelCounts]
     breakers: dict[str, Breaker]
     spend_today: DaySpend
+    server: ServerState = field(default_factory=ServerState)
 
     @property
     def in_flight(self) -> int:
@@ -124,6 +126,7 @@ async def collect(redis: Redis, queues: list[str], *, now: float | None = None) 
         pipe.hgetall(METRICS_COUNTERS_KEY)
         replies: list[Any] = await pipe.execute()
     depths, counters = replies[:-1], replies[-1]
+    server = best_known(await read_server(redis, config=True), [b.redis for b in workers])
     return Status(
         at=at,
         workers=workers,
@@ -134,6 +137,7 @@ async def collect(redis: Redis, queues: list[str], *, now: float | None = None) 
         models=parse_counters(counters),
         breakers=merge_breakers(await _breaker_hashes(redis), workers),
         spend_today=(await read_days(redis, 1, now=at))[0],
+        server=server,
     )
 
 
@@ -164,6 +168,11 @@ def as_json(status: Status) -> dict[str, Any]:
             "day": spend.day,
             "total_usd": round(spend.total_usd, 9),
             "chains": {name: dataclasses.asdict(c) for name, c in sorted(spend.chains.items())},
+        },
+        "redis": {
+            **status.server.as_dict(),
+            "problems": status.server.problems(),
+            "cautions": status.server.cautions(),
         },
     }
 
@@ -320,13 +329,20 @@ def header(status: Status) -> Text:
     )
 
 
+def redis_lines(state: ServerState) -> Text:
+    """What the server is, then what is wrong with it (red) or worth a look (yellow)."""
+    text = Text(summary(state))
+    for problem in state.problems():
+        text.append(f"\n{problem}", style="bold red")
+    for caution in state.cautions():
+        text.append(f"\n{caution}", style="yellow")
+    return text
+
+
 def render(status: Status, width: int | None = None) -> RenderableType:
     """The whole screen; ``width``: the terminal's, to leave columns out rather than wrap."""
-    parts: list[RenderableType] = [
-        header(status),
-        workers_table(status, width),
-        queues_table(status),
-    ]
+    parts: list[RenderableType] = [header(status), redis_lines(status.server)]
+    parts += [workers_table(status, width), queues_table(status)]
     parts.append(models_table(status.models) if status.models else Text("Models: no jobs counted"))
     parts += [breakers_table(status), spend_table(status.spend_today)]
     return Group(*parts)

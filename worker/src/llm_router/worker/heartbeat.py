@@ -15,7 +15,7 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from llm_router.client.heartbeats import HEARTBEAT_TTL_S, Heartbeat
 from llm_router.client.keys import WORKERS_KEY, heartbeat_key
+from llm_router.client.server import ServerState
 from llm_router.client.tally import Tally
 from llm_router.worker.lanes import Lanes
 from llm_router.worker.settings import Settings
@@ -53,11 +54,14 @@ class HeartbeatWriter:
         snapshot: Callable[[], Heartbeat],
         *,
         ttl_s: float = HEARTBEAT_TTL_S,
+        before: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.redis = redis
         self.worker_id = worker_id
         self.snapshot = snapshot
         self.ttl_s = ttl_s
+        #: Run before each beat, for what the heartbeat reports (a look at the server).
+        self.before = before
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> HeartbeatWriter:
@@ -81,6 +85,8 @@ class HeartbeatWriter:
 
     async def _run(self) -> None:
         while True:
+            if self.before is not None:
+                await self.before()
             await self.beat()
             await asyncio.sleep(self.ttl_s / 3)
 
@@ -113,6 +119,7 @@ def heartbeat_of(
     *,
     started_at: float,
     metrics_port: int | None = None,
+    server: ServerState | None = None,
 ) -> Heartbeat:
     return Heartbeat(
         worker_id=worker.token,
@@ -131,4 +138,5 @@ def heartbeat_of(
         breakers={m.model: router.breakers.seen.get(m.model, "closed") for m in router.models},
         chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
         metrics_port=metrics_port,
+        redis=server.as_dict() if server is not None else None,
     )

@@ -42,6 +42,7 @@ from llm_router.client.keys import METRICS_COUNTERS_KEY, WORKERS_KEY, spend_key
 from llm_router.client.protocol import RouteResult
 from llm_router.client.spend import parse_day, utc_day
 from llm_router.worker.heartbeat import Serving
+from llm_router.worker.redis_watch import RedisWatch
 from llm_router.worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -82,16 +83,25 @@ class _Live(Collector):
                 breaker.add_metric([cfg.model, local, state], 1.0 if seen == state else 0.0)
         yield breaker
         yield from e.shared_metrics()
+        yield from e.server_metrics()
 
 
 class Exporter:
     """Counts what this worker does and serves it, with the shared totals, on /metrics."""
 
-    def __init__(self, settings: Settings, worker: Serving, router: Router, redis: Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        worker: Serving,
+        router: Router,
+        redis: Redis,
+        watch: RedisWatch | None = None,
+    ) -> None:
         self.settings = settings
         self.worker = worker
         self.router = router
         self.redis = redis
+        self.watch = watch
         self._shared: dict[str, Any] = {}
         self._server: WSGIServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -184,6 +194,36 @@ class Exporter:
         while True:
             await asyncio.sleep(REFRESH_S)
             await self.refresh()
+
+    def server_metrics(self) -> Iterable[Metric]:
+        """The Redis server as this worker last looked at it (shared: take max)."""
+        state = self.watch.state if self.watch is not None else None
+        if state is None:
+            return
+        if state.used_memory is not None:
+            yield GaugeMetricFamily(
+                "llm_router_redis_used_memory_bytes",
+                "Memory Redis uses (shared)",
+                value=state.used_memory,
+            )
+        if state.maxmemory is not None:
+            yield GaugeMetricFamily(
+                "llm_router_redis_maxmemory_bytes",
+                "Redis's maxmemory, 0 for no limit (shared)",
+                value=state.maxmemory,
+            )
+        if state.policy is not None:
+            yield GaugeMetricFamily(
+                "llm_router_redis_evicts",
+                "1 when Redis's maxmemory-policy may evict queued jobs and results (shared)",
+                value=1.0 if state.evicts else 0.0,
+            )
+        if state.persistent is not None:
+            yield GaugeMetricFamily(
+                "llm_router_redis_persistent",
+                "1 when Redis keeps its data on disk (RDB or AOF) (shared)",
+                value=1.0 if state.persistent else 0.0,
+            )
 
     def shared_metrics(self) -> Iterable[Metric]:
         shared = self._shared

@@ -242,8 +242,14 @@ class RedisQueue:
                 [self.inbox_key, *(lane.wake_key for lane in lanes)],
                 timeout=block_s,  # type: ignore[arg-type]  # Redis takes seconds as a float
             )
-            _, popped = await pipe.execute()
+            registered, popped = await pipe.execute(raise_on_error=False)
+        # The BLPOP ran even if the registration failed (a full Redis refuses its write):
+        # what it popped is acted on, never dropped with the error.
+        if isinstance(popped, Exception):
+            raise popped
         if popped is None:
+            if isinstance(registered, Exception):
+                raise registered
             return None
         key, value = popped[0].decode(), popped[1]
         return self._handed(value) if key == self.inbox_key else Woken(key)

@@ -31,6 +31,7 @@ from llm_router.worker.loop import Worker
 from llm_router.worker.outage import RedisOutage
 from llm_router.worker.prometheus import Exporter
 from llm_router.worker.queue import RedisQueue
+from llm_router.worker.redis_watch import RedisWatch
 from llm_router.worker.router import Router
 from llm_router.worker.settings import Settings
 from llm_router.worker.systemd import Notifier
@@ -52,7 +53,8 @@ class Services:
         self.worker = worker
         self.tally = Tally()
         self.started_at = time.time()
-        self.exporter = Exporter(settings, worker, router, redis)
+        self.watch = RedisWatch(redis)
+        self.exporter = Exporter(settings, worker, router, redis, self.watch)
         self.systemd = Notifier()
         self.lag = LoopLag(active=worker.busy)
         self.heartbeat: HeartbeatWriter | None = None
@@ -63,14 +65,22 @@ class Services:
         settings, router, worker = self.settings, self.router, self.worker
         router.windows.log_known(router.models)
         router.warmer.warm(router.models)
+        await self.watch.refresh()
         serving_metrics = await self.exporter.start()
         port = settings.metrics_port if serving_metrics else None
         self.heartbeat = HeartbeatWriter(
             self.redis,
             worker.token,
             lambda: heartbeat_of(
-                worker, settings, router, self.tally, started_at=self.started_at, metrics_port=port
+                worker,
+                settings,
+                router,
+                self.tally,
+                started_at=self.started_at,
+                metrics_port=port,
+                server=self.watch.state,
             ),
+            before=self.watch.refresh,
         )
         await self.heartbeat.beat()
         self.heartbeat.start()
