@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from redis.exceptions import NoPermissionError
 
 from llm_router.client import RouterClient
 from llm_router.client.lua import script
-from llm_router_testing.servers import RedisServer
+from llm_router_testing.servers import RedisServer, free_port
 from llm_router_testing.stubs import StubServer
 from tests.integration.conftest import WorkerProcess, chain_env, worker_env
 
@@ -47,8 +48,13 @@ PRODUCER_ACL = (
 )
 WORKER_ACL = (
     "ACL SETUSER worker on >WORKER_PASSWORD resetkeys resetchannels"
-    " ~arq:* ~llm_router:* &llm_router_metrics &llm_router:cancel"
-    " +@all -@dangerous +info"
+    " ~arq:job:* ~arq:result:* ~arq:in-progress:* ~arq:retry:* ~llm_router:*"
+    " &llm_router_metrics &llm_router:cancel"
+    " -@all +ping +info +time +evalsha +script|load +script|exists"
+    " +get +set +mget +del +exists +expire +pexpire +pttl +incr +decr"
+    " +lpush +lpop +blpop +ltrim +hget +hmget +hset +hdel +hgetall +hincrby"
+    " +zadd +zrem +zcard +zcount +zscore +zrank +zrange +zrangebyscore"
+    " +zremrangebyscore +zremrangebyrank +publish +subscribe +unsubscribe"
 )
 
 
@@ -188,3 +194,84 @@ def test_the_documented_lines_are_these() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
     assert PRODUCER_ACL in doc
     assert WORKER_ACL in doc
+
+
+async def test_the_least_privilege_worker_does_all_its_work_without_a_refusal(
+    acl_server: RedisServer, stub: StubServer, tmp_path: Path
+) -> None:
+    """Jobs handed over and polled, both lanes, heartbeats, metrics and /metrics, a budget,
+    a breaker that opens, a capacity slot, a deadline, a cancel, a failure kept in the
+    registry, a backfill, a graceful stop: not one command or key refused to the worker."""
+    from llm_router.client.backfill import Backfill
+
+    local = {"model": "ollama_chat/qwen2.5:7b", "timeout": 10.0, "api_base": stub.url}
+    haiku = {
+        "model": "anthropic/claude-haiku-4-5-20251001",
+        "timeout": 10.0,
+        "api_base": stub.url,
+        "api_key": "sk-ant-test-secret-0123456789",
+    }
+    flaky = {**local, "model": "ollama_chat/llama3.1:8b", "breaker_failures": 1}
+    chains = {
+        "default": [{**local, "max_in_flight": 1, "max_wait": 20}, haiku],
+        "batch": [local],
+        "flaky": [flaky, haiku],
+        "local_only": [local],
+    }
+    metrics_port = free_port()
+    env = worker_env(
+        redis_url=url(acl_server, "worker", WORKER_PASSWORD),
+        chains=json.dumps(chains),
+        budgets=json.dumps({"default": 100.0}),
+        poll_delay="0.05",
+        lease_seconds="2",
+        metrics_port=str(metrics_port),
+    )
+    admin_url = url(acl_server, "default", ADMIN_PASSWORD)
+    admin = Redis.from_url(admin_url)
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        async with (
+            RouterClient(url(acl_server, "producer", PRODUCER_PASSWORD), handover=False) as plain,
+            RouterClient(admin_url) as handing,  # the hand-over script needs the worker's keys
+        ):
+            assert (await plain.route("acl polled", timeout=30)).ok
+            assert (await handing.route("acl handed over", timeout=30)).ok
+            cloud = await plain.route("stub:qwen=http_500 acl to the cloud", timeout=30)
+            assert cloud.model_used.startswith("anthropic/")  # under the budget
+            for n in range(2):  # the first failure opens the breaker; the second skips it
+                await plain.route(f"stub:llama=http_500 acl flaky {n}", chain="flaky", timeout=30)
+            failed = await plain.enqueue("stub:qwen=http_500 acl failed", chain="local_only")
+            assert (await failed.result(timeout=30, raise_on_failure=False)).status == "failed"
+            slow = await plain.enqueue("stub:qwen=slow acl slow, leases renewed")
+            hanging = await plain.enqueue("stub:qwen=hang acl cancel", chain="local_only")
+            await asyncio.sleep(1.5)
+            assert await plain.cancel(hanging.job_id)
+            assert (await hanging.result(timeout=10, raise_on_failure=False)).status == (
+                "cancelled"
+            )
+            assert (await slow.result(timeout=30)).ok
+            expired = await plain.enqueue("acl expired", expires_in=0.001)
+            assert (await expired.result(timeout=30, raise_on_failure=False)).status in (
+                "expired",
+                "ok",  # a worker may claim it within the millisecond
+            )
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(json.dumps({"id": n, "prompt": f"acl row {n}"}) + "\n" for n in range(5))
+        )
+        summary = await Backfill(admin, rows, tmp_path / "out.jsonl").run()
+        assert summary.written == 5
+        scrape = await asyncio.to_thread(
+            urllib.request.urlopen, f"http://127.0.0.1:{metrics_port}/metrics", timeout=10
+        )
+        assert b"llm_router_redis_used_memory_bytes" in scrape.read()
+        await asyncio.sleep(6)  # a heartbeat (and its look at the server) after the start's
+    finally:
+        worker.stop()
+    try:
+        refused = await admin.execute_command("ACL", "LOG")
+    finally:
+        await admin.aclose()
+    assert refused == [], [dict(zip(e[::2], e[1::2], strict=True)) for e in refused]
+    assert "NOPERM" not in worker.log_text()

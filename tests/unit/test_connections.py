@@ -158,8 +158,11 @@ def test_bad_urls_say_why_without_the_password(url: str, complaint: str) -> None
     ],
 )
 def test_plain_urls_make_what_from_url_makes(url: str) -> None:
+    """But for CLIENT SETINFO, which ours do not send (docs/protocol.md, "Redis ACLs")."""
     ours = redis_from_url(url, socket_connect_timeout=5, health_check_interval=30)
-    theirs = Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    theirs = Redis.from_url(
+        url, socket_connect_timeout=5, health_check_interval=30, lib_name=None, lib_version=None
+    )
     assert type(ours.connection_pool) is type(theirs.connection_pool)
     assert ours.connection_pool.connection_class is theirs.connection_pool.connection_class
     assert ours.connection_pool.connection_kwargs == theirs.connection_pool.connection_kwargs

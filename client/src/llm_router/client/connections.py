@@ -157,7 +157,13 @@ def redis_from_url(url: str, **kwargs: Any) -> Redis:
 
     ``kwargs`` are redis-py connection arguments (``socket_connect_timeout``, ...);
     for a Sentinel URL the ``socket_*`` ones apply to the sentinels as well.
+
+    No ``CLIENT SETINFO`` on connect (unless ``lib_name`` is given): on Redis 7.2+ it is
+    one more command a least-privilege ACL user would have to be allowed, and an ACL line
+    that allows it is refused by Redis 7.0 (docs/protocol.md, "Redis ACLs").
     """
+    kwargs.setdefault("lib_name", None)
+    kwargs.setdefault("lib_version", None)
     if is_sentinel_url(url):
         return sentinel_redis(parse_sentinel_url(url), redis_class=Redis, **kwargs)
     redis: Redis = Redis.from_url(url, **kwargs)
