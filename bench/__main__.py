@@ -15,7 +15,17 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import backfill, cloud, hostile, idle, local_model, queue_overhead, throughput, tokens
+from bench import (
+    backfill,
+    cloud,
+    hostile,
+    idle,
+    local_model,
+    queue_overhead,
+    real_model,
+    throughput,
+    tokens,
+)
 from bench.common import DEFAULT_REDIS_URL, REPO_ROOT, emit, new_run_id, note, say
 from bench.procs import start_stub, stop_all
 
@@ -28,7 +38,10 @@ NAMES = (
     "backfill",
     "cloud",
     "tokens",
+    "real_model",
 )
+#: Not in a run without names: they need the real-model group.
+OPT_IN = ("real_model",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--e2e-rounds", type=int, help="backfill command runs per row count (1)")
     g = p.add_argument_group("cloud")
     g.add_argument("--retry-jobs", type=int, help="jobs per retries variant (200)")
+    g = p.add_argument_group("real_model")
+    g.add_argument("--real-jobs", type=int, help="sequential jobs per case (30)")
     g.add_argument(
         "--retry-concurrency", type=int, default=20, help="retries producers (%(default)s)"
     )
@@ -101,10 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.e2e_rounds = pick(args.e2e_rounds, 1, 1)
     args.retry_jobs = pick(args.retry_jobs, 200, 60)
     args.budget_jobs = pick(args.budget_jobs, 300, 100)
+    args.real_jobs = pick(args.real_jobs, 30, 5)
     counts = [args.jobs, args.jobs_arq_default, args.overhead_rounds, args.concurrency]
     counts += [args.rows, args.rss_rows, args.client_rows, args.rounds, args.e2e_rounds]
     counts += [args.retry_jobs, args.retry_concurrency, args.budget_jobs]
-    counts += [args.budget_concurrency, args.budget_max_jobs]
+    counts += [args.budget_concurrency, args.budget_max_jobs, args.real_jobs]
     if min(counts) < 1:
         p.error("counts must be at least 1")
     if not 0 < args.budget_usd < 1e6:
@@ -143,7 +159,7 @@ def _environment() -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    names = args.names or list(NAMES)
+    names = args.names or [n for n in NAMES if n not in OPT_IN]
     run_id = new_run_id()
     redis = Redis.from_url(args.redis_url, socket_connect_timeout=3)
     try:
@@ -210,6 +226,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 data = await cloud.run(cfg_c, stub_url, run_id)
             elif name == "tokens":
                 data = tokens.run()
+            elif name == "real_model":
+                data = await real_model.run(args.redis_url, stub_url, run_id, args.real_jobs)
             else:
                 data = await local_model.run(args.redis_url, run_id)
             data |= {"run_id": run_id, "quick": args.quick, "environment": env}

@@ -372,6 +372,32 @@ def test_build_kwargs_schema_only_with_structured_output() -> None:
     assert "response_format" not in build_kwargs(structured, USER, None, 4096)
 
 
+def test_an_openai_compatible_local_server_is_local_but_not_ollama() -> None:
+    llama = ModelConfig(
+        model="openai/smollm2",
+        timeout=8,
+        api_base="http://127.0.0.1:8080/v1",
+        local=True,
+        structured_output="json_object",
+    )
+    assert llama.is_local
+    assert not llama.is_ollama
+    assert llama.retries == 0
+    kwargs = build_kwargs(llama, USER, SCHEMA, 4096)
+    assert kwargs["response_format"] == {"type": "json_object", "schema": SCHEMA}
+    assert "keep_alive" not in kwargs  # Ollama's field
+    assert kwargs["api_key"] == "no-key"  # never the environment's OPENAI_API_KEY
+    keyed = llama.model_copy(update={"api_key": SecretStr("sk-local")})
+    assert build_kwargs(keyed, USER, None, 4096)["api_key"] == "sk-local"
+    cloud = ModelConfig(model="openai/gpt-4.1-mini", timeout=8)
+    assert not cloud.is_local
+    assert cloud.retries == 2
+    assert "api_key" not in build_kwargs(cloud, USER, None, 4096)
+    ollama = ModelConfig(model="ollama_chat/q", timeout=8, local=False)
+    assert not ollama.is_local  # said so: billed and budgeted like a cloud model
+    assert ollama.is_ollama
+
+
 def test_build_kwargs_passes_api_key_secret() -> None:
     cfg = ModelConfig(model="anthropic/claude-sonnet-4-6", timeout=5, api_key=SecretStr("sk-1"))
     kwargs = build_kwargs(cfg, USER, None, 4096)

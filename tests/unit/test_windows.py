@@ -123,6 +123,20 @@ async def test_cloud_windows_come_from_litellm_and_unknown_models_are_not_checke
     assert await windows.misfit(unknown, prompt_of(10_000_000)) is None
 
 
+def test_another_local_servers_window_is_its_own_until_it_says() -> None:
+    windows = Windows(4096)
+    llama = ModelConfig(
+        model="openai/smollm2", timeout=5, api_base="http://127.0.0.1:1/v1", local=True
+    )
+    assumed = windows.window(llama)
+    assert assumed is not None
+    assert (assumed.tokens, assumed.source) == (OLLAMA_DEFAULT_CONTEXT, "a local server's assumed")
+    ignored = llama.model_copy(update={"params": {"num_ctx": 16384}})  # Ollama's option
+    assert windows.window(ignored).tokens == OLLAMA_DEFAULT_CONTEXT  # type: ignore[union-attr]
+    windows.learn(llama, 2048, "llama.cpp /props")
+    assert windows.window(llama) == Window(2048, "llama.cpp /props")
+
+
 async def test_a_prompt_is_measured_once() -> None:
     prompt = prompt_of(100_000)
     first = await prompt.tokens()

@@ -8,6 +8,7 @@ results and the metrics events, and stops everything it started.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -128,6 +129,32 @@ def _ollama_answers(base: str = "http://localhost:11434") -> bool:
 
 
 @contextlib.contextmanager
+def real_local_settings(workdir: Path) -> Iterator[tuple[dict[str, str], bool]]:
+    """SmolLM2 under llama-cpp-python for the local step; stub servers for the cloud."""
+    from llm_router_testing.real_model import INSTALL_HINT, LlamaServer, available
+
+    if not available():
+        sys.exit(f"demo: --real-local needs the real-model group: {INSTALL_HINT}")
+    llama = LlamaServer(workdir / "llama-server.log")
+    say("models: REAL local — SmolLM2-135M-Instruct under llama-cpp-python's server, starting")
+    llama.start()
+    try:
+        with StubServer(slow_delay=0.2) as stub:
+            say(f"        on {llama.url}; the cloud steps are stubs on {stub.url}")
+            cloud = {"api_base": stub.url, "api_key": "demo-key"}
+            chains = {
+                "default": [
+                    llama.chain_entry(),
+                    {"model": "anthropic/claude-haiku-4-5-20251001", "timeout": 5, **cloud},
+                    {"model": "anthropic/claude-sonnet-4-6", "timeout": 5, **cloud},
+                ]
+            }
+            yield {"LLM_ROUTER_CHAINS": json.dumps(chains)}, True
+    finally:
+        llama.stop()
+
+
+@contextlib.contextmanager
 def model_settings() -> Iterator[tuple[dict[str, str], bool]]:
     """Worker environment for the models, and whether they are stubs."""
     if os.environ.get("LLM_ROUTER_CHAINS") or os.environ.get("LLM_ROUTER_CONFIG"):
@@ -238,10 +265,18 @@ async def run_requests(redis_url: str, queue: str, stubs: bool) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Route a few requests end to end.")
+    parser.add_argument(
+        "--real-local",
+        action="store_true",
+        help="a real local model (SmolLM2 under llama-cpp-python) instead of the Ollama stub",
+    )
+    args = parser.parse_args()
     queue = f"llm_router:demo:{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="llm-router-demo-") as tmp:
         workdir = Path(tmp)
-        with redis_server(workdir) as redis_url, model_settings() as (model_env, stubs):
+        models = real_local_settings(workdir) if args.real_local else model_settings()
+        with redis_server(workdir) as redis_url, models as (model_env, stubs):
             env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
             if not stubs:
                 env.update({k: v for k, v in os.environ.items() if k.startswith("LLM_ROUTER_")})

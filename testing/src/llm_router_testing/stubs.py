@@ -72,7 +72,21 @@ REFUSAL_MARKERS = (
     "nie wiem",
 )
 _REFUSAL_RE = re.compile("|".join(map(re.escape, REFUSAL_MARKERS)), re.IGNORECASE)
-_WIRES = {"/api/chat": "chat", "/api/generate": "generate", "/v1/messages": "anthropic"}
+_WIRES = {
+    "/api/chat": "chat",
+    "/api/generate": "generate",
+    "/v1/messages": "anthropic",
+    "/v1/chat/completions": "openai",
+}
+# llama.cpp's server (tools/server): its error types, and its words while it loads.
+_OPENAI_ERRORS = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "unavailable_error",
+}
+LLAMA_CPP_LOADING = "Loading model"
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # Ollama's own words (server/sched.go), two spaces included: clients may match on them.
 OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
@@ -246,6 +260,13 @@ def _anthropic_error(status: int, kind: str, message: str, **headers: str) -> we
     return web.json_response(body, status=status, headers={"request-id": request_id, **headers})
 
 
+def _openai_error(status: int, message: str, kind: str | None = None, **extra: Any) -> web.Response:
+    """An error as llama.cpp's server words it: OpenAI's shape, with ``code`` the status."""
+    kind = kind or _OPENAI_ERRORS.get(status, "server_error")
+    body = {"error": {"code": status, "message": message, "type": kind, **extra}}
+    return web.json_response(body, status=status)
+
+
 def _anthropic_rejection(request: web.Request, body: dict[str, Any]) -> web.Response | None:
     """Reject what the real API rejects before generating, so auth and validation errors show."""
     if not request.headers.get("x-api-key", "").strip():
@@ -277,6 +298,8 @@ def _output_limit(wire: str, body: dict[str, Any]) -> int | None:
     """Ollama's ``options.num_predict`` or Anthropic's ``max_tokens``, when positive."""
     if wire == "anthropic":
         value = body.get("max_tokens")
+    elif wire == "openai":
+        value = body.get("max_completion_tokens") or body.get("max_tokens")
     else:
         options = body.get("options")
         value = options.get("num_predict") if isinstance(options, dict) else None
@@ -362,7 +385,11 @@ def _ollama_show(name: str, context_length: int) -> dict[str, Any]:
 
 
 class StubServer:
-    """Ollama and Anthropic routes on one port, served from a background thread's event loop.
+    """Ollama, Anthropic and OpenAI-compatible routes on one port, served from a background
+    thread's event loop. The OpenAI-compatible ones are llama.cpp's server's
+    (``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/props``): the same runners and
+    slots, ``num_ctx`` its context (a longer prompt is a 400, never truncated), and
+    ``loading_s`` / ``load_again()`` its model load (503 "Loading model").
 
     One server can be the ``api_base`` of every model in a fallback chain, and its own loop lets
     sync tests, async tests (on another loop) and other processes use it alike.
@@ -394,6 +421,7 @@ class StubServer:
         ollama_delay: float = 0.0,
         cold_load: float = 0.0,
         strict_models: bool = False,
+        loading_s: float = 0.0,
     ) -> None:
         _check_ollama(ollama_parallel, ollama_max_queue, ollama_delay, cold_load)
         self.slow_delay = slow_delay
@@ -405,6 +433,10 @@ class StubServer:
         self.ollama_delay = ollama_delay
         self.cold_load = cold_load
         self.strict_models = strict_models
+        #: The OpenAI-compatible routes' model load at start (llama.cpp's server loads
+        #: its one model then): ``/health`` and generations answer 503 until it is done.
+        self.loading_s = loading_s
+        self._ready_at = 0.0
         self._port = port
         self._url: str | None = None
         self._lock = threading.Lock()
@@ -515,6 +547,12 @@ class StubServer:
             self._dropped = self._rejected_busy = 0
             self._peak_in_flight, self._peak_generating = self._in_flight, self._generating
 
+    def load_again(self, seconds: float) -> None:
+        """The OpenAI-compatible routes load their model again for ``seconds`` (as a
+        restarted llama.cpp server does): 503 "Loading model" until then."""
+        with self._lock:
+            self._ready_at = time.monotonic() + seconds
+
     def unload(self, model: str | None = None) -> None:
         """Make the next request for ``model`` (None: every model) load it cold again."""
         with self._lock:
@@ -562,6 +600,7 @@ class StubServer:
             self.stop()  # e.g. the port is taken: do not leak the thread
             raise
         self._url = f"http://127.0.0.1:{port}"
+        self._ready_at = time.monotonic() + self.loading_s
         return self._url
 
     def stop(self) -> None:
@@ -602,6 +641,9 @@ class StubServer:
         app.router.add_get("/api/tags", self._tags)
         app.router.add_get("/api/ps", self._ps)
         app.router.add_post("/api/show", self._show)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/props", self._props)
+        app.router.add_get("/v1/models", self._models)
         for path in _WIRES:
             app.router.add_post(path, self._generate)
         # handler_cancellation: a client giving up cancels its handler, as on a real server.
@@ -706,6 +748,8 @@ class StubServer:
                 return _anthropic_error(400, "invalid_request_error", message)
             return web.json_response({"error": message}, status=400)
         model = str(body.get("model") or "")
+        if wire == "openai":
+            return await self._openai_generate(request, body, model)
         if wire != "anthropic":
             return await self._ollama_generate(request, body, wire, model, started)
         if (rejection := _anthropic_rejection(request, body)) is not None:
@@ -735,6 +779,8 @@ class StubServer:
                     self._failed[seen] += 1
                     if self._failed[seen] > times:
                         return None
+                if wire == "openai":
+                    return _openai_error(status, f"stub-fail {status}")
                 if wire != "anthropic":
                     message = _OLLAMA_ERRORS.get(status, _OLLAMA_ERRORS[500])
                     if status == 404:
@@ -800,6 +846,134 @@ class StubServer:
         finally:
             self._release(runner)
 
+    # -- an OpenAI-compatible local server, as llama.cpp's (tools/server) ----------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        if time.monotonic() < self._ready_at:
+            return _openai_error(503, LLAMA_CPP_LOADING)
+        return web.json_response({"status": "ok"})
+
+    async def _props(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        with self._lock:
+            slots = self.ollama_parallel or 1
+        n_ctx = min(self.num_ctx, self.context_length)
+        settings = {"n_ctx": n_ctx, "temperature": 0.8, "n_predict": -1}
+        return web.json_response(
+            {"default_generation_settings": settings, "total_slots": slots, "model_path": "stub"}
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "llamacpp",
+                "meta": {"n_ctx_train": self.context_length},
+            }
+            for m in self.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _openai_generate(
+        self, request: web.Request, body: dict[str, Any], model: str
+    ) -> web.StreamResponse:
+        """What llama.cpp's server does before it answers: 503 while its model loads, a
+        slot (``ollama_parallel`` of them; the rest wait in turn), and 400 for a prompt
+        over its context (it never truncates)."""
+        if time.monotonic() < self._ready_at:
+            self._record(request, body, model)
+            return _openai_error(503, LLAMA_CPP_LOADING)
+        texts = _message_texts(body)
+        if (failure := self._planned_failure(model, texts, "openai")) is not None:
+            self._record(request, body, model)
+            return failure
+        choice = self._choose(model, texts)
+        try:
+            runner, waiter = self._admit(model)
+        except _ServerBusy:
+            self._record(request, body, model)
+            return _openai_error(503, "the server is busy (stub)")
+        self._record(request, body, model, choice)
+        if waiter is not None:
+            await self._wait_turn(runner, waiter)
+        try:
+            await self._load(runner, {})
+            prompt = _tokens(texts)
+            if prompt > runner.num_ctx:
+                message = (
+                    f"request ({prompt} tokens) exceeds the available context size "
+                    f"({runner.num_ctx} tokens), try increasing it"
+                )
+                return _openai_error(
+                    400,
+                    message,
+                    "exceed_context_size_error",
+                    n_prompt_tokens=prompt,
+                    n_ctx=runner.num_ctx,
+                )
+            with self._lock:
+                delay = self.ollama_delay
+            response = await self._answer(request, body, "openai", choice, (0, 0, delay))
+            if choice[0] is not Behaviour.HANG:
+                with self._lock:
+                    self._served[model] = self._served.get(model, 0) + 1
+            return response
+        finally:
+            self._release(runner)
+
+    async def _openai(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        text: str,
+        usage: tuple[int, int],
+        delay: float,
+        cut: bool,
+    ) -> web.StreamResponse:
+        """A chat completion in OpenAI's shape, after ``delay`` seconds of generation."""
+        if delay > 0:
+            await asyncio.sleep(delay)
+        stamp = {
+            "id": _rid("chatcmpl-"),
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "system_fingerprint": "b4500-stub",
+        }
+        finish = "length" if cut else "stop"
+        counts = {
+            "prompt_tokens": usage[0],
+            "completion_tokens": usage[1],
+            "total_tokens": usage[0] + usage[1],
+        }
+        if body.get("stream") is not True:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+            }
+            return web.json_response(
+                {**stamp, "object": "chat.completion", "choices": [choice], "usage": counts}
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunks = [{"role": "assistant", "content": piece} for piece in _pieces(text)]
+        for delta, reason in [*((c, None) for c in chunks), ({}, finish)]:
+            chunk = {
+                **stamp,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            }
+            if reason is not None:
+                chunk["usage"] = counts
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
     async def _answer(
         self,
         request: web.Request,
@@ -814,6 +988,8 @@ class StubServer:
         behaviour, key = choice
         if behaviour in (Behaviour.HTTP_500, Behaviour.HTTP_429):
             status = 500 if behaviour is Behaviour.HTTP_500 else 429
+            if wire == "openai":
+                return _openai_error(status, _OLLAMA_ERRORS[status])
             if wire != "anthropic":
                 return web.json_response({"error": _OLLAMA_ERRORS[status]}, status=status)
             kind, message = _ANTHROPIC_ERRORS[status]
@@ -839,6 +1015,8 @@ class StubServer:
         if wire == "anthropic":
             refused = behaviour is Behaviour.PROVIDER_REFUSAL
             return await self._anthropic(request, body, text, usage, cut, refused)
+        if wire == "openai":
+            return await self._openai(request, body, text, usage, timing[2], cut)
         return await self._ollama(request, body, text, wire, usage, timing, cut)
 
     def _admit(self, model: str) -> tuple[_Runner, asyncio.Future[None] | None]:

@@ -151,6 +151,8 @@ def register_local_models(models: Iterable[ModelConfig]) -> None:
                 "mode": "chat",
                 "input_cost_per_token": 0.0,
                 "output_cost_per_token": 0.0,
+                "cache_creation_input_token_cost": 0.0,
+                "cache_read_input_token_cost": 0.0,
                 "max_tokens": 8192,
                 "max_input_tokens": 32768,
                 "max_output_tokens": 8192,
@@ -198,6 +200,20 @@ def max_output_tokens(cfg: ModelConfig, anthropic_max_tokens: int) -> int:
     return found if isinstance(found, int) and found > 0 else 4096
 
 
+#: The key sent to a local OpenAI-compatible server that was given none (they ask for one
+#: only when started with ``--api-key``).
+LOCAL_API_KEY = "no-key"
+
+
+def response_format(cfg: ModelConfig, schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema in the form the model's server takes: OpenAI's ``json_schema`` (litellm
+    turns it into Ollama's ``format``), or ``json_object`` with the schema beside it, the
+    only form llama-cpp-python's server constrains to (it refuses ``json_schema``)."""
+    if cfg.structured_output == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
 def build_kwargs(
     cfg: ModelConfig,
     messages: list[dict[str, Any]],
@@ -214,17 +230,18 @@ def build_kwargs(
         kwargs["api_base"] = cfg.api_base
     if cfg.api_key is not None:
         kwargs["api_key"] = cfg.api_key.get_secret_value()
+    elif cfg.is_local and not cfg.is_ollama:
+        # Else litellm would send the provider's variable (a real OPENAI_API_KEY) to a
+        # local server, or refuse to call without one.
+        kwargs["api_key"] = LOCAL_API_KEY
     if cfg.is_anthropic:
         kwargs["max_tokens"] = anthropic_max_tokens
         if cfg.cache_prompt:
             kwargs["messages"] = cacheable_system(messages)
-    if cfg.is_local and cfg.keep_alive is not None:
+    if cfg.is_ollama and cfg.keep_alive is not None:
         kwargs["keep_alive"] = cfg.keep_alive
     if schema is not None and cfg.structured_output:
-        kwargs["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "answer", "schema": schema},
-        }
+        kwargs["response_format"] = response_format(cfg, schema)
     kwargs.update(cfg.params)
     return kwargs
 

@@ -57,8 +57,8 @@ class ModelConfig(BaseModel):
     model: str = Field(
         min_length=1,
         description="litellm model string: `ollama_chat/<name>` (Ollama's `/api/chat`), "
-        "`anthropic/<name>`, …; `ollama/` and `ollama_chat/` models are local: free, never "
-        "budgeted",
+        "`anthropic/<name>`, `openai/<name>` (any OpenAI-compatible server, with `api_base`), "
+        "…; `ollama/` and `ollama_chat/` models are local (see `local`)",
     )
     timeout: float = Field(
         gt=0,
@@ -82,10 +82,20 @@ class ModelConfig(BaseModel):
         'override the worker\'s own), e.g. `{"temperature": 0}`; a `max_tokens` or '
         "`num_predict` here is also the answer's share of the context window",
     )
-    structured_output: bool = Field(
+    structured_output: bool | Literal["json_schema", "json_object"] = Field(
         default=True,
-        description="Send the request's schema to the model as `response_format` (Ollama: "
-        "constrained decoding); the answer is validated against it either way",
+        description="Send the request's schema to the model as `response_format` (Ollama, "
+        'llama.cpp: constrained decoding): `true` or `"json_schema"` in OpenAI\'s form, '
+        '`"json_object"` as `{"type": "json_object", "schema": …}` (llama-cpp-python\'s '
+        "server takes only that), `false` not at all; the answer is validated against the "
+        "schema either way",
+    )
+    local: bool | None = Field(
+        default=None,
+        description="A model on your own hardware: free (cost 0), never held back by a budget, "
+        "no retries unless `max_retries` says so, warmed up at start. Unset: true for "
+        "`ollama/` and `ollama_chat/` models, false otherwise; set it for a llama.cpp, vLLM "
+        "or LM Studio server behind `openai/<name>`",
     )
     max_in_flight: int | None = Field(
         default=None,
@@ -102,7 +112,7 @@ class ModelConfig(BaseModel):
     )
     keep_alive: int | str | None = Field(
         default=-1,
-        description="Local models: Ollama's `keep_alive`, sent with every call and warm-up: "
+        description="Ollama models: Ollama's `keep_alive`, sent with every call and warm-up: "
         'seconds, a duration such as `"30m"`, `-1` = stay loaded, `0` = unload after the '
         "call; JSON `null`: not sent",
     )
@@ -149,6 +159,10 @@ class ModelConfig(BaseModel):
 
     @property
     def is_local(self) -> bool:
+        return self.local if self.local is not None else self.is_ollama
+
+    @property
+    def is_ollama(self) -> bool:
         return self.provider in LOCAL_PROVIDERS
 
     @property

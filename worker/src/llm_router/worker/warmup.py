@@ -9,6 +9,12 @@ request (``/api/chat`` with no messages) that has no short deadline, with the sa
 ``options`` and ``keep_alive`` the calls send: Ollama loads a model again for a
 request whose runner options (``num_ctx`` among them) differ from the loaded one's.
 Once loaded, ``/api/ps`` says the context window the model really has.
+
+An OpenAI-compatible local server (llama.cpp's, llama-cpp-python's, vLLM, LM Studio)
+loads its one model when it starts and cannot be asked to load: the warm-up waits
+until it is ready (llama.cpp's ``/health`` answers 503 while it loads; a server
+without ``/health`` is ready once ``/v1/models`` answers) and reads its context
+window where the server says it (llama.cpp's ``/props``, vLLM's ``max_model_len``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from llm_router.worker.windows import Windows
 log = structlog.get_logger("llm_router.warmup")
 
 DEFAULT_OLLAMA = "http://localhost:11434"
+#: How often a loading OpenAI-compatible server is asked again.
+READY_POLL_S = 0.5
 #: A load-only request may take this long (a cold 7B model from a slow disk).
 LOAD_TIMEOUT_S = 600.0
 #: Loads slower than this are logged as ``cold_load``.
@@ -84,13 +92,14 @@ class Warmer:
 
     def warm(self, models: Iterable[ModelConfig]) -> None:
         for cfg in models:
-            if not cfg.is_local:
-                continue
+            if not cfg.is_local or (not cfg.is_ollama and not cfg.api_base):
+                continue  # a local model without a server of its own: nothing to ask
             key = (cfg.api_base or DEFAULT_OLLAMA, cfg.name)
             running = self._tasks.get(key)
             if running is None or running.done():
+                load = self._load(cfg) if cfg.is_ollama else self._wait_ready(cfg)
                 self._tasks[key] = asyncio.get_running_loop().create_task(
-                    self._load(cfg), name=f"warm {cfg.model}"
+                    load, name=f"warm {cfg.model}"
                 )
 
     async def aclose(self) -> None:
@@ -141,4 +150,59 @@ class Warmer:
                 length = entry.get("context_length")
                 if isinstance(length, int) and not isinstance(length, bool):
                     self.windows.learn(cfg, length, "Ollama /api/ps")
+                return
+
+    async def _wait_ready(self, cfg: ModelConfig) -> None:
+        """An OpenAI-compatible server: wait while it loads, then learn its window."""
+        assert cfg.api_base is not None
+        api = cfg.api_base.rstrip("/")
+        root = api.removesuffix("/v1")
+        timeout = aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)
+        started = time.monotonic()
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                while not await self._ready(session, root, api):
+                    if time.monotonic() - started > LOAD_TIMEOUT_S:
+                        raise TimeoutError(f"not ready in {LOAD_TIMEOUT_S:.0f}s")
+                    await asyncio.sleep(READY_POLL_S)
+                ms = round((time.monotonic() - started) * 1000)
+                log.info("model_warm", model=cfg.model, load_ms=ms)
+                note_load(cfg, ms, during="warm-up")
+                await self._learn_server_window(session, root, api, cfg)
+        except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:
+            log.warning("warm_up_failed", model=cfg.model, error=f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    async def _ready(session: aiohttp.ClientSession, root: str, api: str) -> bool:
+        """``/health``: 200 ready, 503 loading (llama.cpp); none there: ``/v1/models``."""
+        async with session.get(f"{root}/health") as response:
+            if response.status == 200:
+                return True
+            if response.status == 503:
+                return False
+        async with session.get(f"{api}/models") as response:
+            if response.status >= 400:
+                raise RuntimeError(f"{api}/models: HTTP {response.status}")
+            return True
+
+    async def _learn_server_window(
+        self, session: aiohttp.ClientSession, root: str, api: str, cfg: ModelConfig
+    ) -> None:
+        """llama.cpp's ``/props`` (``default_generation_settings.n_ctx``), else vLLM's
+        ``/v1/models`` (``max_model_len`` of this model)."""
+        async with session.get(f"{root}/props") as response:
+            data = await response.json(content_type=None) if response.status == 200 else None
+        settings = data.get("default_generation_settings") if isinstance(data, dict) else None
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
+            self.windows.learn(cfg, n_ctx, "llama.cpp /props")
+            return
+        async with session.get(f"{api}/models") as response:
+            data = await response.json(content_type=None) if response.status == 200 else None
+        entries = data.get("data") if isinstance(data, dict) else None
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, dict) and entry.get("id") == cfg.name:
+                length = entry.get("max_model_len")
+                if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                    self.windows.learn(cfg, length, "/v1/models max_model_len")
                 return

@@ -144,9 +144,12 @@ class Windows:
             if (learned := self._learned.get(cfg.endpoint)) is not None:
                 return learned
             num_ctx = cfg.params.get("num_ctx")
-            if isinstance(num_ctx, int) and num_ctx > 0:
+            if cfg.is_ollama and isinstance(num_ctx, int) and num_ctx > 0:
                 return Window(num_ctx, "num_ctx")
-            return Window(OLLAMA_DEFAULT_CONTEXT, "Ollama's default")
+            # Another local server's window is its own setting (llama.cpp's -c), read at
+            # warm-up where it says it; until then, as small as Ollama's smallest.
+            source = "Ollama's default" if cfg.is_ollama else "a local server's assumed"
+            return Window(OLLAMA_DEFAULT_CONTEXT, source)
         return _litellm_window(cfg.model)
 
     def reserve(self, cfg: ModelConfig) -> int:
