@@ -54,6 +54,14 @@ pytestmark = pytest.mark.integration
 ROOMY: dict[str, Any] = {"context_window": 100_000_000, "params": {"max_tokens": 10_000_000}}
 
 
+HAIKU = "anthropic/claude-haiku-4-5-20251001"
+
+
+def cloud_model(stub_url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Claude Haiku at a stub server: the cloud step after a local one under test."""
+    return {"model": HAIKU, "timeout": timeout, "api_base": stub_url, "api_key": "sk-ant-test-0"}
+
+
 def chain_env(
     stub_url: str,
     *,

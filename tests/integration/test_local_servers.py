@@ -21,12 +21,18 @@ import pytest
 
 from llm_router.client import RouterClient
 from llm_router_testing.stubs import StubServer
-from tests.integration.conftest import REDIS_URL, WorkerProcess, preloaded, worker_env
+from tests.integration.conftest import (
+    HAIKU,
+    REDIS_URL,
+    WorkerProcess,
+    cloud_model,
+    preloaded,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
 LOCAL = "openai/smollm2"
-HAIKU = "anthropic/claude-haiku-4-5-20251001"
 LOADING_S = 2.0
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -43,14 +49,8 @@ def local_server() -> Iterator[StubServer]:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[StubServer]:
-    with StubServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def worker(
-    local_server: StubServer, cloud: StubServer, tmp_path_factory: pytest.TempPathFactory
+    local_server: StubServer, stub: StubServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     local = {
         "model": LOCAL,
@@ -59,7 +59,7 @@ def worker(
         "timeout": 10.0,
         "structured_output": "json_object",
     }
-    haiku = {"model": HAIKU, "timeout": 10.0, "api_base": cloud.url, "api_key": "sk-ant-test-0"}
+    haiku = cloud_model(stub.url)
     chains = {"default": [local, haiku], "capped": [local, haiku]}
     env = worker_env(
         redis_url=REDIS_URL,
@@ -82,6 +82,13 @@ async def client(worker: WorkerProcess) -> AsyncIterator[RouterClient]:
         yield c
 
 
+async def warmed(worker: WorkerProcess) -> list[dict[str, Any]]:
+    """Once the warm-up has found the server ready: its ``model_warm`` lines."""
+    while not (warm := worker.events("model_warm")):
+        await asyncio.sleep(0.05)
+    return warm
+
+
 def sent_to(server: StubServer, marker: str) -> list[Any]:
     return [r for r in server.requests if marker in json.dumps(r.body)]
 
@@ -99,8 +106,7 @@ async def test_a_job_while_the_server_loads_falls_through_and_the_warm_up_waits(
         assert first.reason is not None
         assert first.reason.startswith("busy:")
         assert "Loading model" in first.reason
-        while not (warm := worker.events("model_warm")):
-            await asyncio.sleep(0.05)
+        warm = await warmed(worker)
     assert warm[0]["model"] == LOCAL
     assert warm[0]["load_ms"] >= 500  # it waited for /health to say ok
     health = [r for r in local_server.requests if r.path == "/health"]
@@ -113,8 +119,7 @@ async def test_a_job_while_the_server_loads_falls_through_and_the_warm_up_waits(
 async def test_served_locally_free_with_its_schema_form_and_no_cloud_key(
     worker: WorkerProcess, client: RouterClient, local_server: StubServer
 ) -> None:
-    while not worker.events("model_warm"):
-        await asyncio.sleep(0.05)
+    await warmed(worker)
     marker = uuid.uuid4().hex
     result = await client.route(f"stub:smollm2=json {marker}", schema=SCHEMA, timeout=30)
     assert result.model_used == LOCAL
@@ -129,8 +134,7 @@ async def test_served_locally_free_with_its_schema_form_and_no_cloud_key(
 async def test_local_is_never_budgeted_or_retried(
     worker: WorkerProcess, client: RouterClient, local_server: StubServer
 ) -> None:
-    while not worker.events("model_warm"):
-        await asyncio.sleep(0.05)
+    await warmed(worker)
     marker = uuid.uuid4().hex
     capped = await client.route(f"capped {marker}", chain="capped", timeout=30)
     assert capped.model_used == LOCAL  # a budget of 0 turns the cloud off, not this
@@ -145,8 +149,7 @@ async def test_local_is_never_budgeted_or_retried(
 async def test_a_prompt_over_its_context_skips_it_unsent(
     worker: WorkerProcess, client: RouterClient, local_server: StubServer
 ) -> None:
-    while not worker.events("model_warm"):
-        await asyncio.sleep(0.05)
+    await warmed(worker)
     marker = uuid.uuid4().hex
     result = await client.route(f"{marker} " + "word " * 3000, timeout=30)
     assert result.model_used == HAIKU

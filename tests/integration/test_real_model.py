@@ -24,11 +24,10 @@ from llm_router.client import RouterClient
 from llm_router.client.keys import CAPACITY_PREFIX
 from llm_router_testing.real_model import MODEL, LlamaServer
 from llm_router_testing.stubs import StubServer
-from tests.integration.conftest import REDIS_URL, WorkerProcess, worker_env
+from tests.integration.conftest import HAIKU, REDIS_URL, WorkerProcess, cloud_model, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.real_model]
 
-HAIKU = "anthropic/claude-haiku-4-5-20251001"
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"city": {"type": "string"}},
@@ -44,16 +43,10 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[StubServer]:
-    with StubServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def workers(
-    llama: LlamaServer, cloud: StubServer, tmp_path_factory: pytest.TempPathFactory
+    llama: LlamaServer, stub: StubServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[WorkerProcess]]:
-    haiku = {"model": HAIKU, "timeout": 10.0, "api_base": cloud.url, "api_key": "sk-ant-test-0"}
+    haiku = cloud_model(stub.url)
     local = llama.chain_entry(max_in_flight=1, max_wait=60.0)
     chains = {
         "default": [local, haiku],

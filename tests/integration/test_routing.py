@@ -201,7 +201,7 @@ async def test_metrics_event_as_a_subscriber_receives_it(
     assert set(event["attempts"][0]) == {
         "model", "outcome", "reason", "latency_ms", "load_ms", "retries", "retry_error",
         "input_tokens", "output_tokens", "cache_read_input_tokens",
-        "cache_creation_input_tokens", "cost_usd", "finish_reason",
+        "cache_creation_input_tokens", "cost_usd", "finish_reason", "deployment",
     }  # fmt: skip
     assert set(event["breakers"].values()) == {"closed"}
     assert QWEN in event["breakers"]

@@ -17,7 +17,7 @@ def result_blob(r: RouteResult | Any, job_id: str = "j1") -> bytes:
     )  # fmt: skip
 
 
-#: The usage fields of an attempt that got no answer.
+#: The usage fields of an attempt that got no answer (and called no named server).
 NO_USAGE: dict[str, object] = {
     "input_tokens": None,
     "output_tokens": None,
@@ -25,4 +25,5 @@ NO_USAGE: dict[str, object] = {
     "cache_creation_input_tokens": None,
     "cost_usd": 0.0,
     "finish_reason": None,
+    "deployment": None,
 }

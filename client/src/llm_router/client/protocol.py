@@ -164,6 +164,9 @@ class Attempt(BaseModel):
     #: How the model's answer ended (``stop``, ``length``: cut off at its token limit,
     #: ``content_filter``: the provider refused, ``tool_calls``); None: no answer.
     finish_reason: str | None = None
+    #: The server called, when the model has an ``api_base`` or ``deployments``: its
+    #: scheme, host, port and path, never credentials. None: no server was called.
+    deployment: str | None = None
 
 
 class RouteResult(BaseModel):

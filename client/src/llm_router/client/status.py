@@ -83,7 +83,8 @@ def merge_breakers(
             failures=int(failures) if failures.isdigit() else None,
             opened_at=int(opened) / 1000 if opened.isdigit() else None,
         )
-    covered = {endpoint.partition("@")[0] for endpoint in breakers}
+    # A heartbeat names a model, or model@server for one of its deployments.
+    covered = {endpoint.partition("@")[0] for endpoint in breakers} | set(breakers)
     for beat in workers:
         for model, state in sorted(beat.breakers.items()):
             if model in covered:

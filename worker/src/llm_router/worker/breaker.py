@@ -91,18 +91,18 @@ class Breakers:
         decision = decision.decode() if isinstance(decision, bytes) else decision
         if decision == "open":
             self._open_until[cfg.endpoint] = now + int(left_ms) / 1000
-            self.seen[cfg.model] = "open"
+            self.seen[cfg.label] = "open"
             return Admission(_skip_reason(int(left_ms) / 1000))
         if decision == "probing":  # the probe may close it any moment: look again soon
             self._open_until[cfg.endpoint] = now + min(int(left_ms) / 1000, PROBING_RECHECK_S)
-            self.seen[cfg.model] = "half_open"
+            self.seen[cfg.label] = "half_open"
             return Admission(_probing_reason())
         if decision == "probe":
-            self.seen[cfg.model] = "half_open"
+            self.seen[cfg.label] = "half_open"
             if changed:
-                log.info("breaker_half_open", model=cfg.model)
+                log.info("breaker_half_open", model=cfg.label)
             return Admission(probe=True)
-        self.seen[cfg.model] = "closed"
+        self.seen[cfg.label] = "closed"
         self._failures[cfg.endpoint] = int(left_ms)
         return Admission()
 
@@ -126,13 +126,13 @@ class Breakers:
             changed = (raw.decode() if isinstance(raw, bytes) else raw) or None
         if changed == "open":
             self._open_until[cfg.endpoint] = time.monotonic() + cfg.breaker_cooldown
-            self.seen[cfg.model] = "open"
-            log.warning("breaker_open", model=cfg.model, cooldown_s=cfg.breaker_cooldown)
+            self.seen[cfg.label] = "open"
+            log.warning("breaker_open", model=cfg.label, cooldown_s=cfg.breaker_cooldown)
             return "open"
         if changed == "closed":
             self._open_until.pop(cfg.endpoint, None)
-            self.seen[cfg.model] = "closed"
-            log.info("breaker_closed", model=cfg.model)
+            self.seen[cfg.label] = "closed"
+            log.info("breaker_closed", model=cfg.label)
             return "closed"
         return None
 
@@ -164,8 +164,8 @@ class _LocalBreaker:
             if now < self.opened + cfg.breaker_cooldown:
                 return Admission(_skip_reason(self.opened + cfg.breaker_cooldown - now))
             self.state, self.probing = "half_open", True
-            owner.seen[cfg.model] = "half_open"
-            log.info("breaker_half_open", model=cfg.model)
+            owner.seen[cfg.label] = "half_open"
+            log.info("breaker_half_open", model=cfg.label)
             return Admission(probe=True)
         if self.state == "half_open":
             if self.probing:

@@ -94,7 +94,9 @@ class ModelCallError(Exception):
     ``unwell``: the failure says the model or its server is not working (what the
     circuit breaker counts), not that this one request was bad. ``busy``: the server
     turned the call away under load (Ollama's full queue, a model still loading): the
-    model is skipped, and the breaker does not count it.
+    model is skipped, and the breaker does not count it. ``unreached``: no connection
+    (refused, reset, unknown host): the request never got to a model, so another
+    deployment of it may take it at once.
     """
 
     def __init__(
@@ -107,11 +109,13 @@ class ModelCallError(Exception):
         retry_error: str | None = None,
         load_ms: int | None = None,
         usage: Usage | None = None,
+        unreached: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.unwell = unwell
         self.busy = busy
+        self.unreached = unreached
         self.retries = retries
         self.retry_error = retry_error
         self.load_ms = load_ms
@@ -346,7 +350,10 @@ async def call_model(
     except Exception as exc:
         busy = is_busy(exc)
         reason = f"busy: {_reason(exc)}" if busy else _reason(exc)
-        error = ModelCallError(reason, unwell=is_unwell(exc) and not busy, busy=busy)
+        unreached = isinstance(exc, litellm.exceptions.APIConnectionError | ConnectionError)
+        error = ModelCallError(
+            reason, unwell=is_unwell(exc) and not busy, busy=busy, unreached=unreached
+        )
     finally:
         _raw_body.reset(scope)
     load_ms = round(int(raw["load_ns"]) / 1e6) if "load_ns" in raw and cfg.is_local else None

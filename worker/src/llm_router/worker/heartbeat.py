@@ -135,7 +135,7 @@ def heartbeat_of(
         running={q.name: q.running for q in worker.lanes.queues},
         done=dict(tally.by_status),
         last_job_at=tally.last_at,
-        breakers={m.model: router.breakers.seen.get(m.model, "closed") for m in router.models},
+        breakers={m.label: router.breakers.seen.get(m.label, "closed") for m in router.models},
         chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
         metrics_port=metrics_port,
         redis=server.as_dict() if server is not None else None,

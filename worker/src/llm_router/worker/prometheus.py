@@ -43,7 +43,7 @@ from llm_router.client.protocol import RouteResult
 from llm_router.client.spend import parse_day, utc_day
 from llm_router.worker.heartbeat import Serving
 from llm_router.worker.redis_watch import RedisWatch
-from llm_router.worker.settings import Settings
+from llm_router.worker.settings import Settings, server_of
 
 if TYPE_CHECKING:
     from llm_router.worker.router import Router
@@ -72,16 +72,28 @@ class _Live(Collector):
         yield running
         breaker = GaugeMetricFamily(
             "llm_router_breaker_state",
-            "1 for the state of each model's circuit breaker, as this process last saw it",
-            labels=["model", "local", "state"],
+            "1 for the state of each model's (each deployment's) circuit breaker, as this "
+            "process last saw it",
+            labels=["model", "deployment", "local", "state"],
         )
-        unique = {cfg.model: cfg for cfg in e.router.models}  # a model may be in many chains
-        for cfg in unique.values():
-            seen = e.router.breakers.seen.get(cfg.model, "closed")
+        in_flight = GaugeMetricFamily(
+            "llm_router_deployment_in_flight",
+            "Calls this process has in flight to each deployment of a model",
+            labels=["model", "deployment"],
+        )
+        unique = {cfg.label: cfg for cfg in e.router.models}  # a model may be in many chains
+        for label, cfg in unique.items():
+            seen = e.router.breakers.seen.get(label, "closed")
+            server = server_of(cfg.api_base) if label != cfg.model else ""
+            local = "true" if cfg.is_local else "false"
             for state in _BREAKER_STATES:
-                local = "true" if cfg.is_local else "false"
-                breaker.add_metric([cfg.model, local, state], 1.0 if seen == state else 0.0)
+                value = 1.0 if seen == state else 0.0
+                breaker.add_metric([cfg.model, server, local, state], value)
+            if server:
+                calls = e.router.deployments.running[cfg.endpoint]
+                in_flight.add_metric([cfg.model, server], calls)
         yield breaker
+        yield in_flight
         yield from e.shared_metrics()
         yield from e.server_metrics()
 

@@ -34,14 +34,15 @@ from llm_router.worker.calls import (
     max_output_tokens,
     register_local_models,
 )
-from llm_router.worker.capacity import Busy, Capacity
+from llm_router.worker.capacity import Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
 from llm_router.worker.control import Control
 from llm_router.worker.costs import Usage, worst_case_usd
+from llm_router.worker.deployments import Deployments, NoServer
 from llm_router.worker.lanes import LaneKind
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
-from llm_router.worker.settings import ModelConfig, Settings
+from llm_router.worker.settings import ModelConfig, Settings, server_of
 from llm_router.worker.warmup import Warmer, note_load
 from llm_router.worker.windows import Prompt, Windows
 
@@ -103,6 +104,8 @@ class Tried(NamedTuple):
     retry_error: str | None = None
     usage: Usage | None = None
     finish_reason: str | None = None
+    #: The server called (``server_of`` its api_base); None: none was.
+    server: str | None = None
 
 
 def _usage_fields(usage: Usage | None) -> dict[str, Any]:
@@ -133,6 +136,7 @@ class Router:
         self.metrics = Metrics(redis, channel=self.settings.metrics_channel)
         self.breakers = Breakers(redis)
         self.capacity = Capacity(redis)
+        self.deployments = Deployments(self.breakers, self.capacity)
         self.ledger = Ledger(redis, self.settings.budgets)
         self.windows = Windows(self.settings.anthropic_max_tokens)
         self.warmer = Warmer(self.windows)
@@ -140,12 +144,15 @@ class Router:
 
     @property
     def models(self) -> list[ModelConfig]:
-        return [m for chain in self.chains.values() for m in chain]
+        """Every server of every step: a model with deployments is one per deployment."""
+        steps = [m for chain in self.chains.values() for m in chain]
+        return self.deployments.every_server(steps)
 
     def breaker_states(self, chain: str | None) -> dict[str, str]:
-        """Each model of the chain and its breaker, as this process last saw it."""
-        models = self.chains.get(chain or "", [])
-        return {m.model: self.breakers.seen.get(m.model, "closed") for m in models}
+        """Each model (each deployment) of the chain and its breaker, as this process last
+        saw it."""
+        servers = self.deployments.every_server(self.chains.get(chain or "", []))
+        return {m.label: self.breakers.seen.get(m.label, "closed") for m in servers}
 
     async def aclose(self) -> None:
         await self.warmer.aclose()
@@ -277,6 +284,7 @@ class Router:
                 retries=tried.retries,
                 retry_error=tried.retry_error,
                 finish_reason=tried.finish_reason,
+                deployment=tried.server or None,
                 **_usage_fields(tried.usage),
             )
             attempts.append(attempt)
@@ -312,65 +320,85 @@ class Router:
 
     async def _try(
         self,
-        cfg: ModelConfig,
+        step: ModelConfig,
         chain: str,
         prompt: Prompt,
         schema: dict[str, Any] | None,
         validator: Validator | None,
         lane: LaneKind,
     ) -> Tried:
-        """One model: does the prompt fit it, its budget, its breaker, a slot, the call
-        under its deadline, the checks; what the call used is counted whatever came of it."""
-        if (misfit := await self.windows.misfit(cfg, prompt)) is not None:
-            return Tried(Verdict(None, "skipped", misfit))
+        """One step: does the prompt fit (a server of) it, its budget, a server whose
+        breaker admits it with a slot, the call under its deadline, the checks; what the
+        call used is counted whatever came of it."""
+        servers = self.deployments.servers(step)
+        fits, misfits = [], []
+        for cfg, weight in servers:
+            misfit = await self.windows.misfit(cfg, prompt)
+            if misfit is None:
+                fits.append((cfg, weight))
+            else:
+                misfits.append(misfit)
+        if not fits:
+            return Tried(Verdict(None, "skipped", misfits[0]))
         messages = prompt.messages
         worst = 0.0
-        if self.ledger.capped(chain, cfg):
+        if self.ledger.capped(chain, step):
             prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
-            out = max_output_tokens(cfg, self.settings.anthropic_max_tokens)
-            worst = worst_case_usd(cfg.model, prompt_bytes, out)
-        hold = await self.ledger.hold(chain, cfg, worst, wait_s=self.settings.budget_wait)
+            out = max_output_tokens(step, self.settings.anthropic_max_tokens)
+            worst = worst_case_usd(step.model, prompt_bytes, out)
+        hold = await self.ledger.hold(chain, step, worst, wait_s=self.settings.budget_wait)
         if isinstance(hold, str):
             return Tried(Verdict(None, "skipped", hold))
         tried: Tried | None = None
         try:
-            tried = await self._admitted(cfg, messages, schema, validator, lane)
+            tried = await self._admitted(step, fits, messages, schema, validator, lane)
         finally:
-            await self.ledger.settle(hold, cfg, tried.usage if tried else None)
+            await self.ledger.settle(hold, step, tried.usage if tried else None)
         return tried
 
     async def _admitted(
         self,
-        cfg: ModelConfig,
+        step: ModelConfig,
+        servers: list[tuple[ModelConfig, float]],
         messages: list[dict[str, Any]],
         schema: dict[str, Any] | None,
         validator: Validator | None,
         lane: LaneKind,
     ) -> Tried:
-        admission = await self.breakers.admit(cfg)
-        if admission.skip_reason is not None:
-            return Tried(Verdict(None, "skipped", admission.skip_reason))
-        slot = await self.capacity.acquire(cfg, batch=lane == "batch")
-        if isinstance(slot, Busy):
-            await self.breakers.record(cfg, "abandoned", probe=admission.probe)
-            return Tried(Verdict(None, "skipped", slot.reason))
-        failed: ModelCallError | None = None
-        try:
-            reply = await call_model(
-                cfg, messages, schema, anthropic_max_tokens=self.settings.anthropic_max_tokens
+        remaining = list(servers)
+        while True:
+            order = self.deployments.order(remaining)
+            chosen = await self.deployments.choose(
+                order, batch=lane == "batch", max_wait=step.max_wait
             )
-        except ModelCallError as exc:
-            failed = exc
-        finally:
-            if slot is not None:
-                await self.capacity.release(slot)
-        if failed is not None:
+            if isinstance(chosen, NoServer):
+                return Tried(Verdict(None, "skipped", chosen.reason))
+            cfg, slot, server = chosen.cfg, chosen.slot, server_of(chosen.cfg.api_base)
+            failed: ModelCallError | None = None
+            self.deployments.running[cfg.endpoint] += 1
+            try:
+                reply = await call_model(
+                    cfg, messages, schema, anthropic_max_tokens=self.settings.anthropic_max_tokens
+                )
+            except ModelCallError as exc:
+                failed = exc
+            finally:
+                self.deployments.running[cfg.endpoint] -= 1
+                if slot is not None:
+                    await self.capacity.release(slot)
+            if failed is None:
+                break
             note_load(cfg, failed.load_ms)
             # Busy is load, not ill health: the breaker neither counts it nor keeps a probe.
             health: Health = "unwell" if failed.unwell else "healthy"
             if failed.busy:
                 health = "abandoned"
-            await self._record_health(cfg, health, admission.probe)
+            await self._record_health(cfg, health, chosen.probe)
+            remaining = [(c, w) for c, w in remaining if c is not cfg]
+            if remaining and (failed.busy or failed.unreached):
+                # Never reached, or turned away: another deployment takes it at once.
+                log.info("deployment_failover", model=cfg.label, reason=failed.reason[:200])
+                continue
             outcome: Outcome = "skipped" if failed.busy else "rejected"
             return Tried(
                 Verdict(None, outcome, failed.reason),
@@ -378,10 +406,11 @@ class Router:
                 retries=failed.retries,
                 retry_error=failed.retry_error,
                 usage=failed.usage,
+                server=server,
             )
         note_load(cfg, reply.load_ms)
         # Any answer, even a refusal or a cut-off one, says the model is up.
-        await self._record_health(cfg, "healthy", admission.probe)
+        await self._record_health(cfg, "healthy", chosen.probe)
         verdict = await self.checks.judge(reply.text, validator, reply.finish)
         return Tried(
             verdict,
@@ -391,6 +420,7 @@ class Router:
             reply.retry_error,
             reply.usage,
             reply.finish.word,
+            server,
         )
 
     async def _record_health(self, cfg: ModelConfig, health: Health, probe: bool) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -47,6 +49,53 @@ DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
 )
 
 LOCAL_PROVIDERS = ("ollama", "ollama_chat")
+
+
+def server_of(api_base: str | None) -> str:
+    """A server's address as shown in attempts, logs and status: scheme, host, port and
+    path, never a password or token in its user part or query."""
+    if not api_base:
+        return ""
+    parts = urlsplit(api_base)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: show none of it
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else api_base
+
+
+class Deployment(BaseModel):
+    """One server of a model that runs on several (a second GPU box beside the first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_base: str = Field(min_length=1, description="This server's base URL")
+    api_key: SecretStr | None = Field(
+        default=None, description="Its key; unset: the model's. Never logged"
+    )
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Calls in flight to this server across every worker (slots in Redis); "
+        "unset: the model's `max_in_flight`",
+    )
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="Its share of the calls among servers equally busy: a server of weight 3 "
+        "gets three calls to another's one; and, without `max_in_flight`, how much load it "
+        "takes before it counts as busier",
+    )
+    context_window: int | None = Field(
+        default=None, ge=256, le=100_000_000, description="Its window; unset: the model's"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Applied over the model's `params` for this server"
+    )
 
 
 class ModelConfig(BaseModel):
@@ -152,6 +201,56 @@ class ModelConfig(BaseModel):
         "warm-up has loaded it, else `params.num_ctx`, else 4096; for cloud models, litellm's "
         "`max_input_tokens`",
     )
+
+    #: One of a model's several deployments (set on the configs ``deployed`` makes).
+    _one_of_many: bool = PrivateAttr(default=False)
+
+    deployments: list[Deployment] = Field(
+        default_factory=list,
+        description="Several servers of this model, each with its own `api_base` and optional "
+        "`api_key`, `max_in_flight`, `weight`, `context_window` and `params` (JSON list of "
+        "objects; TOML: `[[chains.NAME.deployments]]` under the model). Each call takes a "
+        "server whose breaker is not open with a free slot, the least busy first (calls in "
+        "flight over its `max_in_flight`, else over its `weight`), equals by weight; when all "
+        "are full it waits up to `max_wait` for the first slot on any. Breaker, slots, warm-up "
+        "and window are per server. Unset: the one server at `api_base`",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_servers(self) -> ModelConfig:
+        if self.deployments and self.api_base is not None:
+            raise ValueError("give api_base or deployments, not both")
+        bases = [d.api_base for d in self.deployments]
+        if len(set(bases)) != len(bases):
+            raise ValueError("two deployments with the same api_base")
+        return self
+
+    def deployed(self) -> list[tuple[ModelConfig, float]]:
+        """One config per server (its address, key, slots, window and params over the
+        model's) with its weight; a model without deployments is its own one server."""
+        if not self.deployments:
+            return [(self, 1.0)]
+        out = []
+        for d in self.deployments:
+            one = self.model_copy(
+                update={
+                    "api_base": d.api_base,
+                    "api_key": d.api_key or self.api_key,
+                    "max_in_flight": d.max_in_flight or self.max_in_flight,
+                    "context_window": d.context_window or self.context_window,
+                    "params": {**self.params, **d.params},
+                    "deployments": [],
+                }
+            )
+            one._one_of_many = True
+            out.append((one, d.weight))
+        return out
+
+    @property
+    def label(self) -> str:
+        """How status, heartbeats and metrics name it: the model, or ``model@server`` for
+        one of its several deployments."""
+        return f"{self.model}@{server_of(self.api_base)}" if self._one_of_many else self.model
 
     @property
     def provider(self) -> str:
