@@ -6,6 +6,13 @@ of a mock. A directive such as ``stub:qwen=http_500`` anywhere in a request's me
 behaviour for models whose name contains the key (``*`` for all). The Ollama routes can also
 queue, serialise and cold-load per model the way Ollama's scheduler does, so load tests see what
 piha's GPU does to them.
+
+Anthropic's Message Batches routes (``/v1/messages/batches``: create, retrieve, list, cancel,
+delete, results) are mounted from :mod:`~llm_router_testing.batches_stub`: half-price work
+that waits must be tested against a batch that ends later, out of order and partly failed,
+with no real-time call made. Each row answers what ``/v1/messages`` would for its params,
+and batches are kept apart from :attr:`StubServer.requests` so a test can tell the two paths
+apart.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
+
+from llm_router_testing.batches_stub import MAX_BYTES as MAX_BATCH_BYTES
+from llm_router_testing.batches_stub import BatchCall, MessageBatches, Plan, RecordedBatch
 
 DIRECTIVE = re.compile(r"stub:(?P<key>[A-Za-z0-9_.\-*]+)=(?P<behaviour>[a-z_0-9]+)")
 #: ``stub-fail:haiku=529x2`` fails the first 2 calls of this request to models whose name
@@ -267,16 +277,35 @@ def _openai_error(status: int, message: str, kind: str | None = None, **extra: A
     return web.json_response(body, status=status)
 
 
-def _anthropic_rejection(request: web.Request, body: dict[str, Any]) -> web.Response | None:
-    """Reject what the real API rejects before generating, so auth and validation errors show."""
-    if not request.headers.get("x-api-key", "").strip():
+def _anthropic_header_rejection(request: web.Request) -> web.Response | None:
+    """What the real API refuses in any call's headers: no key, no version. The key comes as
+    ``x-api-key`` (litellm) or ``Authorization: Bearer`` (anthropic-sdk-python 2.x)."""
+    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+    if not request.headers.get("x-api-key", "").strip() and not (
+        scheme == "Bearer" and bearer.strip()
+    ):
         return _anthropic_error(401, "authentication_error", "invalid x-api-key")
     if not request.headers.get("anthropic-version"):
         return _anthropic_error(
             400, "invalid_request_error", "anthropic-version: header is required"
         )
+    return None
+
+
+def _anthropic_params_error(body: dict[str, Any]) -> tuple[int, str, str] | None:
+    """What the real API refuses in a message's params before generating: (status, type,
+    message). Shared by ``/v1/messages`` and the batch rows, which fail alike."""
     if "max_tokens" not in body:
-        return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
+        return 400, "invalid_request_error", "max_tokens: Field required"
+    return None
+
+
+def _anthropic_rejection(request: web.Request, body: dict[str, Any]) -> web.Response | None:
+    """Reject what the real API rejects before generating, so auth and validation errors show."""
+    if (rejection := _anthropic_header_rejection(request)) is not None:
+        return rejection
+    if (error := _anthropic_params_error(body)) is not None:
+        return _anthropic_error(*error)
     return None
 
 
@@ -406,6 +435,11 @@ class StubServer:
     loaded runners with their context. ``options.num_predict`` (Anthropic: ``max_tokens``)
     cuts an answer and says so. ``strict_models`` answers Ollama's 404 for models not in
     ``models``. The defaults keep the stub instant and permissive.
+
+    Message Batches (:mod:`~llm_router_testing.batches_stub`): a batch's requests finish over
+    ``batch_seconds``; batches created while ``expire_batches`` is set end after that time
+    with every request ``expired``; ``batch_max_bytes`` is the create body's limit (413).
+    ``batches``, ``batch_requests`` and ``batch_calls`` record them, apart from ``requests``.
     """
 
     def __init__(
@@ -422,6 +456,7 @@ class StubServer:
         cold_load: float = 0.0,
         strict_models: bool = False,
         loading_s: float = 0.0,
+        batch_seconds: float = 0.5,
     ) -> None:
         _check_ollama(ollama_parallel, ollama_max_queue, ollama_delay, cold_load)
         self.slow_delay = slow_delay
@@ -436,6 +471,12 @@ class StubServer:
         #: The OpenAI-compatible routes' model load at start (llama.cpp's server loads
         #: its one model then): ``/health`` and generations answer 503 until it is done.
         self.loading_s = loading_s
+        #: Message Batches: how long a batch processes; whether new batches expire instead
+        #: (every request ``expired`` after ``batch_seconds``); the create body's limit.
+        self.batch_seconds = batch_seconds
+        self.expire_batches = False
+        self.batch_max_bytes = MAX_BATCH_BYTES
+        self._batches = MessageBatches(self)
         self._ready_at = 0.0
         self._port = port
         self._url: str | None = None
@@ -469,8 +510,28 @@ class StubServer:
             return list(self._requests)
 
     def clear(self) -> None:
+        """Forget the recorded requests (batches stay: see ``clear_batches``)."""
         with self._lock:
             self._requests.clear()
+
+    @property
+    def batches(self) -> list[RecordedBatch]:
+        """Every Message Batch created, oldest first, as it stands now (deleted ones too)."""
+        return self._batches.snapshot()
+
+    @property
+    def batch_requests(self) -> dict[str, int]:
+        """Per model: requests submitted in Message Batches (never in ``requests``)."""
+        return self._batches.per_model
+
+    @property
+    def batch_calls(self) -> list[BatchCall]:
+        """Every HTTP call to the batch routes, in order (never in ``requests``)."""
+        return self._batches.calls
+
+    def clear_batches(self) -> None:
+        """Forget every batch (the routes answer 404 for them) and the batch records."""
+        self._batches.clear()
 
     def set_behaviour(self, key: str, behaviour: Behaviour | str) -> None:
         """Default behaviour for models whose name contains ``key``; directives still win."""
@@ -646,6 +707,7 @@ class StubServer:
         app.router.add_get("/v1/models", self._models)
         for path in _WIRES:
             app.router.add_post(path, self._generate)
+        self._batches.mount(app.router)
         # handler_cancellation: a client giving up cancels its handler, as on a real server.
         self._runner = web.AppRunner(
             app, shutdown_timeout=1.0, handler_cancellation=True, access_log=None
@@ -763,11 +825,9 @@ class StubServer:
         self._record(request, body, model, choice)
         return await self._answer(request, body, wire, choice)
 
-    def _planned_failure(
-        self, model: str, texts: list[str], wire: str = "anthropic"
-    ) -> web.Response | None:
-        """A ``stub-fail:`` directive's error, for the first calls of this request only, in
-        the wire's own words (Ollama: 503 is its full queue, 404 an unknown model)."""
+    def _planned_status(self, model: str, texts: list[str]) -> tuple[int, str | None] | None:
+        """A ``stub-fail:`` directive's status and ``@`` delay, for the first calls of this
+        request only (each call counts, batch rows included)."""
         for text in texts:
             for match in FAILURE.finditer(text):
                 key = match["key"]
@@ -779,18 +839,66 @@ class StubServer:
                     self._failed[seen] += 1
                     if self._failed[seen] > times:
                         return None
-                if wire == "openai":
-                    return _openai_error(status, f"stub-fail {status}")
-                if wire != "anthropic":
-                    message = _OLLAMA_ERRORS.get(status, _OLLAMA_ERRORS[500])
-                    if status == 404:
-                        message = f"model '{model}' not found"
-                    return web.json_response({"error": message}, status=status)
-                after = match["after"] or ("1" if status == 429 else "none")
-                headers = {} if after == "none" else {"retry-after": after}
-                kind, message = _ANTHROPIC_ERRORS.get(status, _ANTHROPIC_ERRORS[500])
-                return _anthropic_error(status, kind, message, **headers)
+                return status, match["after"]
         return None
+
+    def _planned_failure(
+        self, model: str, texts: list[str], wire: str = "anthropic"
+    ) -> web.Response | None:
+        """A ``stub-fail:`` directive's error, for the first calls of this request only, in
+        the wire's own words (Ollama: 503 is its full queue, 404 an unknown model)."""
+        if (planned := self._planned_status(model, texts)) is None:
+            return None
+        status, after = planned
+        if wire == "openai":
+            return _openai_error(status, f"stub-fail {status}")
+        if wire != "anthropic":
+            message = _OLLAMA_ERRORS.get(status, _OLLAMA_ERRORS[500])
+            if status == 404:
+                message = f"model '{model}' not found"
+            return web.json_response({"error": message}, status=status)
+        after = after or ("1" if status == 429 else "none")
+        headers = {} if after == "none" else {"retry-after": after}
+        kind, message = _ANTHROPIC_ERRORS.get(status, _ANTHROPIC_ERRORS[500])
+        return _anthropic_error(status, kind, message, **headers)
+
+    # -- Message Batches: what the batch routes ask of the server -------------------------
+
+    def batch_rejection(self, request: web.Request) -> web.Response | None:
+        return _anthropic_header_rejection(request)
+
+    @staticmethod
+    def batch_error(status: int, kind: str, message: str) -> web.Response:
+        return _anthropic_error(status, kind, message)
+
+    def batch_plan(self, params: dict[str, Any]) -> Plan:
+        """How a row will be answered, chosen when its batch is created: a hanging one never
+        finishes, a slow one takes ``slow_delay`` longer."""
+        model = str(params.get("model") or "")
+        behaviour, key = self._choose(model, _message_texts(params))
+        extra = {Behaviour.HANG: None, Behaviour.SLOW: self.slow_delay}.get(behaviour, 0.0)
+        return Plan(model, behaviour, key, extra)
+
+    def batch_result(self, params: dict[str, Any], plan: Plan) -> dict[str, Any]:
+        """A processed row: what ``/v1/messages`` would answer for these params without
+        streaming, its refusals as ``errored`` rows; billed at the batch tier."""
+        behaviour = Behaviour(plan.behaviour or Behaviour.TEXT)
+        error = _anthropic_params_error(params)
+        if error is None and (planned := self._planned_status(plan.model, _message_texts(params))):
+            kind, message = _ANTHROPIC_ERRORS.get(planned[0], _ANTHROPIC_ERRORS[500])
+            error = planned[0], kind, message
+        if error is None and behaviour in (Behaviour.HTTP_500, Behaviour.HTTP_429):
+            status = 500 if behaviour is Behaviour.HTTP_500 else 429
+            error = status, *_ANTHROPIC_ERRORS[status]
+        if error is not None:
+            _, kind, message = error
+            body = {"type": "error", "error": {"type": kind, "message": message}}
+            return {"type": "errored", "error": {**body, "request_id": None}}
+        text, usage, cut = self._compose(params, "anthropic", behaviour, plan.key or plan.model)
+        refused = behaviour is Behaviour.PROVIDER_REFUSAL
+        message_ = self._anthropic_message(params, text, usage, cut, refused)
+        message_["usage"]["service_tier"] = "batch"
+        return {"type": "succeeded", "message": message_}
 
     async def _ollama_generate(
         self, request: web.Request, body: dict[str, Any], wire: str, model: str, started: int
@@ -1002,22 +1110,33 @@ class StubServer:
             return web.Response()
         if behaviour is Behaviour.SLOW:
             await asyncio.sleep(self.slow_delay)
-        texts = _message_texts(body)
-        text = answer_text(behaviour, key, _last_user_text(body))
-        cut = behaviour is Behaviour.LENGTH
-        limit = _output_limit(wire, body)
-        if limit is not None and _tokens([text]) > limit:  # the answer stops at its limit
-            text, cut = text[: limit * 4], True
-        prompt = _tokens(texts)
-        if context is not None:  # what did not fit was never read
-            prompt = min(prompt, context)
-        usage = (prompt, _tokens([text]))
+        text, usage, cut = self._compose(body, wire, behaviour, key, context)
         if wire == "anthropic":
             refused = behaviour is Behaviour.PROVIDER_REFUSAL
             return await self._anthropic(request, body, text, usage, cut, refused)
         if wire == "openai":
             return await self._openai(request, body, text, usage, timing[2], cut)
         return await self._ollama(request, body, text, wire, usage, timing, cut)
+
+    @staticmethod
+    def _compose(
+        body: dict[str, Any],
+        wire: str,
+        behaviour: Behaviour,
+        key: str,
+        context: int | None = None,
+    ) -> tuple[str, tuple[int, int], bool]:
+        """A non-failing behaviour's answer: its text, (prompt, answer) tokens, and whether
+        it was cut at its output limit."""
+        text = answer_text(behaviour, key, _last_user_text(body))
+        cut = behaviour is Behaviour.LENGTH
+        limit = _output_limit(wire, body)
+        if limit is not None and _tokens([text]) > limit:  # the answer stops at its limit
+            text, cut = text[: limit * 4], True
+        prompt = _tokens(_message_texts(body))
+        if context is not None:  # what did not fit was never read
+            prompt = min(prompt, context)
+        return text, (prompt, _tokens([text])), cut
 
     def _admit(self, model: str) -> tuple[_Runner, asyncio.Future[None] | None]:
         """Count a request in: a free slot now (no waiter), a place in the queue, or 503."""
@@ -1213,15 +1332,15 @@ class StubServer:
             "cache_read_input_tokens": read,
         }
 
-    async def _anthropic(
+    def _anthropic_message(
         self,
-        request: web.Request,
         body: dict[str, Any],
         text: str,
         usage: tuple[int, int],
         cut: bool,
         refused: bool = False,
-    ) -> web.StreamResponse:
+    ) -> dict[str, Any]:
+        """The whole ``Message`` (anthropic-sdk-python: types/message.py) for this answer."""
         block, stop_reason = _anthropic_content(body, text)
         if refused:
             block, stop_reason = {"type": "text", "text": text}, "refusal"
@@ -1230,7 +1349,7 @@ class StubServer:
         stop: dict[str, Any] = {"stop_reason": stop_reason}
         if refused:
             stop["stop_details"] = REFUSAL_DETAILS
-        message: dict[str, Any] = {
+        return {
             "id": _rid("msg_01"),
             "type": "message",
             "role": "assistant",
@@ -1240,6 +1359,19 @@ class StubServer:
             "stop_sequence": None,
             "usage": {"output_tokens": usage[1], **self._cache_usage(body, usage[0])},
         }
+
+    async def _anthropic(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        text: str,
+        usage: tuple[int, int],
+        cut: bool,
+        refused: bool = False,
+    ) -> web.StreamResponse:
+        message = self._anthropic_message(body, text, usage, cut, refused)
+        [block] = message["content"]
+        stop = {k: message[k] for k in ("stop_reason", "stop_details") if k in message}
         headers = {"request-id": _rid("req_01")}
         if body.get("stream") is not True:
             return web.json_response(message, headers=headers)
@@ -1299,6 +1431,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ollama-delay", type=float, default=0.0, help="seconds per generation")
     parser.add_argument("--cold-load", type=float, default=0.0, help="seconds a first load takes")
     parser.add_argument("--strict-models", action="store_true", help="404 for unknown models")
+    parser.add_argument(
+        "--batch-seconds", type=float, default=0.5, help="seconds a Message Batch processes"
+    )
     args = parser.parse_args(argv)
     defaults: list[tuple[str, Behaviour]] = []
     for item in args.set:
@@ -1318,6 +1453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ollama_delay=args.ollama_delay,
             cold_load=args.cold_load,
             strict_models=args.strict_models,
+            batch_seconds=args.batch_seconds,
         )
     except ValueError as exc:
         parser.error(str(exc))
