@@ -17,6 +17,8 @@ from redis.asyncio import Redis
 
 from bench import (
     backfill,
+    batches,
+    cache,
     cloud,
     hostile,
     idle,
@@ -38,6 +40,8 @@ NAMES = (
     "backfill",
     "cloud",
     "tokens",
+    "cache",
+    "batches",
     "real_model",
 )
 #: Not in a run without names: they need the real-model group.
@@ -71,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--e2e-rounds", type=int, help="backfill command runs per row count (1)")
     g = p.add_argument_group("cloud")
     g.add_argument("--retry-jobs", type=int, help="jobs per retries variant (200)")
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache-jobs", type=int, help="sequential measured jobs per variant (500)")
+    g = p.add_argument_group("batches")
+    g.add_argument("--batch-rows", type=int, help="backfill rows, half to the cloud (2000)")
+    g.add_argument(
+        "--batch-seconds", type=float, default=2.0, help="the stub's batch time (%(default)s)"
+    )
     g = p.add_argument_group("real_model")
     g.add_argument("--real-jobs", type=int, help="sequential jobs per case (30)")
     g.add_argument(
@@ -117,10 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.retry_jobs = pick(args.retry_jobs, 200, 60)
     args.budget_jobs = pick(args.budget_jobs, 300, 100)
     args.real_jobs = pick(args.real_jobs, 30, 5)
+    args.cache_jobs = pick(args.cache_jobs, 500, 100)
+    args.batch_rows = pick(args.batch_rows, 2000, 400)
     counts = [args.jobs, args.jobs_arq_default, args.overhead_rounds, args.concurrency]
     counts += [args.rows, args.rss_rows, args.client_rows, args.rounds, args.e2e_rounds]
     counts += [args.retry_jobs, args.retry_concurrency, args.budget_jobs]
-    counts += [args.budget_concurrency, args.budget_max_jobs, args.real_jobs]
+    counts += [args.budget_concurrency, args.budget_max_jobs, args.real_jobs, args.cache_jobs]
+    counts += [args.batch_rows]
     if min(counts) < 1:
         p.error("counts must be at least 1")
     if not 0 < args.budget_usd < 1e6:
@@ -226,6 +240,18 @@ async def main_async(args: argparse.Namespace) -> int:
                 data = await cloud.run(cfg_c, stub_url, run_id)
             elif name == "tokens":
                 data = tokens.run()
+            elif name == "cache":
+                cfg_k = cache.CacheConfig(
+                    args.redis_url,
+                    jobs=args.cache_jobs,
+                    warmup=args.warmup_jobs,
+                    rounds=args.overhead_rounds,
+                )
+                data = await cache.run(cfg_k, stub_url, run_id)
+            elif name == "batches":
+                data = await batches.run(
+                    args.redis_url, run_id, args.batch_rows, args.batch_seconds
+                )
             elif name == "real_model":
                 data = await real_model.run(args.redis_url, stub_url, run_id, args.real_jobs)
             else:

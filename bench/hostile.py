@@ -67,7 +67,7 @@ def legacy(entry: Hostile, answer: str | None) -> tuple[str, float]:
 
 async def run(stub_url: str, run_id: str) -> dict[str, Any]:
     set_offline_env()
-    from llm_router.worker.jobs import RouteJobs
+    from llm_router.worker.jobs import Finished, RouteJobs
     from llm_router.worker.logs import configure_logging
 
     configure_logging("WARNING", "console")  # stdout is for the table; the router logs there
@@ -89,6 +89,7 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
         blob = json.dumps({"t": 1, "f": "route", "a": [request], "k": {}, "et": 1}).encode()
         started = time.perf_counter()
         finished = await jobs.run(claimed(f"innocent-{n}", blob))
+        assert isinstance(finished, Finished), finished
         assert finished.result.ok, finished.result
         return time.perf_counter() - started
 
@@ -110,6 +111,7 @@ async def run(stub_url: str, run_id: str) -> dict[str, Any]:
             helpers = [asyncio.create_task(innocents(stop, latencies))]
             started = time.perf_counter()
             finished = await jobs.run(claimed(f"hostile-{run_id}", blob))
+            assert isinstance(finished, Finished), finished
             out = finished.result.model_dump(mode="json")
             took = time.perf_counter() - started
             await asyncio.sleep(0.05)  # let the innocent stream show the tail of it

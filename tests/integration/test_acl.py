@@ -52,7 +52,8 @@ WORKER_ACL = (
     " &llm_router_metrics &llm_router:cancel"
     " -@all +ping +info +time +evalsha +script|load +script|exists"
     " +get +set +mget +del +exists +expire +pexpire +pttl +incr +decr"
-    " +lpush +lpop +blpop +ltrim +hget +hmget +hset +hdel +hgetall +hincrby"
+    " +lpush +rpush +lpop +blpop +ltrim +llen +lindex +lrange"
+    " +hget +hmget +hset +hdel +hexists +hlen +hgetall +hincrby"
     " +zadd +zrem +zcard +zcount +zscore +zrank +zrange +zrangebyscore"
     " +zremrangebyscore +zremrangebyrank +publish +subscribe +unsubscribe"
 )
@@ -201,7 +202,8 @@ async def test_the_least_privilege_worker_does_all_its_work_without_a_refusal(
 ) -> None:
     """Jobs handed over and polled, both lanes, heartbeats, metrics and /metrics, a budget,
     a breaker that opens, a capacity slot, a deadline, a cancel, a failure kept in the
-    registry, a backfill, a graceful stop: not one command or key refused to the worker."""
+    registry, a backfill whose cloud rows are parked for a Message Batch, a graceful stop:
+    not one command or key refused to the worker."""
     from llm_router.client.backfill import Backfill
 
     local = {"model": "ollama_chat/qwen2.5:7b", "timeout": 10.0, "api_base": stub.url}
@@ -214,7 +216,7 @@ async def test_the_least_privilege_worker_does_all_its_work_without_a_refusal(
     flaky = {**local, "model": "ollama_chat/llama3.1:8b", "breaker_failures": 1}
     chains = {
         "default": [{**local, "max_in_flight": 1, "max_wait": 20}, haiku],
-        "batch": [local],
+        "batch": [local, {**haiku, "batch_api": True}],
         "flaky": [flaky, haiku],
         "local_only": [local],
     }
@@ -225,6 +227,8 @@ async def test_the_least_privilege_worker_does_all_its_work_without_a_refusal(
         budgets=json.dumps({"default": 100.0}),
         poll_delay="0.05",
         lease_seconds="2",
+        batch_wait="0.5",
+        batch_poll="0.3",
         metrics_port=str(metrics_port),
     )
     admin_url = url(acl_server, "default", ADMIN_PASSWORD)
@@ -258,10 +262,15 @@ async def test_the_least_privilege_worker_does_all_its_work_without_a_refusal(
             )
         rows = tmp_path / "rows.jsonl"
         rows.write_text(
-            "".join(json.dumps({"id": n, "prompt": f"acl row {n}"}) + "\n" for n in range(5))
+            "".join(
+                json.dumps({"id": n, "prompt": f"{'stub:qwen=refusal ' * (n % 2)}acl row {n}"})
+                + "\n"
+                for n in range(5)
+            )
         )
         summary = await Backfill(admin, rows, tmp_path / "out.jsonl").run()
         assert summary.written == 5
+        assert summary.per_model == {"ollama_chat/qwen2.5:7b": 3, haiku["model"]: 2}
         scrape = await asyncio.to_thread(
             urllib.request.urlopen, f"http://127.0.0.1:{metrics_port}/metrics", timeout=10
         )

@@ -261,8 +261,8 @@ async def test_status_with_hand_written_heartbeats_and_pending_jobs(
     mine = [w for w in data["workers"] if queue in w["queues"]]
     assert {w["worker_id"] for w in mine} == {one.worker_id, two.worker_id}
     assert data["queues"] == {
-        queue: {"depth": 5, "pending": 2, "running": 3},
-        batch: {"depth": 1, "pending": 1, "running": 0},
+        queue: {"depth": 5, "pending": 2, "running": 3, "parked": 0},
+        batch: {"depth": 1, "pending": 1, "running": 0, "parked": 0},
     }
     assert data["breakers"]["m"]["state"] == "open"
     assert {"models", "spend_today", "in_flight"} <= set(data)
@@ -304,7 +304,7 @@ async def test_status_reflects_two_busy_workers_and_pending_jobs(
     keys.keys.update(k for j in job_ids for k in (job_key(j), result_key(j)))
     keys.keys.update(f"arq:{kind}:{j}" for j in job_ids for kind in ("in-progress", "retry"))
     before = await status_json(queue, unserved)
-    assert before["queues"][queue] == {"depth": 6, "pending": 6, "running": 0}
+    assert before["queues"][queue] == {"depth": 6, "pending": 6, "running": 0, "parked": 0}
     busy = start_workers(
         workers,
         tmp_path,
@@ -327,8 +327,8 @@ async def test_status_reflects_two_busy_workers_and_pending_jobs(
     assert all(w["state"] == "serving" for w in mine)
     assert [w["running"].get(queue) for w in mine] == [2, 2]
     assert all(w["max_jobs"] == 2 for w in mine)
-    assert data["queues"][queue] == {"depth": 6, "pending": 2, "running": 4}
-    assert data["queues"][unserved] == {"depth": 3, "pending": 3, "running": 0}
+    assert data["queues"][queue] == {"depth": 6, "pending": 2, "running": 4, "parked": 0}
+    assert data["queues"][unserved] == {"depth": 3, "pending": 3, "running": 0, "parked": 0}
     assert data["in_flight"] >= 4
     text = await cli("--queue", queue, "status", "--batch-queue", unserved)
     assert text.returncode == 0, text.stderr

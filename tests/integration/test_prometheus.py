@@ -110,6 +110,9 @@ async def test_shared_values_come_from_redis(
         await asyncio.sleep(0.25)
     assert value(m, "llm_router_spend_today_usd", chain=CHAIN) >= result.cost_usd
     assert value(m, "llm_router_live_workers") >= 1
+    # Message Batches: shared counts, served whether or not a model uses them.
+    assert ("llm_router_parked_jobs", frozenset()) in m
+    assert ("llm_router_open_batches", frozenset()) in m
     assert ("llm_router_queue_depth", frozenset({("queue", queue), ("lane", "interactive")})) in m
     assert value(m, "llm_router_shared_outcomes", model=HAIKU, outcome="success") >= 1
 

@@ -153,7 +153,7 @@ async def test_an_unsupported_protocol_version_gets_its_own_error(
     job_id = await enqueue_raw(redis, queue_name, request)
     result = await client.wait(job_id, timeout=20)
     assert result.status == "invalid_request"
-    assert result.error == "unsupported protocol version 999 (supported: 1, 2)"
+    assert result.error == "unsupported protocol version 999 (supported: 1, 2, 3)"
 
 
 async def test_named_chain_is_used(client: RouterClient) -> None:
@@ -202,6 +202,7 @@ async def test_metrics_event_as_a_subscriber_receives_it(
         "model", "outcome", "reason", "latency_ms", "load_ms", "retries", "retry_error",
         "input_tokens", "output_tokens", "cache_read_input_tokens",
         "cache_creation_input_tokens", "cost_usd", "finish_reason", "deployment",
+        "batch_id",
     }  # fmt: skip
     assert set(event["breakers"].values()) == {"closed"}
     assert QWEN in event["breakers"]

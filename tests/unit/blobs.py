@@ -26,4 +26,5 @@ NO_USAGE: dict[str, object] = {
     "cost_usd": 0.0,
     "finish_reason": None,
     "deployment": None,
+    "batch_id": None,
 }

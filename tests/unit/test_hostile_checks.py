@@ -14,7 +14,7 @@ import pytest
 from llm_router.client.client import build_request
 from llm_router.client.schemas import compile_schema
 from llm_router.worker.checks import AnswerChecks, AnswerLimits, RefusalDetector, judge
-from llm_router.worker.jobs import RouteJobs, decode_job
+from llm_router.worker.jobs import Finished, RouteJobs, decode_job
 from llm_router.worker.offload import Offload
 from llm_router.worker.router import Router
 from llm_router.worker.settings import DEFAULT_REFUSAL_PATTERNS, Settings
@@ -56,6 +56,7 @@ async def test_the_worker_answers_request_side_entries_invalid_request(entry: Ho
     router = Router(settings)
     try:
         finished = await RouteJobs(router, settings).run(claimed("hostile", blob))
+        assert isinstance(finished, Finished), finished
     finally:
         await router.aclose()
     out = finished.result.model_dump(mode="json")

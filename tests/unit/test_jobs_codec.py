@@ -185,7 +185,9 @@ def router(monkeypatch: pytest.MonkeyPatch) -> Router:
 
 
 async def run_job(router: Router, job_id: str, blob: bytes) -> Finished:
-    return await RouteJobs(router, router.settings).run(claimed(job_id, blob))
+    finished = await RouteJobs(router, router.settings).run(claimed(job_id, blob))
+    assert isinstance(finished, Finished), finished
+    return finished
 
 
 async def test_route_job_routes_and_returns_its_result(router: Router) -> None:
@@ -332,6 +334,7 @@ async def test_too_many_messages_and_too_big_schema_are_invalid_requests(
 async def test_a_poison_job_gets_a_clear_failed_result(router: Router) -> None:
     jobs = RouteJobs(router, router.settings)
     finished = await jobs.run(claimed("p1", inproc_blob(REQUEST), tries=4))
+    assert isinstance(finished, Finished), finished
     assert finished.result.status == "failed"
     assert finished.result.error is not None
     assert "started too often" in finished.result.error

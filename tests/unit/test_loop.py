@@ -461,6 +461,7 @@ async def test_a_job_that_cannot_run_is_answered_on_the_list_its_blob_names(
 ) -> None:
     blob = {"t": 1, "f": "nope", "a": [], "k": {"reply_to": "llm_router:reply:p"}, "et": 1}
     finished = await jobs.run(claimed("p1", blob))
+    assert isinstance(finished, Finished), finished
     assert (finished.success, finished.announce) == (False, False)
     assert finished.reply_to == "llm_router:reply:p"
     assert finished.result.status == "invalid_request"
@@ -470,6 +471,7 @@ async def test_a_job_that_cannot_run_is_answered_on_the_list_its_blob_names(
 async def test_a_job_over_max_tries_fails_without_running(jobs: RouteJobs) -> None:
     blob = {"t": 1, "f": "route", "a": [{"messages": []}], "k": {}, "et": 1}
     finished = await jobs.run(claimed("p2", blob, tries=4))
+    assert isinstance(finished, Finished), finished
     assert finished.result.status == "failed"
     assert "not tried again" in (finished.result.error or "")
     assert finished.result.attempts == []
@@ -477,8 +479,10 @@ async def test_a_job_over_max_tries_fails_without_running(jobs: RouteJobs) -> No
 
 async def test_an_expired_or_unreadable_job_gets_its_result(jobs: RouteJobs) -> None:
     expired = await jobs.run(claimed("p3", None))
+    assert isinstance(expired, Finished)
     assert expired.result.error == "JobExecutionFailed: job expired"
     pickled = await jobs.run(claimed("p4", b"\x80\x04K\x01."))
+    assert isinstance(pickled, Finished)
     assert pickled.result.status == "invalid_request"
     assert pickled.result.error == (
         "job payload is not a JSON arq job: pickle payloads are refused; jobs must be JSON"

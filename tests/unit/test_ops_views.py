@@ -128,8 +128,8 @@ def test_status_screen_shows_workers_queues_models_breakers_and_spend(status: St
     assert "stopping" in other
     assert "1/4" in other
     # depth, pending, running, serving workers (the stopping one does not count)
-    assert row(text, QUEUE) == [QUEUE, "7", "4", "3", "1"]
-    assert row(text, BATCH) == [BATCH, "0", "0", "1", "1"]  # pending is floored at 0
+    assert row(text, QUEUE) == [QUEUE, "7", "4", "3", "0", "1"]
+    assert row(text, BATCH) == [BATCH, "0", "0", "1", "0", "1"]  # pending is floored at 0
     assert row(text, QWEN) == [QWEN, "30", "9", "1", "5", "75.0%"]
     assert row(text, HAIKU) == [HAIKU, "0", "0", "0", "2", "—"]  # only skipped: no rate
     # The open shared breaker is listed, the quiet closed one only counted.
@@ -177,8 +177,8 @@ def test_status_json(status: Status) -> None:
     assert data["workers"][0]["running_total"] == 3
     assert data["in_flight"] == 4
     assert data["queues"] == {
-        QUEUE: {"depth": 7, "pending": 4, "running": 3},
-        BATCH: {"depth": 0, "pending": 0, "running": 1},  # pending is floored at 0
+        QUEUE: {"depth": 7, "pending": 4, "running": 3, "parked": 0},
+        BATCH: {"depth": 0, "pending": 0, "running": 1, "parked": 0},  # pending floored at 0
     }
     assert data["models"][QWEN]["success_rate"] == 0.75
     assert data["models"][HAIKU]["success_rate"] is None

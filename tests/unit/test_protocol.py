@@ -56,7 +56,18 @@ def test_an_unsupported_version_is_named_before_anything_else(v: object) -> None
         RouteRequest.model_validate({"v": v, "messages": [USER], "from_the_future": 1})
     [error] = info.value.errors()  # the version alone, not the unknown field
     assert error["msg"].startswith("Value error, unsupported protocol version ")
-    assert error["msg"].endswith(" (supported: 1, 2)")
+    assert error["msg"].endswith(" (supported: 1, 2, 3)")
+
+
+def test_cache_ttl_is_a_version_3_field() -> None:
+    request = RouteRequest.model_validate({"v": 3, "messages": [USER], "cache_ttl": 60})
+    assert (request.v, request.cache_ttl) == (3, 60)
+    assert request.wire()["v"] == 3
+    for v in (1, 2):
+        with pytest.raises(
+            ValidationError, match='cache_ttl needs protocol version 3: send "v": 3'
+        ):
+            RouteRequest.model_validate({"v": v, "messages": [USER], "cache_ttl": 60})
 
 
 def test_expires_in_is_a_version_2_field() -> None:

@@ -62,7 +62,7 @@ def test_schema_is_a_valid_2020_12_schema_with_an_id(name: str) -> None:
     loaded = wire.schema(name)
     Draft202012Validator.check_schema(loaded)
     assert loaded["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert loaded["$id"] == f"urn:llm-router:protocol:v2:{name}"
+    assert loaded["$id"] == f"urn:llm-router:protocol:v3:{name}"
 
 
 def test_unknown_schema_name_is_refused() -> None:
@@ -204,6 +204,9 @@ ACCEPTED: list[dict[str, Any]] = [
     build_request("hi", context="svc", chain="cheap", metadata={"k": 1}).wire(),
     {"v": 2, "messages": [USER], "expires_in": 12.5},
     build_request("hi", expires_in=30).wire(),
+    {"v": 3, "messages": [USER], "cache_ttl": 0},
+    {"v": 3, "messages": [USER], "cache_ttl": 2_592_000, "expires_in": 5},
+    build_request("hi", cache_ttl=3600).wire(),
 ]
 
 REFUSED: list[dict[str, Any]] = [
@@ -214,8 +217,13 @@ REFUSED: list[dict[str, Any]] = [
     {"messages": [{"role": "user"}]},
     {"messages": [{"role": "user", "content": 5}]},
     {"messages": [USER], "prompt": "hi"},
-    {"messages": [USER], "v": 3},
+    {"messages": [USER], "v": 4},
     {"messages": [USER], "expires_in": 30},
+    {"messages": [USER], "cache_ttl": 60},
+    {"messages": [USER], "v": 2, "cache_ttl": 60},
+    {"messages": [USER], "v": 3, "cache_ttl": -1},
+    {"messages": [USER], "v": 3, "cache_ttl": 2_592_001},
+    {"messages": [USER], "v": 3, "cache_ttl": 1.5},
     {"messages": [USER], "v": 2, "expires_in": 0},
     {"messages": [USER], "v": "1"},
     {"messages": [USER], "context": "x" * 201},

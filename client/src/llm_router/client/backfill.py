@@ -37,6 +37,7 @@ from llm_router.client.idset import IdSet
 from llm_router.client.keys import (
     DEFAULT_BATCH_QUEUE,
     JOB_PREFIX,
+    PARKED_KEY,
     RESULT_PREFIX,
     result_key,
     wake_key,
@@ -125,6 +126,9 @@ class BackfillSummary:
     ended: Ending = "running"
     #: Why the run ended early, for ``redis_error``.
     error: str | None = None
+    #: Of the rows in flight, those parked until their Message Batch answers (as of the
+    #: last sweep).
+    parked: int = 0
 
     @property
     def done(self) -> int:
@@ -246,6 +250,7 @@ class Backfill:
         sweep_age: float = 10.0,
         reconnect_for: float = 30.0,
         expires_in: float | None = None,
+        cache_ttl: int | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -253,7 +258,13 @@ class Backfill:
         self._input_path = Path(input_path)
         self._output = OutputFile(output_path)
         # Rows never expire unless asked: a backfill waits for the workers however long.
-        self._parser = RowParser(schema=schema, chain=chain, context=context, expires_in=expires_in)
+        self._parser = RowParser(
+            schema=schema,
+            chain=chain,
+            context=context,
+            expires_in=expires_in,
+            cache_ttl=cache_ttl,
+        )
         self._deadline_ms: int | str = (
             "" if expires_in is None else max(1, round(expires_in * 1000))
         )
@@ -261,6 +272,7 @@ class Backfill:
         self._queue = batch_queue or default_batch_queue()
         self.on_progress = on_progress
         self._sweep_every, self._sweep_age = sweep_every, sweep_age
+        self._parked = 0
         self._reconnect_for = reconnect_for
         self._script = redis.register_script(_ENQUEUE_LUA)
         self._tally = Tally()
@@ -307,6 +319,7 @@ class Backfill:
             invalid=tally.invalid,
             enqueued=self._enqueued,
             in_flight=len(self._in_flight),
+            parked=self._parked,
             missing=max(0, total - tally.total - self._already_done),
             per_model=dict(tally.per_model),
             per_reason=dict(tally.per_reason),
@@ -608,9 +621,22 @@ class Backfill:
                     for job_id, blob in zip(chunk, blobs, strict=True):
                         if blob is not None:
                             self._deliver(job_id, result_from_blob(blob))
+                self._parked = await self._count_parked()
                 outage.ok()
             except _TRANSIENT as exc:
                 await outage.failed(exc)
+
+    async def _count_parked(self) -> int:
+        """How many rows in flight wait for a Message Batch (one ZMSCORE per chunk); 0
+        for a producer whose ACL does not let it read the parked set."""
+        ids, parked = list(self._in_flight), 0
+        try:
+            for start in range(0, len(ids), _MGET_CHUNK):
+                scores = await self._redis.zmscore(PARKED_KEY, ids[start : start + _MGET_CHUNK])
+                parked += sum(score is not None for score in scores)
+        except ResponseError:  # NOPERM: the count is a nicety, the run goes on
+            return 0
+        return parked
 
     async def _flush_loop(self) -> None:
         assert self._sink is not None

@@ -1,5 +1,5 @@
 """The ``llm-router`` command: route one prompt, backfill a JSONL file, report costs, or
-look at the fleet (health, status, metrics)."""
+look at the fleet (health, status, metrics, the response cache)."""
 
 from __future__ import annotations
 
@@ -30,17 +30,19 @@ from llm_router.client.backfill import (
     BackfillSummary,
     default_batch_queue,
 )
+from llm_router.client.cache import purge as purge_cache
+from llm_router.client.cache import read_stats as read_cache_stats
 from llm_router.client.client import DEFAULT_REDIS_URL, RouterClient
 from llm_router.client.connections import redis_from_url
 from llm_router.client.costs import as_json as costs_json
 from llm_router.client.costs import render as render_costs
-from llm_router.client.counters import read_counters
+from llm_router.client.counters import cache_hits, parse_counters
 from llm_router.client.failed import FailedJobs
 from llm_router.client.follow import follow, styled_line
 from llm_router.client.health import check
-from llm_router.client.keys import DEFAULT_QUEUE, METRICS_CHANNEL
+from llm_router.client.keys import DEFAULT_QUEUE, METRICS_CHANNEL, METRICS_COUNTERS_KEY
 from llm_router.client.progress import ProgressView, make_progress
-from llm_router.client.protocol import MAX_EXPIRES_IN_S, RouteResult
+from llm_router.client.protocol import MAX_CACHE_TTL_S, MAX_EXPIRES_IN_S, RouteResult
 from llm_router.client.rows import BackfillError
 from llm_router.client.server import RedisFull
 from llm_router.client.spend import read_days
@@ -71,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds to wait (default 120); the job expires with the wait",
     )
+    route.add_argument(
+        "--cache-ttl",
+        type=_cache_ttl,
+        metavar="SECONDS",
+        help="answer from the response cache if the same request was answered within "
+        "SECONDS, and keep this answer as long (0: not at all; default: the chain's)",
+    )
     cancel = sub.add_parser(
         "cancel",
         help="stop queued or running jobs; they end 'cancelled'",
@@ -91,7 +100,27 @@ def _parser() -> argparse.ArgumentParser:
     costs.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_ops(sub)
     _add_failed(sub)
+    _add_cache(sub)
     return parser
+
+
+def _add_cache(sub: Any) -> None:
+    cache = sub.add_parser(
+        "cache",
+        help="the response cache: stats, purge",
+        description=(
+            "The response cache the workers keep for requests that ask for it (cache_ttl, "
+            "or a chain's default): how often it answered, and emptying it."
+        ),
+    )
+    verbs = cache.add_subparsers(dest="verb", required=True)
+    stats = verbs.add_parser(
+        "stats", help="entries (counted with SCAN), hits, misses, stores, hit ratio"
+    )
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead")
+    verbs.add_parser(
+        "purge", help="delete every entry (SCAN and UNLINK in batches); the counters stay"
+    )
 
 
 def _add_failed(sub: Any) -> None:
@@ -176,6 +205,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _cache_ttl(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_CACHE_TTL_S:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_CACHE_TTL_S} (30 days)")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     value = float(text)
     if not 0 < value <= MAX_EXPIRES_IN_S:
@@ -217,6 +253,14 @@ def _add_backfill(sub: Any) -> None:
         help="a row not started this long after it is queued ends 'expired' (default: never)",
     )
     backfill.add_argument(
+        "--cache-ttl",
+        type=_cache_ttl,
+        metavar="SECONDS",
+        help="answer rows from the response cache when the same request was answered "
+        "within SECONDS (a rerun into another file), and keep each answer as long "
+        "(0: not at all; default: the chain's)",
+    )
+    backfill.add_argument(
         "--batch-queue",
         metavar="NAME",
         help="batch queue (default: LLM_ROUTER_BATCH_QUEUE_NAME, else llm_router:batch)",
@@ -249,6 +293,7 @@ async def _route(args: argparse.Namespace) -> int:
                 context=args.context,
                 chain=args.chain,
                 expires_in=args.timeout if args.timeout > 0 else None,
+                cache_ttl=args.cache_ttl,
             )
         except ValidationError as exc:
             return _fail(EXIT_USAGE, f"invalid request: {exc.errors()[0]['msg']}")
@@ -333,6 +378,7 @@ async def _backfill(args: argparse.Namespace, redis: Redis) -> int:
             max_in_flight=args.max_in_flight,
             batch_queue=args.batch_queue,
             expires_in=args.expires_in,
+            cache_ttl=args.cache_ttl,
         )
     except (BackfillError, ValueError) as exc:
         return _fail(EXIT_USAGE, str(exc))
@@ -420,6 +466,27 @@ async def _failed(args: argparse.Namespace, redis: Redis) -> int:
     return EXIT_OK
 
 
+@_with_redis()
+async def _cache(args: argparse.Namespace, redis: Redis) -> int:
+    try:
+        if args.verb == "purge":
+            print(f"purged {await purge_cache(redis)} cache entries")
+            return EXIT_OK
+        stats = await read_cache_stats(redis)
+    except (RedisError, OSError) as exc:
+        return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
+    if args.json:
+        print(json.dumps(stats.as_json(), indent=2))
+        return EXIT_OK
+    ratio = "—" if stats.hit_ratio is None else f"{stats.hit_ratio:.1%}"
+    print(f"entries    {stats.entries}")
+    print(f"hits       {stats.hits}")
+    print(f"misses     {stats.misses}")
+    print(f"stores     {stats.stores}")
+    print(f"hit ratio  {ratio}")
+    return EXIT_OK
+
+
 def _queue(args: argparse.Namespace) -> str:
     name: str = args.queue or os.environ.get("LLM_ROUTER_QUEUE_NAME") or DEFAULT_QUEUE
     return name
@@ -493,15 +560,19 @@ async def _metrics(args: argparse.Namespace, redis: Redis) -> int:
     if args.follow:
         return await _follow(redis, args)
     try:
-        models = await read_counters(redis)
+        raw: dict[Any, Any] = await redis.hgetall(METRICS_COUNTERS_KEY)  # type: ignore[misc]
+        models, hits = parse_counters(raw), cache_hits(raw)
     except (RedisError, OSError) as exc:
         return _fail(EXIT_REDIS, f"cannot reach Redis: {type(exc).__name__}")
     if args.json:
         print(json.dumps(models_json(models), indent=2))
-    elif models:
+        return EXIT_OK
+    if models:
         Console().print(models_table(models, "Counters per model (all workers, all time)"))
-    else:
+    elif not hits:
         print("No jobs counted yet.")
+    if hits:
+        print(f"Answered from the response cache: {hits} jobs (no model called)")
     return EXIT_OK
 
 
@@ -576,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
         "backfill": _backfill,
+        "cache": _cache,
         "cancel": _cancel,
         "costs": _costs,
         "failed": _failed,

@@ -99,9 +99,10 @@ def build_request(
     chain: str | None = None,
     metadata: dict[str, Any] | None = None,
     expires_in: float | None = None,
+    cache_ttl: int | None = None,
 ) -> RouteRequest:
     """Validate a request before it is enqueued; a bare string is one user message.
-    ``expires_in`` makes it a version 2 request."""
+    ``expires_in`` makes it a version 2 request, ``cache_ttl`` a version 3 one."""
     msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
     fields: dict[str, Any] = {"messages": list(msgs), "schema": schema, "context": context}
     if chain is not None:
@@ -111,6 +112,9 @@ def build_request(
     if expires_in is not None:
         fields["expires_in"] = expires_in
         fields["v"] = 2
+    if cache_ttl is not None:
+        fields["cache_ttl"] = cache_ttl
+        fields["v"] = 3
     return RouteRequest.model_validate(fields)
 
 
@@ -210,6 +214,7 @@ class RouterClient:
         metadata: dict[str, Any] | None = None,
         job_id: str | None = None,
         expires_in: float | None = None,
+        cache_ttl: int | None = None,
     ) -> JobHandle:
         """Validate and enqueue one request; a repeated ``job_id`` is not queued again.
         Raises :class:`~llm_router.client.server.RedisFull` when Redis refuses the write
@@ -218,6 +223,10 @@ class RouterClient:
         ``expires_in``: seconds, counted on Redis' clock from now, after which the job
         is not started (and a running one starts no further model); its result is then
         ``expired``. None: it waits for a worker as long as its key lives (a day).
+
+        ``cache_ttl``: seconds; the same request (chain, messages, schema) answered ``ok``
+        within them is answered from the response cache, and this answer is kept as long
+        (0: neither, whatever the chain's default). None: the chain's default.
         """
         request = build_request(
             messages,
@@ -226,6 +235,7 @@ class RouterClient:
             chain=chain,
             metadata=metadata,
             expires_in=expires_in,
+            cache_ttl=cache_ttl,
         )
         return await self.enqueue_request(request, job_id=job_id)
 
@@ -395,12 +405,13 @@ class RouterClient:
         metadata: dict[str, Any] | None = None,
         timeout: float | None = 120.0,
         expires_in: float | Unset | None = UNSET,
+        cache_ttl: int | None = None,
     ) -> RouteResult:
         """Enqueue and wait; raise :class:`RouteFailed` unless a model answered.
 
         The job expires when this call stops waiting (``expires_in`` = ``timeout``)
         unless ``expires_in`` says otherwise (None: never), so that nobody answers, and
-        pays for, a request whose caller has gone.
+        pays for, a request whose caller has gone. ``cache_ttl``: as for :meth:`enqueue`.
         """
         if isinstance(expires_in, Unset):
             expires_in = timeout
@@ -411,5 +422,6 @@ class RouterClient:
             chain=chain,
             metadata=metadata,
             expires_in=expires_in,
+            cache_ttl=cache_ttl,
         )
         return await handle.result(timeout=timeout)

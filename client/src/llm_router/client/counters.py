@@ -2,7 +2,8 @@
 
 Field ``<model>|<outcome>`` of ``llm_router:metrics:counters``, an integer; the model
 is everything before the last ``|``. Workers add to it (once per job); ``llm-router
-status``, ``/metrics`` and every metrics event read it.
+status``, ``/metrics`` and every metrics event read it. One more field, ``cache_hits``
+(no ``|``, so no model), counts the jobs answered from the response cache.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from redis.asyncio import Redis
 from llm_router.client.keys import METRICS_COUNTERS_KEY
 
 OUTCOMES = ("success", "fallback", "error", "skipped")
+#: The counters hash's field of jobs answered from the response cache (no model was called).
+CACHE_HITS_FIELD = "cache_hits"
 
 
 class ModelCounts(BaseModel):
@@ -56,3 +59,12 @@ def parse_counters(raw: Mapping[Any, Any] | Sequence[Any]) -> dict[str, ModelCou
 async def read_counters(redis: Redis) -> dict[str, ModelCounts]:
     raw: dict[Any, Any] = await redis.hgetall(METRICS_COUNTERS_KEY)  # type: ignore[misc]
     return parse_counters(raw)
+
+
+def cache_hits(raw: Mapping[Any, Any]) -> int:
+    """Jobs answered from the response cache, from the hash as ``HGETALL`` gives it."""
+    value = raw.get(CACHE_HITS_FIELD.encode(), raw.get(CACHE_HITS_FIELD, 0))
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

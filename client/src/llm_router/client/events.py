@@ -30,6 +30,10 @@ class MetricsEvent(BaseModel):
     model_used: str
     latency_ms: int
     cost_usd: float = Field(description="what every attempt of this job cost, in USD")
+    cached: bool = Field(
+        default=False,
+        description="answered from the response cache: no attempts, no model called, cost 0",
+    )
     attempts: list[Attempt]
     metrics_snapshot: dict[str, ModelCounts] = Field(
         description="every model's counters after this job was counted"

@@ -45,6 +45,9 @@ class Heartbeat(BaseModel):
     metrics_port: int | None = None
     #: The worker's last look at its Redis server (llm_router.client.server.ServerState).
     redis: dict[str, Any] | None = None
+    #: Message Batches since start: jobs this worker parked, parked jobs its polls put
+    #: back, batches it sent (absent: no model of its chains has ``batch_api``).
+    batches: dict[str, int] | None = None
 
     @property
     def running_total(self) -> int:

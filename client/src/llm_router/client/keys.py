@@ -131,3 +131,54 @@ def spend_key(day: str) -> str:
 
 def holds_key(day: str) -> str:
     return SPEND_PREFIX + day + ":holds"
+
+
+# --- Message Batches: parked jobs of the batch lane ---------------------------------------------
+
+#: A parked job's state (JSON: the chain position, attempts so far, its batch request and,
+#: once its batch ended, the result): ``<prefix><id>``. The job stays in its queue, scored
+#: far in the future, until its result is in.
+PARKED_PREFIX = "llm_router:parked:"
+#: Sorted set of parked jobs still waiting for their batch (score: when parked, ms).
+PARKED_KEY = "llm_router:parked"
+#: A parked job is scored this far past its keeping time in its queue: a job scored more
+#: than this far ahead is parked (arq's producers see it deferred).
+PARKED_SCORE_MS = 365 * 86_400 * 1000
+#: Requests waiting to be sent, per model: a list ``<prefix><model>`` of JSON entries.
+MSGBATCH_PENDING_PREFIX = "llm_router:msgbatch:pending:"
+#: Sorted set of the models with requests waiting (score, ms: when the oldest was parked,
+#: or when the last batch was taken from the rest; ``batch_wait`` counts from it).
+MSGBATCH_MODELS_KEY = "llm_router:msgbatch:models"
+#: Hash: batch id → JSON (model, when sent, its requests' custom ids → job ids).
+MSGBATCH_OPEN_KEY = "llm_router:msgbatch:open"
+#: Requests taken to be sent, not yet known to be in a batch: hash ``<prefix><take id>``
+#: → entries, listed in the sorted set :data:`MSGBATCH_SENDING_KEY` (score: taken, ms).
+MSGBATCH_SENDING_PREFIX = "llm_router:msgbatch:sending:"
+MSGBATCH_SENDING_KEY = "llm_router:msgbatch:sending"
+#: One worker at a time sends batches, and one looks at open ones: leases (SET NX PX).
+MSGBATCH_SEND_LEASE = "llm_router:msgbatch:lease:send"
+MSGBATCH_POLL_LEASE = "llm_router:msgbatch:lease:poll"
+
+
+def parked_key(job_id: str) -> str:
+    return PARKED_PREFIX + job_id
+
+
+def msgbatch_pending_key(model: str) -> str:
+    return MSGBATCH_PENDING_PREFIX + model
+
+
+# --- the response cache -------------------------------------------------------------------------
+
+#: An ``ok`` answer kept for requests that ask for it (``cache_ttl``): ``<prefix><sha256>``
+#: (64 hex digits), a JSON string with a time to live. The hash covers the chain, its models
+#: as configured, the messages and the schema (llm_router.worker.cache).
+CACHE_PREFIX = "llm_router:cache:"
+#: SCAN's pattern for the entries alone: the prefix and 64 characters (not the stats hash).
+CACHE_MATCH = CACHE_PREFIX + "?" * 64
+#: Hash of every worker's lookups: ``hits``, ``misses``, ``stores`` (delete to reset).
+CACHE_STATS_KEY = "llm_router:cache:stats"
+
+
+def cache_key(digest: str) -> str:
+    return CACHE_PREFIX + digest

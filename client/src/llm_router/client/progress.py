@@ -78,7 +78,7 @@ def counts_line(s: BackfillSummary) -> str:
         f"failed {s.failed}",
         f"invalid {s.invalid}",
         f"skipped {s.already_done}",
-        f"in flight {s.in_flight}",
+        f"in flight {s.in_flight}" + (f" ({s.parked} parked)" if s.parked else ""),
     ]
     line = " · ".join(parts)
     models = _top(s.per_model)
@@ -233,7 +233,7 @@ class PlainProgress(ProgressView):
             f"backfill done={s.done} total={s.total} ok={s.ok} failed={s.failed} "
             f"invalid={s.invalid} rate={self._meter.rate:.1f}/s "
             f"eta={'?' if eta is None else f'{eta:.0f}s'} "
-            f"skipped={s.already_done} in_flight={s.in_flight}"
+            f"skipped={s.already_done} in_flight={s.in_flight} parked={s.parked}"
         )
 
     def update(self, summary: BackfillSummary) -> None:

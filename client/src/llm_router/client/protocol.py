@@ -40,12 +40,16 @@ from llm_router.client.schemas import CEILING, SchemaLimits, compile_schema
 from llm_router.client.untrusted import problem
 
 #: The newest version this release speaks (results carry it); version 2 added the
-#: request's ``expires_in`` and the statuses ``expired`` and ``cancelled``.
-PROTOCOL_VERSION = 2
+#: request's ``expires_in`` and the statuses ``expired`` and ``cancelled``; version 3 the
+#: request's ``cache_ttl`` (results' ``cached`` and attempts' ``batch_id`` are additions
+#: a reader of any version may ignore).
+PROTOCOL_VERSION = 3
 #: Request versions this release understands; a request without ``v`` is version 1.
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 #: The longest deadline a request may ask for: a queued job's key lives a day anyway.
 MAX_EXPIRES_IN_S = 86_400.0
+#: The longest a cached answer may be kept (30 days).
+MAX_CACHE_TTL_S = 2_592_000
 
 JOB_FUNCTION = "route"
 DEFAULT_CHAIN = "default"
@@ -103,6 +107,10 @@ class RouteRequest(BaseModel):
     #: Version 2: seconds from enqueue, on Redis' clock, after which the job is not
     #: started (and a running one starts no further model): the result is ``expired``.
     expires_in: float | None = Field(default=None, gt=0, le=MAX_EXPIRES_IN_S)
+    #: Version 3: answer from the response cache when the same request (chain, messages,
+    #: schema) was answered ``ok`` within this many seconds, and keep this answer as long;
+    #: 0 turns off the chain's default. Absent: the chain's default (``cache_ttl``).
+    cache_ttl: int | None = Field(default=None, ge=0, le=MAX_CACHE_TTL_S)
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +125,8 @@ class RouteRequest(BaseModel):
     def _version_has_the_fields(self) -> RouteRequest:
         if self.expires_in is not None and self.v < 2:
             raise ValueError('expires_in needs protocol version 2: send "v": 2')
+        if self.cache_ttl is not None and self.v < 3:
+            raise ValueError('cache_ttl needs protocol version 3: send "v": 3')
         return self
 
     @field_validator("json_schema")
@@ -167,6 +177,9 @@ class Attempt(BaseModel):
     #: The server called, when the model has an ``api_base`` or ``deployments``: its
     #: scheme, host, port and path, never credentials. None: no server was called.
     deployment: str | None = None
+    #: The Message Batch that answered this attempt (the batch lane's ``batch_api``
+    #: models, at the batch price); None: a real-time call.
+    batch_id: str | None = None
 
 
 class RouteResult(BaseModel):
@@ -190,6 +203,9 @@ class RouteResult(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     #: What every attempt of this job cost, in USD.
     cost_usd: float = 0.0
+    #: Answered from the response cache: no model was called, nothing cost anything; the
+    #: content and model are those of the answer that was kept, and there are no attempts.
+    cached: bool = False
 
     @property
     def ok(self) -> bool:

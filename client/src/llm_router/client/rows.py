@@ -132,6 +132,8 @@ def output_row(row: RowRef, result: RouteResult) -> dict[str, Any]:
         "error": result.error,
         "cost_usd": result.cost_usd,
     }
+    if result.cached:  # answered from the response cache: no model was called
+        out["cached"] = True
     if row.metadata is not None:
         out["metadata"] = row.metadata
     return out
@@ -182,14 +184,21 @@ class RowParser:
         chain: str | None = None,
         context: str | None = None,
         expires_in: float | None = None,
+        cache_ttl: int | None = None,
     ) -> None:
         self.schema = schema
         self.chain = chain
         self.context = context
         self.expires_in = expires_in
+        self.cache_ttl = cache_ttl
         try:
             build_request(
-                "check", schema=schema, context=context, chain=chain, expires_in=expires_in
+                "check",
+                schema=schema,
+                context=context,
+                chain=chain,
+                expires_in=expires_in,
+                cache_ttl=cache_ttl,
             )
         except ValidationError as exc:
             raise Rejected(_first_error(exc)) from None
@@ -241,6 +250,7 @@ class RowParser:
                 chain=self.chain,
                 metadata=fields.get("metadata"),
                 expires_in=self.expires_in,
+                cache_ttl=self.cache_ttl,
             )
         except ValidationError as exc:
             raise Rejected(_first_error(exc)) from None

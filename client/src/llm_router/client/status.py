@@ -23,7 +23,12 @@ from rich.text import Text
 from llm_router.client.costs import budget_used, usd
 from llm_router.client.counters import OUTCOMES, ModelCounts, parse_counters
 from llm_router.client.heartbeats import Heartbeat, live_workers
-from llm_router.client.keys import BREAKER_PREFIX, METRICS_COUNTERS_KEY
+from llm_router.client.keys import (
+    BREAKER_PREFIX,
+    METRICS_COUNTERS_KEY,
+    MSGBATCH_OPEN_KEY,
+    PARKED_SCORE_MS,
+)
 from llm_router.client.progress import human_seconds
 from llm_router.client.server import ServerState, best_known, read_server, summary
 from llm_router.client.spend import DaySpend, read_days
@@ -33,10 +38,12 @@ from llm_router.client.spend import DaySpend, read_days
 class QueueDepth:
     depth: int
     running: int
+    #: Jobs parked until their Message Batch answers (they stay in the queue, far ahead).
+    parked: int = 0
 
     @property
     def pending(self) -> int:
-        return max(0, self.depth - self.running)
+        return max(0, self.depth - self.running - self.parked)
 
 
 @dataclass
@@ -58,6 +65,8 @@ class Status:
     breakers: dict[str, Breaker]
     spend_today: DaySpend
     server: ServerState = field(default_factory=ServerState)
+    #: Message Batches sent and not yet brought back.
+    open_batches: int = 0
 
     @property
     def in_flight(self) -> int:
@@ -124,21 +133,25 @@ async def collect(redis: Redis, queues: list[str], *, now: float | None = None) 
     async with redis.pipeline(transaction=False) as pipe:
         for queue in queues:
             pipe.zcard(queue)
+            pipe.zcount(queue, int(at * 1000) + PARKED_SCORE_MS, "+inf")
         pipe.hgetall(METRICS_COUNTERS_KEY)
+        pipe.hlen(MSGBATCH_OPEN_KEY)
         replies: list[Any] = await pipe.execute()
-    depths, counters = replies[:-1], replies[-1]
+    depths, parked = replies[0:-2:2], replies[1:-2:2]
+    counters, open_batches = replies[-2], replies[-1]
     server = best_known(await read_server(redis, config=True), [b.redis for b in workers])
     return Status(
         at=at,
         workers=workers,
         queues={
-            q: QueueDepth(int(d), running_on(workers, q))
-            for q, d in zip(queues, depths, strict=True)
+            q: QueueDepth(int(d), running_on(workers, q), int(p))
+            for q, d, p in zip(queues, depths, parked, strict=True)
         },
         models=parse_counters(counters),
         breakers=merge_breakers(await _breaker_hashes(redis), workers),
         spend_today=(await read_days(redis, 1, now=at))[0],
         server=server,
+        open_batches=int(open_batches),
     )
 
 
@@ -160,9 +173,10 @@ def as_json(status: Status) -> dict[str, Any]:
         ],
         "in_flight": status.in_flight,
         "queues": {
-            name: {"depth": q.depth, "pending": q.pending, "running": q.running}
+            name: {"depth": q.depth, "pending": q.pending, "running": q.running, "parked": q.parked}
             for name, q in status.queues.items()
         },
+        "open_batches": status.open_batches,
         "models": models_json(status.models),
         "breakers": {name: dataclasses.asdict(b) for name, b in status.breakers.items()},
         "spend_today": {
@@ -249,9 +263,11 @@ def workers_table(status: Status, width: int | None = None) -> RenderableType:
 
 def queues_table(status: Status) -> RenderableType:
     table = _table(
-        "Queues", "queue", "depth", "pending", "running", "serving workers",
-        right=("depth", "pending", "running", "serving workers"),
+        "Queues", "queue", "depth", "pending", "running", "parked", "serving workers",
+        right=("depth", "pending", "running", "parked", "serving workers"),
     )  # fmt: skip
+    if status.open_batches:
+        table.caption = f"{status.open_batches} Message Batches open"
     for name, q in status.queues.items():
         workers = sum(1 for b in status.workers if b.state == "serving" and name in b.queues)
         table.add_row(
@@ -259,6 +275,7 @@ def queues_table(status: Status) -> RenderableType:
             str(q.depth),
             str(q.pending),
             str(q.running),
+            str(q.parked),
             Text(str(workers), style="" if workers else "bold red"),
         )
     return table

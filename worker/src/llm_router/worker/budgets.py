@@ -92,13 +92,21 @@ class Ledger:
         return not cfg.is_local and chain in self.budgets
 
     async def hold(
-        self, chain: str, cfg: ModelConfig, worst_usd: float, *, wait_s: float = 0.0
+        self,
+        chain: str,
+        cfg: ModelConfig,
+        worst_usd: float,
+        *,
+        wait_s: float = 0.0,
+        hold_s: float | None = None,
     ) -> Hold | str:
         """Room for this call's worst case, or the ``budget: ...`` reason to skip it.
 
         While the budget is not spent but calls in flight hold the rest, wait up to
         ``wait_s`` for them to settle. If Redis does not answer, the call goes ahead
-        unheld: Redis being away stops new jobs anyway.
+        unheld: Redis being away stops new jobs anyway. ``hold_s``: how long the hold
+        lasts unsettled (default: the call's deadline; a parked job's lasts until its
+        batch must have ended).
         """
         if not self.capped(chain, cfg):
             return Hold(utc_day(self.clock()), chain)
@@ -109,7 +117,8 @@ class Ledger:
             now = self.clock()
             day = utc_day(now)
             member = f"{chain}|{nusd}|{uuid.uuid4().hex}"
-            expiry = now + cfg.timeout + cfg.max_wait + HOLD_MARGIN_S
+            lasts = hold_s if hold_s is not None else cfg.timeout + cfg.max_wait
+            expiry = now + lasts + HOLD_MARGIN_S
             if self.redis is None:
                 admitted, spent, held = self._hold_locally(day, chain, nusd, budget, member)
             else:

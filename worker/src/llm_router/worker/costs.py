@@ -78,3 +78,47 @@ def worst_case_usd(model: str, prompt_bytes: int, max_output_tokens: int) -> flo
     )
     per_output = info.get("output_cost_per_token") or 0.0
     return (prompt_bytes + FRAMING_TOKENS) * per_input + max_output_tokens * per_output
+
+
+#: What a Message Batch costs against a real-time call, where litellm's price map gives
+#: no ``*_batches`` price of its own (Anthropic: half, cache reads and writes included).
+BATCH_DISCOUNT = 0.5
+_BATCH_PRICES = (
+    ("input_cost_per_token", "input_tokens"),
+    ("output_cost_per_token", "output_tokens"),
+    ("cache_read_input_token_cost", "cache_read_input_tokens"),
+    ("cache_creation_input_token_cost", "cache_creation_input_tokens"),
+)
+
+
+def _batch_price(info: dict[str, Any], field: str) -> float:
+    own = info.get(f"{field}_batches")
+    if isinstance(own, int | float) and own >= 0:
+        return float(own)
+    return float(info.get(field) or 0.0) * BATCH_DISCOUNT
+
+
+def batch_usage(model: str, tokens: dict[str, int]) -> Usage:
+    """A batch answer's tokens at the batch price (``input_tokens`` excludes the cached
+    part, as the Messages API counts it); unknown prices cost 0, as real-time ones do."""
+    counts = {name: _count(tokens.get(name, 0)) for _, name in _BATCH_PRICES}
+    try:
+        info = dict(litellm.get_model_info(model))
+    except Exception:
+        info = {}
+    cost = sum(_batch_price(info, price) * counts[name] for price, name in _BATCH_PRICES)
+    return Usage(**counts, cost_usd=round(cost, 12))
+
+
+def worst_case_batch_usd(model: str, prompt_bytes: int, max_output_tokens: int) -> float:
+    """:func:`worst_case_usd` at the batch price."""
+    try:
+        info = dict(litellm.get_model_info(model))
+    except Exception:
+        return 0.0
+    per_input = max(
+        _batch_price(info, "input_cost_per_token"),
+        _batch_price(info, "cache_creation_input_token_cost"),
+    )
+    per_output = _batch_price(info, "output_cost_per_token")
+    return (prompt_bytes + FRAMING_TOKENS) * per_input + max_output_tokens * per_output

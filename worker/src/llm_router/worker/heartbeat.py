@@ -139,4 +139,5 @@ def heartbeat_of(
         chains={name: [m.model for m in chain] for name, chain in settings.chains.items()},
         metrics_port=metrics_port,
         redis=server.as_dict() if server is not None else None,
+        batches=router.batches.tally() if router.batches is not None else None,
     )

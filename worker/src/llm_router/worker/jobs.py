@@ -27,8 +27,9 @@ from llm_router.client.protocol import (
     valid_reply_to,
 )
 from llm_router.client.untrusted import loads
+from llm_router.worker.batches import PARK_KEEP_MS, ParkedJob, ParkOrder
 from llm_router.worker.control import Control
-from llm_router.worker.queue import Claimed
+from llm_router.worker.queue import Claimed, Parking
 from llm_router.worker.router import (
     CANCELLED_BEFORE,
     EXPIRED_BEFORE,
@@ -184,8 +185,9 @@ class RouteJobs:
         self.router = router
         self.settings = settings
 
-    async def run(self, job: Claimed, control: Control | None = None) -> Finished:
-        """The job's end, whatever the job holds; raises only if cancelled."""
+    async def run(self, job: Claimed, control: Control | None = None) -> Finished | Parking:
+        """The job's end, whatever the job holds, or the job to park until its Message
+        Batch answers; raises only if cancelled."""
         control = control or Control()
         if job.blob is None:
             return _cannot_run(RouteResult(status="failed", error=EXPIRED, job_id=job.job_id), job)
@@ -204,7 +206,15 @@ class RouteJobs:
             return _cannot_run(RouteResult(status="failed", error=error, job_id=job.job_id), job)
         kwargs = dict(data["k"])
         reply_to = valid_reply_to(kwargs.pop("reply_to", None))
-        result = await self.route(job, data["a"], kwargs, control)
+        parked: ParkedJob | None = None
+        if self.router.batches is not None and job.lane.kind == "batch":
+            parked = await self.router.batches.parked(job.job_id)
+            if parked is not None and parked.result is None:  # still waiting: leave it so
+                return Parking(parked.model, parked.custom_id, None, None, PARK_KEEP_MS)
+        result = await self.route(job, data["a"], kwargs, control, parked)
+        if isinstance(result, ParkOrder):
+            return Parking(result.model, result.custom_id, result.state(),
+                           result.entry(job.job_id), PARK_KEEP_MS)  # fmt: skip
         # Counted and announced once the result is stored, off the producer's clock.
         breakers = self.router.breaker_states(result.chain)
 
@@ -222,10 +232,16 @@ class RouteJobs:
         )
 
     async def route(
-        self, job: Claimed, args: list[Any], kwargs: dict[str, Any], control: Control
-    ) -> RouteResult:
+        self,
+        job: Claimed,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        control: Control,
+        parked: ParkedJob | None = None,
+    ) -> RouteResult | ParkOrder:
         """Validate and route one request; a request the worker refuses is a result too,
-        and so is one cancelled, or past its deadline, before a model was called."""
+        and so is one cancelled, or past its deadline, before a model was called. A
+        ``parked`` job goes on from its batch's answer."""
         router = self.router
         try:
             payload = _payload(args, kwargs)
@@ -244,14 +260,23 @@ class RouteJobs:
             log.warning("invalid_request", job_id=job.job_id, error=error)
             return invalid_result(error, job_id=job.job_id)
         if job.cancelled:
+            if parked is not None:  # its batch answered, and was paid
+                await router.settle_parked(parked)
             return stopped_result("cancelled", CANCELLED_BEFORE, request, job.job_id)
         if request.expires_in is not None:
             left_ms = request.expires_in * 1000 if job.handed else job.deadline_ms
             if left_ms is None or left_ms <= 0:
+                if parked is not None:
+                    await router.settle_parked(parked)
                 return stopped_result("expired", EXPIRED_BEFORE, request, job.job_id)
             control.expire_in(left_ms / 1000)
-        return await router.run(
-            request, job_id=job.job_id, record=False, lane=job.lane.kind, control=control
+        return await router.run_job(
+            request,
+            job_id=job.job_id,
+            record=False,
+            lane=job.lane.kind,
+            control=control,
+            resume=parked,
         )
 
     def cancelled(self, job: Claimed) -> Finished:

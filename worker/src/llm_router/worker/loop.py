@@ -38,7 +38,7 @@ from llm_router.client.protocol import RouteResult, now_ms
 from llm_router.worker.control import Control
 from llm_router.worker.jobs import Finished
 from llm_router.worker.lanes import Lanes
-from llm_router.worker.queue import Claimed, RedisQueue, Woken
+from llm_router.worker.queue import Claimed, Parking, RedisQueue, Woken
 
 log = structlog.get_logger("llm_router.worker")
 
@@ -58,7 +58,7 @@ STOPPING_STORE_S = 10.0
 class JobRunner(Protocol):
     """What runs a claimed job: :class:`~llm_router.worker.jobs.RouteJobs`."""
 
-    async def run(self, job: Claimed, control: Control) -> Finished: ...
+    async def run(self, job: Claimed, control: Control) -> Finished | Parking: ...
 
     def crashed(self, job: Claimed, exc: BaseException) -> Finished: ...
 
@@ -69,6 +69,9 @@ class Listener(Protocol):
     """Told of every stored result and of the stop (heartbeat, Prometheus, systemd)."""
 
     def finished(self, result: RouteResult) -> None: ...
+
+    def parked(self) -> None:
+        """A job was parked until its Message Batch answers."""
 
     def stopping(self) -> None: ...
 
@@ -346,7 +349,10 @@ class Worker:
                 if not isinstance(exc, TimeoutError):
                     log.exception("job_crashed", job_id=job.job_id)
                 finished = self.jobs.crashed(job, exc)
-            await self._store(job, finished, started_ms)
+            if isinstance(finished, Parking):
+                await self._park(job, finished)
+            else:
+                await self._store(job, finished, started_ms)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -388,6 +394,28 @@ class Worker:
             listener.finished(finished.result)
         if finished.after_store is not None:
             self._in_background(finished.after_store())
+
+    async def _park(self, job: Claimed, parking: Parking) -> None:
+        """Park the job until its Message Batch answers: it frees its slot, and no worker
+        holds it meanwhile. If Redis does not take it, the lease lapses and the job runs
+        again (its request is then parked anew)."""
+        self._storing.add(job.job_id)
+        give_up = STOPPING_STORE_S if self.stopping else None
+        try:
+            done = await self.queue.outage.retry(
+                "parking a job", lambda: self.queue.park(job, parking), give_up_after=give_up
+            )
+        except (RedisError, OSError):
+            log.warning("job_not_parked", job_id=job.job_id)
+            return
+        finally:
+            self._leased.discard(job.job_id)
+            self._storing.discard(job.job_id)
+        if not done:
+            log.info("duplicate_run", job_id=job.job_id)
+            return
+        for listener in self.listeners:
+            listener.parked()
 
     async def _hand_back(self, job: Claimed) -> bool:
         self._leased.discard(job.job_id)

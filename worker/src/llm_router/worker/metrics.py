@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llm_router.client.backoff import Backoff
-from llm_router.client.counters import parse_counters, read_counters
+from llm_router.client.counters import CACHE_HITS_FIELD, parse_counters, read_counters
 from llm_router.client.keys import (
     COUNTED_PREFIX,
     METRICS_CHANNEL,
@@ -81,6 +81,7 @@ def event_payload(
         "model_used": result.model_used,
         "latency_ms": result.latency_ms,
         "cost_usd": result.cost_usd,
+        "cached": result.cached,
         "attempts": [a.model_dump() for a in result.attempts],
         "metrics_snapshot": snapshot,
         "breakers": breakers or {},
@@ -128,6 +129,8 @@ class Metrics:
         keys = [METRICS_COUNTERS_KEY, COUNTED_PREFIX + job_id, METRICS_PENDING_KEY]
         args: list[str | int] = [COUNTED_TTL_S, self.channel, head, job_id]
         args += [f"{m}|{o}" for m, o in fields]
+        if result.cached:  # no attempts to count: the hit is what happened
+            args.append(CACHE_HITS_FIELD)
         try:
             snapshot = await self._record_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:

@@ -37,8 +37,16 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.client.cache import parse_stats
 from llm_router.client.counters import parse_counters
-from llm_router.client.keys import METRICS_COUNTERS_KEY, WORKERS_KEY, spend_key
+from llm_router.client.keys import (
+    CACHE_STATS_KEY,
+    METRICS_COUNTERS_KEY,
+    MSGBATCH_OPEN_KEY,
+    PARKED_KEY,
+    WORKERS_KEY,
+    spend_key,
+)
 from llm_router.client.protocol import RouteResult
 from llm_router.client.spend import parse_day, utc_day
 from llm_router.worker.heartbeat import Serving
@@ -144,6 +152,10 @@ class Exporter:
             "llm_router_job_duration_seconds", "A job's chain, wall time", ["chain"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.cache_hits = Counter(
+            "llm_router_cache_hits", "Jobs this process answered from the response cache",
+            ["chain"], registry=r,
+        )  # fmt: skip
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         r.register(_Live(self))
@@ -152,6 +164,8 @@ class Exporter:
         self.jobs.labels(result.chain or "", result.status).inc()
         if result.status != "invalid_request":
             self.job_seconds.labels(result.chain or "").observe(result.latency_ms / 1000)
+        if result.cached:
+            self.cache_hits.labels(result.chain or "").inc()
         for a in result.attempts:
             self.attempts.labels(a.model, a.outcome).inc()
             if a.outcome == "skipped":
@@ -192,7 +206,11 @@ class Exporter:
                 pipe.zcount(WORKERS_KEY, now_ms, "+inf")
                 pipe.hgetall(METRICS_COUNTERS_KEY)
                 pipe.hgetall(spend_key(utc_day()))
-                depth, batch_depth, live, outcomes, spend = await pipe.execute()
+                pipe.hgetall(CACHE_STATS_KEY)
+                pipe.zcard(PARKED_KEY)
+                pipe.hlen(MSGBATCH_OPEN_KEY)
+                replies = await pipe.execute()
+            depth, batch_depth, live, outcomes, spend, cache, parked, open_batches = replies
         except (RedisError, OSError):
             return
         self._shared = {
@@ -200,6 +218,9 @@ class Exporter:
             "live": live,
             "outcomes": parse_counters(outcomes),
             "spend": parse_day(utc_day(), spend),
+            "cache": parse_stats(cache),
+            "parked": parked,
+            "open_batches": open_batches,
         }
 
     async def _refresh_forever(self) -> None:
@@ -255,6 +276,16 @@ class Exporter:
             "Workers with a live heartbeat (shared)",
             value=shared["live"],
         )
+        yield GaugeMetricFamily(
+            "llm_router_parked_jobs",
+            "Jobs parked until their Message Batch answers (shared)",
+            value=shared["parked"],
+        )
+        yield GaugeMetricFamily(
+            "llm_router_open_batches",
+            "Message Batches sent and not yet brought back (shared)",
+            value=shared["open_batches"],
+        )
         outcomes = GaugeMetricFamily(
             "llm_router_shared_outcomes",
             "Jobs' model outcomes counted by all workers since the hash was reset (shared)",
@@ -285,6 +316,16 @@ class Exporter:
         for model, m in day.models.items():
             model_cost.add_metric([model], m.cost_usd)
         yield model_cost
+        cache = GaugeMetricFamily(
+            "llm_router_shared_cache_lookups",
+            "Response cache lookups by every worker, by result (hit, miss), and answers "
+            "stored (store), since the stats hash was reset (shared)",
+            labels=["result"],
+        )
+        stats = shared["cache"]
+        for kind, n in (("hit", stats.hits), ("miss", stats.misses), ("store", stats.stores)):
+            cache.add_metric([kind], n)
+        yield cache
 
     async def stop(self) -> None:
         if self._task is not None:

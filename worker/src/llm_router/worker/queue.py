@@ -23,11 +23,16 @@ from llm_router.client.keys import (
     CANCEL_CHANNEL,
     FAILED_KEY,
     METRICS_PENDING_KEY,
+    MSGBATCH_MODELS_KEY,
+    PARKED_KEY,
+    PARKED_SCORE_MS,
     failed_key,
     idle_key,
     in_progress_key,
     inbox_key,
     job_key,
+    msgbatch_pending_key,
+    parked_key,
     result_key,
     retry_key,
 )
@@ -45,6 +50,7 @@ _CLAIM = script("claim.lua")
 _RENEW = script("renew_leases.lua")
 _FINISH = script("finish.lua")
 _REGISTER = script("register_idle.lua")
+_PARK = script("park.lua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,19 @@ class Claimed:
     deadline_ms: int | None = None
     cancelled: bool = False
     handed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Parking:
+    """A job to park until its Message Batch answers (:mod:`~llm_router.worker.batches`):
+    its state and its request's entry as JSON (None: keep the state it has, send
+    nothing), under which model and custom id, for how long."""
+
+    model: str
+    custom_id: str
+    state: str | None
+    entry: str | None
+    keep_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +124,7 @@ class RedisQueue:
         self._renew = redis.register_script(_RENEW)
         self._finish = redis.register_script(_FINISH)
         self._register = redis.register_script(_REGISTER)
+        self._park = redis.register_script(_PARK)
 
     async def claim(self, wants: Sequence[int], free: int) -> list[Claimed]:
         """Lease and read due jobs: at most ``wants[i]`` from lane ``i``, ``free`` in all."""
@@ -186,6 +206,18 @@ class RedisQueue:
                 blob,
             )
         return await self._run_finish(job.job_id, job.lane, blob, reply_to, announce, entry)
+
+    async def park(self, job: Claimed, parking: Parking) -> bool:
+        """Park a job until its Message Batch answers: it keeps its place in its queue but
+        no worker claims it, and the lease is released; False when it was not ours."""
+        keys = [in_progress_key(job.job_id), job.lane.name, parked_key(job.job_id), PARKED_KEY,
+                msgbatch_pending_key(parking.model), MSGBATCH_MODELS_KEY, job_key(job.job_id),
+                retry_key(job.job_id)]  # fmt: skip
+        now = int(time.time() * 1000)
+        args: list[str | int] = [job.job_id, self.token, parking.state or "",
+                parking.entry or "", now, now + parking.keep_ms + PARKED_SCORE_MS,
+                parking.keep_ms, parking.model, job.score, parking.custom_id]  # fmt: skip
+        return bool(await self._park(keys=keys, args=args))
 
     async def hand_back(self, job_id: str, lane: Lane) -> bool:
         """Release a job unfinished: it stays queued, the start is not counted, and a

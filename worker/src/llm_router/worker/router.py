@@ -23,11 +23,21 @@ from llm_router.client.protocol import (
     Outcome,
     RouteRequest,
     RouteResult,
+    now_ms,
 )
 from llm_router.client.schemas import CompiledSchema, InvalidSchemaError, compile_schema
+from llm_router.worker.batches import (
+    PARK_KEEP_MS,
+    MessageBatches,
+    ParkedJob,
+    ParkOrder,
+    reply_of,
+    request_params,
+)
 from llm_router.worker.breaker import Breakers
 from llm_router.worker.breaker import Verdict as Health
-from llm_router.worker.budgets import Ledger
+from llm_router.worker.budgets import Hold, Ledger
+from llm_router.worker.cache import ResponseCache
 from llm_router.worker.calls import (
     ModelCallError,
     call_model,
@@ -37,7 +47,7 @@ from llm_router.worker.calls import (
 from llm_router.worker.capacity import Capacity
 from llm_router.worker.checks import AnswerChecks, RefusalDetector, Verdict
 from llm_router.worker.control import Control
-from llm_router.worker.costs import Usage, worst_case_usd
+from llm_router.worker.costs import Usage, worst_case_batch_usd, worst_case_usd
 from llm_router.worker.deployments import Deployments, NoServer
 from llm_router.worker.lanes import LaneKind
 from llm_router.worker.metrics import Metrics
@@ -106,6 +116,16 @@ class Tried(NamedTuple):
     finish_reason: str | None = None
     #: The server called (``server_of`` its api_base); None: none was.
     server: str | None = None
+    #: The Message Batch that answered; None: a real-time call.
+    batch_id: str | None = None
+
+
+class ToPark(NamedTuple):
+    """The step answers through a Message Batch: the job is to be parked with this
+    request, and the budget hold it took."""
+
+    params: dict[str, Any]
+    hold: Hold
 
 
 def _usage_fields(usage: Usage | None) -> dict[str, Any]:
@@ -140,13 +160,21 @@ class Router:
         self.ledger = Ledger(redis, self.settings.budgets)
         self.windows = Windows(self.settings.anthropic_max_tokens)
         self.warmer = Warmer(self.windows)
+        self.cache = ResponseCache(redis, defaults=self.settings.cache_ttl, offload=self.offload)
+        #: Only a worker (with Redis) parks jobs; in-process, batch_api models answer live.
+        self.batches: MessageBatches | None = None
+        if redis is not None and any(m.batch_api for m in self._steps):
+            self.batches = MessageBatches(redis, self.settings)
         register_local_models(self.models)
+
+    @property
+    def _steps(self) -> list[ModelConfig]:
+        return [m for chain in self.chains.values() for m in chain]
 
     @property
     def models(self) -> list[ModelConfig]:
         """Every server of every step: a model with deployments is one per deployment."""
-        steps = [m for chain in self.chains.values() for m in chain]
-        return self.deployments.every_server(steps)
+        return self.deployments.every_server(self._steps)
 
     def breaker_states(self, chain: str | None) -> dict[str, str]:
         """Each model (each deployment) of the chain and its breaker, as this process last
@@ -155,6 +183,8 @@ class Router:
         return {m.label: self.breakers.seen.get(m.label, "closed") for m in servers}
 
     async def aclose(self) -> None:
+        if self.batches is not None:
+            await self.batches.aclose()
         await self.warmer.aclose()
         await self.capacity.aclose()
         await self.metrics.aclose()
@@ -199,16 +229,51 @@ class Router:
         the daemon records them once the result is on its way to the producer. Batch
         work waits behind interactive work for a model's capacity. ``control``: past its
         deadline no further model is started (``expired``); cancelled, the model call
-        is abandoned (``cancelled``).
+        is abandoned (``cancelled``). Nothing is parked: ``batch_api`` models answer
+        in real time (the worker's jobs use :meth:`run_job`).
         """
+        result = await self.run_job(
+            request, job_id=job_id, record=record, lane=lane, control=control, park=False
+        )
+        if isinstance(result, ParkOrder):  # pragma: no cover - park=False never parks
+            raise AssertionError("a job was parked by run()")
+        return result
+
+    async def run_job(
+        self,
+        request: RouteRequest,
+        *,
+        job_id: str | None = None,
+        record: bool = True,
+        lane: LaneKind = "interactive",
+        control: Control | None = None,
+        resume: ParkedJob | None = None,
+        park: bool = True,
+    ) -> RouteResult | ParkOrder:
+        """:meth:`run` for a queued job: a batch-lane job that reaches a ``batch_api``
+        model comes back as a :class:`ParkOrder` (to be parked until its batch answers;
+        ``park=False``: never), and ``resume`` carries it on from that model with the
+        batch's answer."""
         if request.chain is None:
             request = request.model_copy(update={"chain": self.chain_for(request, lane)})
         bound = log.bind(job_id=job_id, context=request.context, chain=request.chain)
         start = time.perf_counter()
-        result = await self._walk(request, job_id, bound, lane, control or Control())
+        entry = await self.cache.entry(request, self.chains)  # None: not cached
+        result: RouteResult | ParkOrder | None = None
+        if resume is None:  # a resumed job was looked up before it was parked
+            result = await self.cache.answer(entry, request, job_id)
+        if result is None:
+            result = await self._walk(
+                request, job_id, bound, lane, control or Control(), resume, park
+            )
+        if isinstance(result, ParkOrder):
+            bound.info("parked", model=result.model, position=result.position + 1)
+            return result
         result.chain_ms = round((time.perf_counter() - start) * 1000, 3)
         result.cost_usd = round(sum(a.cost_usd for a in result.attempts), 10)
         result.metadata = request.metadata  # returned as given, so batch callers can match
+        if isinstance(result, RouteResult):  # only ok answers are kept, never a cached one
+            await self.cache.put(entry, result)
         extra = {"error": result.error} if result.status == "invalid_request" else {}
         bound.info(
             "routed",
@@ -229,8 +294,11 @@ class Router:
         bound: structlog.typing.FilteringBoundLogger,
         lane: LaneKind,
         control: Control,
-    ) -> RouteResult:
-        start = time.monotonic()
+        resume: ParkedJob | None = None,
+        park: bool = False,
+    ) -> RouteResult | ParkOrder:
+        started_ms = resume.started_ms if resume is not None else now_ms()
+        start = time.monotonic() - (now_ms() - started_ms) / 1000
         models = self.chains.get(request.chain or DEFAULT_CHAIN)
         if models is None:
             known = ", ".join(sorted(self.chains))
@@ -250,16 +318,30 @@ class Router:
             schema = None
         messages = [m.model_dump(mode="json") for m in request.messages]
         prompt = Prompt(messages, self.offload)
-        attempts: list[Attempt] = []
-        for position, cfg in enumerate(models, start=1):
+        attempts: list[Attempt] = list(resume.attempts) if resume is not None else []
+        first = resume.position if resume is not None else 0
+        if resume is not None and not (
+            first < len(models) and models[first].label == resume.model
+        ):  # the chain changed while the job was parked: start it again
+            bound.warning("parked_chain_changed", model=resume.model)
+            resume, first, attempts = None, 0, []
+        for position, cfg in enumerate(models[first:], start=first + 1):
             if control.expired():  # the caller has gone: no further model, no further cost
                 why = EXPIRED_BEFORE if not attempts else EXPIRED_WHILE
                 return stopped_result("expired", why, request, job_id, attempts, start)
             attempt_start = time.monotonic()
+            tried: Tried | ToPark
             try:
-                tried = await self._try(
-                    cfg, request.chain or DEFAULT_CHAIN, prompt, schema, validator, lane
-                )
+                if resume is not None and position == first + 1:
+                    attempt_start -= (now_ms() - resume.parked_ms) / 1000
+                    tried = await self._from_batch(cfg, resume, validator)
+                else:
+                    tried = await self._try(
+                        cfg, request.chain or DEFAULT_CHAIN, prompt, schema, validator, lane, park
+                    )
+                if isinstance(tried, ToPark):
+                    return ParkOrder(cfg.label, position - 1, attempts, tried.params,
+                                     tried.hold, started_ms)  # fmt: skip
             except asyncio.CancelledError:
                 if not control.swallow_cancel():
                     raise  # the worker is stopping: the job goes back to the queue
@@ -285,6 +367,7 @@ class Router:
                 retry_error=tried.retry_error,
                 finish_reason=tried.finish_reason,
                 deployment=tried.server or None,
+                batch_id=tried.batch_id,
                 **_usage_fields(tried.usage),
             )
             attempts.append(attempt)
@@ -326,10 +409,12 @@ class Router:
         schema: dict[str, Any] | None,
         validator: Validator | None,
         lane: LaneKind,
-    ) -> Tried:
+        park: bool = False,
+    ) -> Tried | ToPark:
         """One step: does the prompt fit (a server of) it, its budget, a server whose
         breaker admits it with a slot, the call under its deadline, the checks; what the
-        call used is counted whatever came of it."""
+        call used is counted whatever came of it. A batch-lane job at a ``batch_api``
+        model holds its budget and is to be parked instead."""
         servers = self.deployments.servers(step)
         fits, misfits = [], []
         for cfg, weight in servers:
@@ -341,6 +426,8 @@ class Router:
         if not fits:
             return Tried(Verdict(None, "skipped", misfits[0]))
         messages = prompt.messages
+        if park and self.batches is not None and lane == "batch" and step.batch_api:
+            return await self._to_park(step, chain, messages, schema)
         worst = 0.0
         if self.ledger.capped(chain, step):
             prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
@@ -355,6 +442,57 @@ class Router:
         finally:
             await self.ledger.settle(hold, step, tried.usage if tried else None)
         return tried
+
+    async def _to_park(
+        self,
+        step: ModelConfig,
+        chain: str,
+        messages: list[dict[str, Any]],
+        schema: dict[str, Any] | None,
+    ) -> Tried | ToPark:
+        """The budget holds the request's worst case at the batch price until its batch
+        has surely ended; the request is what the batch will send."""
+        out = step.output_limit or self.settings.anthropic_max_tokens
+        worst = 0.0
+        if self.ledger.capped(chain, step):
+            prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
+            worst = worst_case_batch_usd(step.model, prompt_bytes, out)
+        hold = await self.ledger.hold(
+            chain, step, worst, wait_s=self.settings.budget_wait, hold_s=PARK_KEEP_MS / 1000
+        )
+        if isinstance(hold, str):
+            return Tried(Verdict(None, "skipped", hold))
+        return ToPark(request_params(step, messages, schema, out), hold)
+
+    async def _from_batch(
+        self, cfg: ModelConfig, parked: ParkedJob, validator: Validator | None
+    ) -> Tried:
+        """The parked step's answer, from its batch result: settled, then judged like any
+        answer; a request the batch did not answer is rejected (the chain goes on)."""
+        server = server_of(cfg.api_base)
+        out = cfg.output_limit or self.settings.anthropic_max_tokens
+        try:
+            reply = reply_of(cfg, parked, out)
+        except ModelCallError as exc:
+            await self.ledger.settle(parked.hold, cfg, None)
+            return Tried(Verdict(None, "rejected", exc.reason), server=server,
+                         batch_id=parked.batch_id)  # fmt: skip
+        await self.ledger.settle(parked.hold, cfg, reply.usage)
+        verdict = await self.checks.judge(reply.text, validator, reply.finish)
+        return Tried(verdict, reply.text, usage=reply.usage, finish_reason=reply.finish.word,
+                     server=server, batch_id=parked.batch_id)  # fmt: skip
+
+    async def settle_parked(self, parked: ParkedJob) -> None:
+        """A parked job that ends without its answer being used (cancelled, expired):
+        what its batch request cost is counted, and its hold released."""
+        cfg = next((m for m in self._steps if m.label == parked.model), None)
+        if cfg is None:
+            return
+        try:
+            usage = reply_of(cfg, parked, self.settings.anthropic_max_tokens).usage
+        except ModelCallError:
+            usage = None
+        await self.ledger.settle(parked.hold, cfg, usage)
 
     async def _admitted(
         self,

@@ -59,6 +59,7 @@ class Services:
         self.lag = LoopLag(active=worker.busy)
         self.heartbeat: HeartbeatWriter | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._batches: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
@@ -85,6 +86,8 @@ class Services:
         await self.heartbeat.beat()
         self.heartbeat.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="metrics sweep")
+        if router.batches is not None:
+            self._batches = asyncio.create_task(router.batches.run(), name="message batches")
         self.systemd.ready(self.status())
         self.systemd.keep_alive(self.status)
         exempt_start_up_objects()
@@ -110,6 +113,10 @@ class Services:
         self.tally.count(result.status)
         self.exporter.observe(result)
 
+    def parked(self) -> None:
+        if self.router.batches is not None:
+            self.router.batches.parked_here += 1
+
     def stopping(self) -> None:
         """Say so at once: health checks stop counting this worker."""
         self.systemd.stopping(f"stopping: {self.worker.running} running")
@@ -124,10 +131,11 @@ class Services:
             await self.router.metrics.sweep()
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._batches):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.systemd.close()
         if self.heartbeat is not None:
             await self.heartbeat.stop()

@@ -26,7 +26,7 @@ from pydantic_settings import (
 )
 
 from llm_router.client.keys import DEFAULT_BATCH_QUEUE, DEFAULT_QUEUE, METRICS_CHANNEL
-from llm_router.client.protocol import DEFAULT_CHAIN
+from llm_router.client.protocol import DEFAULT_CHAIN, MAX_CACHE_TTL_S
 from llm_router.client.schemas import CEILING, SchemaLimits
 from llm_router.worker.checks import AnswerLimits
 from llm_router.worker.lanes import batch_share
@@ -192,6 +192,12 @@ class ModelConfig(BaseModel):
         le=86_400,
         description="Seconds an open breaker skips the model before one probe request decides",
     )
+    batch_api: bool = Field(
+        default=False,
+        description="Anthropic: jobs of the batch lane that reach this model are parked and "
+        "answered through Message Batches at half the price (most within an hour, all within "
+        "24 h); interactive jobs still call it in real time",
+    )
     context_window: int | None = Field(
         default=None,
         ge=256,
@@ -223,6 +229,10 @@ class ModelConfig(BaseModel):
         bases = [d.api_base for d in self.deployments]
         if len(set(bases)) != len(bases):
             raise ValueError("two deployments with the same api_base")
+        if self.batch_api and not self.is_anthropic:
+            raise ValueError("batch_api is for Anthropic models (Message Batches)")
+        if self.batch_api and self.deployments:
+            raise ValueError("batch_api takes one api_base, not deployments")
         return self
 
     def deployed(self) -> list[tuple[ModelConfig, float]]:
@@ -416,6 +426,31 @@ class Settings(BaseSettings):
         "the rest of its budget (they settle to their real cost, usually far less); a budget "
         "really spent skips at once",
     )
+    cache_ttl: dict[str, int] = Field(
+        default_factory=dict,
+        description="Seconds each named chain keeps an `ok` answer in the response cache and "
+        'answers the same request from it, e.g. `{"batch": 86400}` (JSON in the environment); '
+        "a request's own `cache_ttl` wins, and a chain without an entry caches only what asks",
+    )
+    batch_size: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Parked requests of one model that make a Message Batch be sent at once",
+    )
+    batch_wait: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="Seconds the oldest parked request waits for others before its Message "
+        "Batch is sent anyway",
+    )
+    batch_poll: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds between looks at the open Message Batches (one worker looks)",
+    )
     anthropic_max_tokens: int = Field(
         default=4096,
         ge=1,
@@ -536,6 +571,17 @@ class Settings(BaseSettings):
     def _lanes_are_distinct(self) -> Settings:
         if self.batch_queue_name == self.queue_name:
             raise ValueError("batch_queue_name must differ from queue_name")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_ttls_name_chains(self) -> Settings:
+        for chain, ttl in self.cache_ttl.items():
+            if chain not in self.chains:
+                raise ValueError(
+                    f"cache_ttl for unknown chain {chain!r} (known: {sorted(self.chains)})"
+                )
+            if not 0 <= ttl <= MAX_CACHE_TTL_S:
+                raise ValueError(f"cache_ttl of chain {chain!r} must be 0 to {MAX_CACHE_TTL_S} s")
         return self
 
     @model_validator(mode="after")

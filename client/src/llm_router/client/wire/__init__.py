@@ -41,11 +41,16 @@ def file_name(name: str) -> str:
 
 def _request() -> dict[str, Any]:
     generated = RouteRequest.model_json_schema(by_alias=True, mode="validation")
-    # The model refuses other versions, and version 2 fields in a version 1 request, in
-    # validators; say so in the schema too.
+    # The model refuses other versions, and a newer version's fields in an older version's
+    # request, in validators; say so in the schema too.
     generated["properties"]["v"]["enum"] = list(SUPPORTED_VERSIONS)
-    generated["if"] = {"required": ["expires_in"]}
-    generated["then"] = {"required": ["v"], "properties": {"v": {"minimum": 2}}}
+    generated["allOf"] = [
+        {
+            "if": {"required": [name]},
+            "then": {"required": ["v"], "properties": {"v": {"minimum": version}}},
+        }
+        for name, version in (("expires_in", 2), ("cache_ttl", 3))
+    ]
     return generated
 
 

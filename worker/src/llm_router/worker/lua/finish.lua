@@ -27,6 +27,8 @@
 --      end failed or expired
 --   9. the most jobs the registry keeps (the oldest go first)
 --  10. how long an entry is kept, ms
+-- Storing a result also drops the job's parked state, llm_router:parked:<id> (a job
+-- answered through a Message Batch).
 -- Returns 1 when done, 0 when another run's result was already there (or, handing
 -- back, when the lease was no longer ours).
 local function release()
@@ -49,7 +51,7 @@ if KEYS[6] ~= '' then
   redis.call('LPUSH', KEYS[6], ARGV[3])
   redis.call('EXPIRE', KEYS[6], ARGV[5])
 end
-redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[3], KEYS[4], 'llm_router:parked:' .. ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)

@@ -1,0 +1,485 @@
+"""Message Batches: the batch lane's cloud leg at half the price, answered within 24 h.
+
+A batch-lane job that reaches a model with ``batch_api`` is *parked*
+(:meth:`RedisQueue.park <llm_router.worker.queue.RedisQueue.park>`): its state goes to
+Redis, its request joins that model's waiting list, and it gives up its job slot and
+every capacity slot; nobody waits for it but its producer. The workers fill the
+batches together: whichever holds the send lease sends a model's waiting requests as
+one batch once ``batch_size`` of them wait or the oldest has waited ``batch_wait``.
+Whichever holds the poll lease looks at the open batches every ``batch_poll``; when
+one has ended, each result is kept with its job, and the job goes back to its queue at
+its old place. A worker resumes it at that model: the answer goes through the same
+checks, and a rejected, errored or expired one falls to the next model of the chain.
+
+Everything lives in Redis, so a worker killed at any point loses no job: a take of
+requests being sent stays listed until its batch is known (then it is put back), an
+open batch is looked at by whichever worker polls next, and putting a result back is
+idempotent. One window remains: a sender killed after Anthropic created a batch and
+before Redis heard of it sends those requests again (a second batch, paid twice; each
+job is still answered once, by the batch Redis knows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import anthropic
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from llm_router.client.keys import (
+    MSGBATCH_MODELS_KEY,
+    MSGBATCH_OPEN_KEY,
+    MSGBATCH_POLL_LEASE,
+    MSGBATCH_SEND_LEASE,
+    MSGBATCH_SENDING_KEY,
+    MSGBATCH_SENDING_PREFIX,
+    PARKED_KEY,
+    msgbatch_pending_key,
+    parked_key,
+)
+from llm_router.client.protocol import WAKE_TOKENS_MAX, Attempt, now_ms
+from llm_router.worker.budgets import Hold
+from llm_router.worker.calls import ModelCallError, Reply, cacheable_system
+from llm_router.worker.checks import Finish
+from llm_router.worker.costs import batch_usage
+from llm_router.worker.lua import script
+from llm_router.worker.settings import ModelConfig, Settings
+
+log = structlog.get_logger("llm_router.batches")
+
+#: How long a parked job and its state are kept: batches end within 24 h.
+PARK_KEEP_MS = 48 * 3600 * 1000
+#: The API takes at most 256 MB a batch; this leaves room for the framing.
+MAX_BATCH_BYTES = 200 * 1024 * 1024
+#: A take not known to be in a batch after this long is put back (its sender died).
+SENDING_STALE_MS = 300_000
+#: The leases' length: a sender or poller that dies is replaced after this long.
+LEASE_MS = 120_000
+#: A request an ended batch did not list (the API lists every one; a net all the same).
+MISSING = {"type": "missing_result", "message": "the ended batch listed no result"}
+#: The tool litellm's JSON mode forces on Anthropic models; a batch request uses the same.
+JSON_TOOL = "json_tool_call"
+
+_TAKE = script("msgbatch_take.lua")
+_OPENED = script("msgbatch_opened.lua")
+_RETURN = script("msgbatch_return.lua")
+_UNPARK = script("unpark.lua")
+
+
+@dataclass(frozen=True, slots=True)
+class ParkOrder:
+    """What the router asks for a job that reached a ``batch_api`` model of the batch
+    lane: park it at chain ``position`` with the attempts made so far."""
+
+    model: str
+    position: int
+    attempts: list[Attempt]
+    params: dict[str, Any]
+    hold: Hold
+    #: When the job's walk began (Unix ms): its result's latency counts from there.
+    started_ms: int
+    custom_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def state(self) -> str:
+        return json.dumps(
+            {
+                "model": self.model,
+                "position": self.position,
+                "attempts": [a.model_dump(mode="json", exclude_none=True) for a in self.attempts],
+                "hold": dataclasses.asdict(self.hold),
+                "started_ms": self.started_ms,
+            },
+            separators=(",", ":"),
+        )
+
+    def entry(self, job_id: str) -> str:
+        """The request as it waits to be sent."""
+        return json.dumps(
+            {"custom_id": self.custom_id, "job_id": job_id, "params": self.params},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedJob:
+    """A parked job's state read back; ``result`` None: its batch has not ended."""
+
+    model: str
+    position: int
+    attempts: list[Attempt]
+    hold: Hold
+    started_ms: int
+    parked_ms: int
+    custom_id: str
+    result: dict[str, Any] | None = None
+    batch_id: str | None = None
+
+
+def parse_parked(fields: dict[bytes, bytes]) -> ParkedJob | None:
+    """The hash ``park.lua`` wrote, or None when there is none (or it is unreadable)."""
+    try:
+        state = json.loads(fields[b"state"])
+        result = json.loads(fields[b"result"]) if b"result" in fields else None
+        return ParkedJob(
+            model=state["model"],
+            position=int(state["position"]),
+            attempts=[Attempt.model_validate(a) for a in state["attempts"]],
+            hold=Hold(**state["hold"]),
+            started_ms=int(state["started_ms"]),
+            parked_ms=int(fields[b"parked_ms"]),
+            custom_id=fields[b"custom_id"].decode(),
+            result=result if isinstance(result, dict) else None,
+            batch_id=fields[b"batch_id"].decode() if b"batch_id" in fields else None,
+        )
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+# -- the request and the answer --------------------------------------------------------------
+
+
+def _blocks(content: Any) -> Any:
+    """OpenAI-style content parts as Anthropic's (text and image URLs)."""
+    if not isinstance(content, list):
+        return content
+    out: list[dict[str, Any]] = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text":
+            out.append({k: v for k, v in part.items() if k in ("type", "text", "cache_control")})
+        elif part.get("type") == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            out.append({"type": "image", "source": _image_source(url)})
+    return out
+
+
+def _image_source(url: Any) -> dict[str, Any]:
+    """An inline ``data:`` image goes as base64, as litellm sends it; others by URL."""
+    if isinstance(url, str) and url.startswith("data:") and ";base64," in url:
+        media_type, _, data = url[len("data:") :].partition(";base64,")
+        return {"type": "base64", "media_type": media_type, "data": data}
+    return {"type": "url", "url": url}
+
+
+def request_params(
+    cfg: ModelConfig,
+    messages: list[dict[str, Any]],
+    schema: dict[str, Any] | None,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """The Messages API parameters of one batch request, as litellm would send the call
+    in real time: system messages as ``system``, a schema as the forced JSON tool."""
+    if cfg.cache_prompt:
+        messages = cacheable_system(messages)
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        if role == "system":
+            blocks = _blocks(content)
+            system += blocks if isinstance(blocks, list) else [{"type": "text", "text": blocks}]
+        else:
+            turns.append({"role": "assistant" if role == "assistant" else "user",
+                          "content": _blocks(content)})  # fmt: skip
+    params: dict[str, Any] = {"model": cfg.name, "max_tokens": max_tokens, "messages": turns}
+    if system:
+        params["system"] = system
+    if schema is not None and cfg.structured_output and schema.get("type") == "object":
+        params["tools"] = [{"name": JSON_TOOL, "input_schema": schema}]
+        params["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
+    params.update({k: v for k, v in cfg.params.items() if k not in ("model", "messages")})
+    return params
+
+
+_WORDS = {"max_tokens": "length", "refusal": "content_filter"}
+
+
+def reply_of(cfg: ModelConfig, parked: ParkedJob, params_max_tokens: int) -> Reply:
+    """The batch result as a model call's reply, priced at the batch price; a request the
+    batch did not answer raises :class:`ModelCallError` (it falls to the next model)."""
+    result = parked.result or {}
+    kind = result.get("type")
+    if kind == "errored":
+        error = result.get("error")
+        inner = error.get("error", error) if isinstance(error, dict) else {}
+        inner = inner if isinstance(inner, dict) else {}
+        raise ModelCallError(
+            f"BatchErrored: {inner.get('type', 'error')}: {str(inner.get('message', ''))[:200]}"
+        )
+    if kind == "expired":
+        raise ModelCallError("BatchExpired: the batch ended before this request was processed")
+    if kind == "canceled":
+        raise ModelCallError("BatchCanceled: the batch was canceled before this request ran")
+    message = result.get("message")
+    if kind != "succeeded" or not isinstance(message, dict):
+        raise ModelCallError(f"MalformedResponse: a batch result of type {kind!r}")
+    texts: list[str] = []
+    for block in message.get("content") or []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
+            texts.append(json.dumps(block.get("input"), ensure_ascii=False))
+    stop = message.get("stop_reason")
+    stop = stop if isinstance(stop, str) else None
+    details = message.get("stop_details")
+    details = details if isinstance(details, dict) else {}
+    finish = Finish(
+        reason=_WORDS.get(stop or "", "stop"),
+        provider_reason=stop,
+        refusal_category=details.get("category") if stop == "refusal" else None,
+        refusal_explanation=details.get("explanation") if stop == "refusal" else None,
+    )
+    if finish.truncated:
+        finish = dataclasses.replace(finish, limit=f"max_tokens ({params_max_tokens:,})")
+    usage = message.get("usage")
+    counts = usage if isinstance(usage, dict) else {}
+    return Reply(
+        text="".join(texts).strip(),
+        finish=finish,
+        usage=batch_usage(cfg.model, {k: v for k, v in counts.items() if isinstance(v, int)}),
+    )
+
+
+# -- the fleet's batches ---------------------------------------------------------------------
+
+
+def _base_url(api_base: str | None) -> str | None:
+    """The SDK's base URL from litellm's ``api_base`` (which may name the messages path)."""
+    if not api_base:
+        return None
+    base = api_base.rstrip("/")
+    for tail in ("/v1/messages", "/v1"):
+        if base.endswith(tail):
+            base = base[: -len(tail)]
+    return base
+
+
+@dataclass(slots=True)
+class BatchCounts:
+    """What the fleet's batches hold now, for ``status``, heartbeats and ``/metrics``."""
+
+    parked: int = 0
+    waiting: int = 0
+    sending: int = 0
+    open_batches: int = 0
+
+
+class MessageBatches:
+    """Sends parked requests as Message Batches and brings their results back; one
+    instance per worker, shared state in Redis."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.models: dict[str, ModelConfig] = {
+            m.label: m for chain in settings.chains.values() for m in chain if m.batch_api
+        }
+        self.token = uuid.uuid4().hex
+        #: Jobs this process parked, results it brought back, batches it sent.
+        self.parked_here = 0
+        self.resumed_here = 0
+        self.sent_here = 0
+        self._clients: dict[str, anthropic.AsyncAnthropic] = {}
+        self._take = redis.register_script(_TAKE)
+        self._opened = redis.register_script(_OPENED)
+        self._return = redis.register_script(_RETURN)
+        self._unpark = redis.register_script(_UNPARK)
+        self._next_poll = 0.0
+
+    def tally(self) -> dict[str, int]:
+        """This process's share, for its heartbeat."""
+        return {"parked": self.parked_here, "resumed": self.resumed_here, "sent": self.sent_here}
+
+    def client(self, cfg: ModelConfig) -> anthropic.AsyncAnthropic:
+        found = self._clients.get(cfg.label)
+        if found is None:
+            key = cfg.api_key.get_secret_value() if cfg.api_key is not None else None
+            found = self._clients[cfg.label] = anthropic.AsyncAnthropic(
+                api_key=key, base_url=_base_url(cfg.api_base), max_retries=2, timeout=120.0
+            )
+        return found
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    async def parked(self, job_id: str) -> ParkedJob | None:
+        fields = await self.redis.hgetall(parked_key(job_id))  # type: ignore[misc]
+        return parse_parked(fields) if fields else None
+
+    async def counts(self) -> BatchCounts:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(PARKED_KEY)
+            pipe.zrange(MSGBATCH_MODELS_KEY, 0, -1)
+            pipe.zcard(MSGBATCH_SENDING_KEY)
+            pipe.hlen(MSGBATCH_OPEN_KEY)
+            parked, models, sending, open_batches = await pipe.execute()
+        waiting = 0
+        for model in models:
+            waiting += await self.redis.llen(msgbatch_pending_key(model.decode()))  # type: ignore[misc]
+        return BatchCounts(int(parked), waiting, int(sending), int(open_batches))
+
+    # -- the background task -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send what is due and look at open batches, for as long as the worker runs."""
+        tick = min(1.0, self.settings.batch_wait / 4, self.settings.batch_poll / 2)
+        failing = False
+        while True:
+            try:
+                await self.send_due()
+                if time.monotonic() >= self._next_poll:
+                    self._next_poll = time.monotonic() + self.settings.batch_poll
+                    await self.poll()
+                failing = False
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("batches_unreachable", error=f"{type(exc).__name__}: {exc}")
+                failing = True
+            await asyncio.sleep(tick)
+
+    async def _lease(self, key: str) -> bool:
+        return bool(await self.redis.set(key, self.token, nx=True, px=LEASE_MS))
+
+    async def _unlease(self, key: str) -> None:
+        if await self.redis.get(key) == self.token.encode():
+            await self.redis.delete(key)
+
+    async def send_due(self) -> int:
+        """Send every model's due requests (under the send lease); how many batches."""
+        now = now_ms()
+        due_before = now - int(self.settings.batch_wait * 1000)
+        models = [m.decode() for m in await self.redis.zrange(MSGBATCH_MODELS_KEY, 0, -1)]
+        stale = await self.redis.zrangebyscore(MSGBATCH_SENDING_KEY, "-inf", now - SENDING_STALE_MS)
+        if not models and not stale:
+            return 0
+        if not await self._lease(MSGBATCH_SEND_LEASE):
+            return 0
+        sent = 0
+        try:
+            for take in stale:
+                await self._give_back(take.decode(), now)
+            oldest = dict(await self.redis.zrange(MSGBATCH_MODELS_KEY, 0, -1, withscores=True))
+            for raw_model, score in oldest.items():
+                model = raw_model.decode()
+                size = await self.redis.llen(msgbatch_pending_key(model))  # type: ignore[misc]
+                while size >= self.settings.batch_size or (size and score <= due_before):
+                    if not await self._send(model):
+                        break
+                    sent += 1
+                    size = await self.redis.llen(msgbatch_pending_key(model))  # type: ignore[misc]
+                    score = due_before + 1  # what is left is no longer overdue
+        finally:
+            await self._unlease(MSGBATCH_SEND_LEASE)
+        return sent
+
+    async def _give_back(self, take: str, score: int) -> None:
+        model = take.split("|", 1)[1]
+        keys = [MSGBATCH_SENDING_PREFIX + take, MSGBATCH_SENDING_KEY,
+                msgbatch_pending_key(model), MSGBATCH_MODELS_KEY]  # fmt: skip
+        back = await self._return(keys=keys, args=[take, model, score])
+        log.warning("batch_requests_returned", model=model, requests=int(back))
+
+    async def _send(self, model: str) -> bool:
+        """Take one batch's worth of a model's requests and create the batch."""
+        take = f"{uuid.uuid4().hex}|{model}"
+        keys = [msgbatch_pending_key(model), MSGBATCH_MODELS_KEY,
+                MSGBATCH_SENDING_PREFIX + take, MSGBATCH_SENDING_KEY]  # fmt: skip
+        most = min(self.settings.batch_size, 100_000)
+        args: list[str | int] = [model, most, MAX_BATCH_BYTES, take, now_ms()]
+        entries = [json.loads(e) for e in await self._take(keys=keys, args=args)]
+        if not entries:
+            return False
+        cfg = self.models.get(model)
+        if cfg is None:  # a model this worker does not know: another worker's to send
+            await self._give_back(take, now_ms())
+            return False
+        requests = [{"custom_id": e["custom_id"], "params": e["params"]} for e in entries]
+        try:
+            batch = await self.client(cfg).messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        except anthropic.APIError as exc:
+            log.warning("batch_not_sent", model=model, requests=len(entries),
+                        error=f"{type(exc).__name__}: {str(exc)[:200]}")  # fmt: skip
+            await self._give_back(take, now_ms())
+            return False
+        kept = {"model": model, "sent_ms": now_ms(),
+                "jobs": {e["custom_id"]: e["job_id"] for e in entries}}  # fmt: skip
+        await self._opened(
+            keys=[MSGBATCH_OPEN_KEY, MSGBATCH_SENDING_PREFIX + take, MSGBATCH_SENDING_KEY],
+            args=[batch.id, json.dumps(kept, separators=(",", ":")), take],
+        )
+        self.sent_here += 1
+        log.info("batch_sent", model=model, batch_id=batch.id, requests=len(entries))
+        return True
+
+    async def poll(self) -> int:
+        """Look at every open batch (under the poll lease); how many jobs were put back.
+        Jobs parked longer than they are kept (their job deleted meanwhile) are dropped
+        from the parked count."""
+        await self.redis.zremrangebyscore(PARKED_KEY, "-inf", now_ms() - PARK_KEEP_MS)
+        if not await self.redis.hlen(MSGBATCH_OPEN_KEY):  # type: ignore[misc]
+            return 0
+        if not await self._lease(MSGBATCH_POLL_LEASE):
+            return 0
+        back = 0
+        try:
+            for raw_id, raw in (await self.redis.hgetall(MSGBATCH_OPEN_KEY)).items():  # type: ignore[misc]
+                back += await self._look_at(raw_id.decode(), json.loads(raw))
+        finally:
+            await self._unlease(MSGBATCH_POLL_LEASE)
+        return back
+
+    async def _look_at(self, batch_id: str, kept: dict[str, Any]) -> int:
+        cfg = self.models.get(kept["model"])
+        if cfg is None:
+            return 0
+        client = self.client(cfg)
+        try:
+            batch = await client.messages.batches.retrieve(batch_id)
+            if batch.processing_status != "ended":
+                return 0
+            jobs: dict[str, str] = kept["jobs"]
+            back, seen = 0, set()
+            async for row in await client.messages.batches.results(batch_id):
+                job_id = jobs.get(row.custom_id)
+                if job_id is None:
+                    continue
+                seen.add(row.custom_id)
+                back += await self._put_back(job_id, row.custom_id, row.result.to_dict(), batch_id)
+        except anthropic.APIError as exc:
+            log.warning("batch_unread", batch_id=batch_id,
+                        error=f"{type(exc).__name__}: {str(exc)[:200]}")  # fmt: skip
+            return 0
+        for custom_id in set(jobs) - seen:  # the API lists every request; a net all the same
+            missing = {"type": "errored", "error": {"type": "error", "error": MISSING}}
+            back += await self._put_back(jobs[custom_id], custom_id, missing, batch_id)
+        await self.redis.hdel(MSGBATCH_OPEN_KEY, batch_id)  # type: ignore[misc]
+        log.info("batch_ended", model=kept["model"], batch_id=batch_id, requests=len(jobs),
+                 **batch.request_counts.to_dict())  # fmt: skip
+        self.resumed_here += back
+        return back
+
+    async def _put_back(
+        self, job_id: str, custom_id: str, result: dict[str, Any], batch_id: str
+    ) -> int:
+        blob = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+        return int(
+            await self._unpark(
+                keys=[parked_key(job_id), PARKED_KEY],
+                args=[job_id, custom_id, blob, batch_id, WAKE_TOKENS_MAX],
+            )
+        )
