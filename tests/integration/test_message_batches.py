@@ -202,6 +202,44 @@ async def test_workers_killed_while_jobs_are_parked_lose_none_and_route_none_twi
     assert real_time_calls(server) == []
 
 
+async def test_a_parked_job_can_be_cancelled_or_expire_without_waiting_for_its_batch(
+    server: StubServer, tmp_path: Path, redis: Redis
+) -> None:
+    server.batch_seconds = 6.0
+    settings = {**FAST, "batch_wait": "3.0"}
+    lane = Lane(tmp_path, chains(server.url), **settings)
+    try:
+        async with RouterClient(REDIS_URL, queue_name=lane.batch_queue) as client:
+            started = time.monotonic()
+            expiring = await client.enqueue(f"{TO_CLOUD}expiring", expires_in=2.5)
+            cancelled = await client.enqueue(f"{TO_CLOUD}cancelled")
+            kept = await client.enqueue(f"{TO_CLOUD}kept")
+            ids = [expiring.job_id, cancelled.job_id, kept.job_id]
+            while await parked_of(redis, ids) < 3 and time.monotonic() - started < 10:
+                await asyncio.sleep(0.05)
+            assert await parked_of(redis, ids) == 3
+            assert await client.cancel(cancelled.job_id)  # before its batch is sent
+            asked = time.monotonic()
+            stopped = await cancelled.result(timeout=10, raise_on_failure=False)
+            cancel_s = time.monotonic() - asked
+            gone = await expiring.result(timeout=10, raise_on_failure=False)
+            expired_s = time.monotonic() - started
+            answered = await kept.result(timeout=30)
+            answered_s = time.monotonic() - started
+    finally:
+        lane.stop()
+        await lane.forget(redis)
+    assert stopped.status == "cancelled"
+    assert cancel_s < 2.0
+    assert gone.status == "expired"
+    assert expired_s < answered_s  # it did not wait for the batch's answer
+    assert answered.status == "ok"
+    assert answered.attempts[-1].batch_id is not None
+    # The cancelled job's request was left out of the batch; the expiring one's may be in.
+    sent = sum(server.batch_requests.values())
+    assert 1 <= sent <= 2, server.batch_requests
+
+
 async def test_an_expired_batch_falls_its_jobs_to_the_next_model(
     server: StubServer, tmp_path: Path, redis: Redis
 ) -> None:

@@ -30,6 +30,7 @@ from llm_router.client.keys import (
     MSGBATCH_SEND_LEASE,
     MSGBATCH_SENDING_KEY,
     MSGBATCH_SENDING_PREFIX,
+    PARKED_DEADLINES_KEY,
     PARKED_KEY,
     PARKED_SCORE_MS,
     in_progress_key,
@@ -873,7 +874,8 @@ async def test_send_due_sends_full_batches_at_once(
     redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mb = batches_with(redis, fake, monkeypatch, batch_size=2, batch_wait=60.0)
-    await fill(redis, [order(f"c-{n}").entry(f"j{n}") for n in range(5)], oldest=now_ms())
+    for n in range(5):
+        await park(redis, f"j{n}", n, f"c-{n}")
     assert await mb.send_due() == 2
     assert [[r["custom_id"] for r in sent] for sent in fake.created] == [
         ["c-0", "c-1"],
@@ -889,7 +891,9 @@ async def test_what_an_overdue_send_leaves_waits_again(
     """Three overdue requests, batches of two: one batch now; the third is rescored at
     the take and waits ``batch_wait`` again."""
     mb = batches_with(redis, fake, monkeypatch, batch_size=2, batch_wait=60.0)
-    await fill(redis, [order(f"c-{n}").entry(f"j{n}") for n in range(3)], oldest=1)
+    for n in range(3):
+        await park(redis, f"j{n}", n, f"c-{n}")
+    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: 1})  # overdue
     before = now_ms()
     assert await mb.send_due() == 1
     assert [len(sent) for sent in fake.created] == [2]
@@ -1093,3 +1097,73 @@ async def test_the_client_speaks_to_the_configured_base(redis: Redis) -> None:
     assert mb.client(cfg) is client
     assert set(mb.models) == {HAIKU}
     await mb.aclose()
+
+
+# -- a parked job that stops waiting -------------------------------------------------------
+
+
+async def park_until(redis: Redis, job_id: str, score: int, custom_id: str, deadline: int) -> None:
+    queue = RedisQueue(redis, the_lanes(), token="me", lease_ms=10_000)
+    o = order(custom_id)
+    stop = Parking(o.model, o.custom_id, o.state(), o.entry(job_id), PARK_KEEP_MS, deadline)
+    assert await queue.park(await claimed(redis, job_id, score), stop)
+
+
+async def test_a_released_job_goes_back_marked_stopped_once(redis: Redis) -> None:
+    await park_until(redis, "j1", 1234, "c-1", now_ms() + 60_000)
+    assert await redis.zscore(PARKED_DEADLINES_KEY, "j1") is not None
+    mb = MessageBatches(redis, settings())
+    assert await mb.release("j1") is True
+    assert await redis.zscore(BQ, "j1") == 1234  # its old place: a worker claims it now
+    assert await redis.llen(wake_key(BQ)) == 1  # type: ignore[misc]
+    assert await redis.zscore(PARKED_KEY, "j1") is None
+    assert await redis.zscore(PARKED_DEADLINES_KEY, "j1") is None
+    parked = await mb.parked("j1")
+    assert parked is not None
+    assert parked.stopped
+    assert parked.result is None
+    with pytest.raises(ModelCallError, match=r"^BatchAbandoned"):
+        reply_of(haiku(), parked, 100)
+    assert await mb.release("j1") is False  # once
+    # Its batch's answer, should it come, is dropped... once it is finished; until then
+    # it is kept but the job is not queued again by it.
+    assert await mb.release("never-parked") is False
+
+
+async def test_only_jobs_past_their_deadline_are_released(redis: Redis) -> None:
+    await park_until(redis, "late", 1, "c-1", now_ms() - 5_000)
+    await park_until(redis, "soon", 2, "c-2", now_ms() + 60_000)
+    await park(redis, "none", 3, "c-3")
+    mb = MessageBatches(redis, settings())
+    assert await mb.release_overdue() == 1
+    assert await redis.zscore(PARKED_KEY, "late") is None
+    assert await redis.zscore(PARKED_KEY, "soon") is not None
+    assert await redis.zscore(PARKED_KEY, "none") is not None
+    assert await redis.zrange(PARKED_DEADLINES_KEY, 0, -1) == [b"soon"]
+
+
+async def test_a_stopped_or_vanished_jobs_request_is_not_sent(
+    redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mb = batches_with(redis, fake, monkeypatch, batch_wait=60.0)
+    await park(redis, "kept", 11, "c-1")
+    await park(redis, "cancelled", 12, "c-2")
+    await park(redis, "deleted", 13, "c-3")
+    assert await mb.release("cancelled")
+    await redis.delete(parked_key("deleted"))
+    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: now_ms() - 61_000})
+    assert await mb.send_due() == 1
+    assert [[r["custom_id"] for r in batch] for batch in fake.created] == [["c-1"]]
+
+
+async def test_a_take_of_only_stopped_requests_sends_nothing_and_is_dropped(
+    redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mb = batches_with(redis, fake, monkeypatch, batch_wait=60.0)
+    await park(redis, "cancelled", 12, "c-2")
+    assert await mb.release("cancelled")
+    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: now_ms() - 61_000})
+    assert await mb.send_due() == 0
+    assert fake.created == []
+    assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
+    assert await waiting(redis) == []

@@ -284,6 +284,7 @@ class Recorder:
 
     def __init__(self, gate: asyncio.Event | None = None) -> None:
         self.ran: list[str] = []
+        self.released: list[str] = []
         self.gate = gate
 
     async def run(self, job: Claimed, control: Control) -> Finished:
@@ -298,6 +299,9 @@ class Recorder:
 
     def cancelled(self, job: Claimed) -> Finished:
         return Finished(RouteResult(status="cancelled", job_id=job.job_id), True)
+
+    async def release_parked(self, job_id: str) -> None:
+        self.released.append(job_id)
 
 
 class Served:

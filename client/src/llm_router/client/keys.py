@@ -141,6 +141,9 @@ def holds_key(day: str) -> str:
 PARKED_PREFIX = "llm_router:parked:"
 #: Sorted set of parked jobs still waiting for their batch (score: when parked, ms).
 PARKED_KEY = "llm_router:parked"
+#: The parked jobs that have a deadline (score: the deadline, Unix ms): past it, a job
+#: goes back to its queue to end ``expired`` without waiting for its batch.
+PARKED_DEADLINES_KEY = "llm_router:parked_deadlines"
 #: A parked job is scored this far past its keeping time in its queue: a job scored more
 #: than this far ahead is parked (arq's producers see it deferred).
 PARKED_SCORE_MS = 365 * 86_400 * 1000

@@ -27,7 +27,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import structlog
@@ -41,6 +41,7 @@ from llm_router.client.keys import (
     MSGBATCH_SEND_LEASE,
     MSGBATCH_SENDING_KEY,
     MSGBATCH_SENDING_PREFIX,
+    PARKED_DEADLINES_KEY,
     PARKED_KEY,
     msgbatch_pending_key,
     parked_key,
@@ -72,6 +73,10 @@ _TAKE = script("msgbatch_take.lua")
 _OPENED = script("msgbatch_opened.lua")
 _RETURN = script("msgbatch_return.lua")
 _UNPARK = script("unpark.lua")
+_RELEASE = script("park_release.lua")
+#: A parked job's deadline is acted on this long after it passed: the worker's clock may
+#: run a little ahead of Redis', which the job's deadline key counts on.
+DEADLINE_MARGIN_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +127,8 @@ class ParkedJob:
     custom_id: str
     result: dict[str, Any] | None = None
     batch_id: str | None = None
+    #: It stopped waiting (cancelled, or past its deadline) before its batch answered.
+    stopped: bool = False
 
 
 def parse_parked(fields: dict[bytes, bytes]) -> ParkedJob | None:
@@ -139,6 +146,7 @@ def parse_parked(fields: dict[bytes, bytes]) -> ParkedJob | None:
             custom_id=fields[b"custom_id"].decode(),
             result=result if isinstance(result, dict) else None,
             batch_id=fields[b"batch_id"].decode() if b"batch_id" in fields else None,
+            stopped=b"stopped" in fields,
         )
     except (KeyError, ValueError, TypeError):
         return None
@@ -208,6 +216,8 @@ _WORDS = {"max_tokens": "length", "refusal": "content_filter"}
 def reply_of(cfg: ModelConfig, parked: ParkedJob, params_max_tokens: int) -> Reply:
     """The batch result as a model call's reply, priced at the batch price; a request the
     batch did not answer raises :class:`ModelCallError` (it falls to the next model)."""
+    if parked.result is None and parked.stopped:
+        raise ModelCallError("BatchAbandoned: the job stopped waiting for its batch")
     result = parked.result or {}
     kind = result.get("type")
     if kind == "errored":
@@ -297,6 +307,7 @@ class MessageBatches:
         self._opened = redis.register_script(_OPENED)
         self._return = redis.register_script(_RETURN)
         self._unpark = redis.register_script(_UNPARK)
+        self._release = redis.register_script(_RELEASE)
         self._next_poll = 0.0
 
     def tally(self) -> dict[str, int]:
@@ -341,6 +352,7 @@ class MessageBatches:
         failing = False
         while True:
             try:
+                await self.release_overdue()
                 await self.send_due()
                 if time.monotonic() >= self._next_poll:
                     self._next_poll = time.monotonic() + self.settings.batch_poll
@@ -351,6 +363,22 @@ class MessageBatches:
                     log.warning("batches_unreachable", error=f"{type(exc).__name__}: {exc}")
                 failing = True
             await asyncio.sleep(tick)
+
+    async def release(self, job_id: str) -> bool:
+        """A parked job stops waiting (its producer cancelled it, or its deadline
+        passed): back to its queue, to end at once. False: it was not parked."""
+        keys = [parked_key(job_id), PARKED_KEY, PARKED_DEADLINES_KEY]
+        released = bool(await self._release(keys=keys, args=[job_id, WAKE_TOKENS_MAX]))
+        if released:
+            log.info("parked_job_released", job_id=job_id)
+        return released
+
+    async def release_overdue(self) -> int:
+        """Release the parked jobs whose deadline has passed; how many."""
+        due = await self.redis.zrangebyscore(
+            PARKED_DEADLINES_KEY, "-inf", now_ms() - DEADLINE_MARGIN_MS, start=0, num=500
+        )
+        return sum([await self.release(job_id.decode()) for job_id in due])
 
     async def _lease(self, key: str) -> bool:
         return bool(await self.redis.set(key, self.token, nx=True, px=LEASE_MS))
@@ -378,9 +406,10 @@ class MessageBatches:
                 model = raw_model.decode()
                 size = await self.redis.llen(msgbatch_pending_key(model))  # type: ignore[misc]
                 while size >= self.settings.batch_size or (size and score <= due_before):
-                    if not await self._send(model):
+                    went = await self._send(model)
+                    if went == "stopped":
                         break
-                    sent += 1
+                    sent += went == "sent"
                     size = await self.redis.llen(msgbatch_pending_key(model))  # type: ignore[misc]
                     score = due_before + 1  # what is left is no longer overdue
         finally:
@@ -394,8 +423,9 @@ class MessageBatches:
         back = await self._return(keys=keys, args=[take, model, score])
         log.warning("batch_requests_returned", model=model, requests=int(back))
 
-    async def _send(self, model: str) -> bool:
-        """Take one batch's worth of a model's requests and create the batch."""
+    async def _send(self, model: str) -> Literal["sent", "dropped", "stopped"]:
+        """Take one batch's worth of a model's requests and create the batch (``sent``);
+        ``dropped``: none of them was still wanted; ``stopped``: nothing more to send now."""
         take = f"{uuid.uuid4().hex}|{model}"
         keys = [msgbatch_pending_key(model), MSGBATCH_MODELS_KEY,
                 MSGBATCH_SENDING_PREFIX + take, MSGBATCH_SENDING_KEY]  # fmt: skip
@@ -403,11 +433,16 @@ class MessageBatches:
         args: list[str | int] = [model, most, MAX_BATCH_BYTES, take, now_ms()]
         entries = [json.loads(e) for e in await self._take(keys=keys, args=args)]
         if not entries:
-            return False
+            return "stopped"
         cfg = self.models.get(model)
         if cfg is None:  # a model this worker does not know: another worker's to send
             await self._give_back(take, now_ms())
-            return False
+            return "stopped"
+        entries = await self._still_waiting(entries)
+        if not entries:  # every one was cancelled or expired meanwhile
+            await self.redis.delete(MSGBATCH_SENDING_PREFIX + take)
+            await self.redis.zrem(MSGBATCH_SENDING_KEY, take)
+            return "dropped"
         requests = [{"custom_id": e["custom_id"], "params": e["params"]} for e in entries]
         try:
             batch = await self.client(cfg).messages.batches.create(requests=requests)  # type: ignore[arg-type]
@@ -415,7 +450,7 @@ class MessageBatches:
             log.warning("batch_not_sent", model=model, requests=len(entries),
                         error=f"{type(exc).__name__}: {str(exc)[:200]}")  # fmt: skip
             await self._give_back(take, now_ms())
-            return False
+            return "stopped"
         kept = {"model": model, "sent_ms": now_ms(),
                 "jobs": {e["custom_id"]: e["job_id"] for e in entries}}  # fmt: skip
         await self._opened(
@@ -424,7 +459,20 @@ class MessageBatches:
         )
         self.sent_here += 1
         log.info("batch_sent", model=model, batch_id=batch.id, requests=len(entries))
-        return True
+        return "sent"
+
+    async def _still_waiting(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The entries whose job still waits for this request: one that was cancelled,
+        expired or deleted meanwhile is not sent (nobody would use its answer)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.hmget(parked_key(entry["job_id"]), ["custom_id", "stopped"])
+            found = await pipe.execute()
+        return [
+            e
+            for e, (custom_id, stopped) in zip(entries, found, strict=True)
+            if custom_id == e["custom_id"].encode() and stopped is None
+        ]
 
     async def poll(self) -> int:
         """Look at every open batch (under the poll lease); how many jobs were put back.
@@ -479,7 +527,7 @@ class MessageBatches:
         blob = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
         return int(
             await self._unpark(
-                keys=[parked_key(job_id), PARKED_KEY],
+                keys=[parked_key(job_id), PARKED_KEY, PARKED_DEADLINES_KEY],
                 args=[job_id, custom_id, blob, batch_id, WAKE_TOKENS_MAX],
             )
         )

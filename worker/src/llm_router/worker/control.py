@@ -21,6 +21,12 @@ class Control:
     def expire_in(self, seconds: float) -> None:
         self.deadline = asyncio.get_running_loop().time() + seconds
 
+    def left_s(self) -> float | None:
+        """Seconds to the deadline (negative: passed); None: no deadline."""
+        if self.deadline is None:
+            return None
+        return self.deadline - asyncio.get_running_loop().time()
+
     def expired(self) -> bool:
         return self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
 

@@ -10,12 +10,14 @@ one. What to store and what to run once it is stored is returned as a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from llm_router.client.protocol import (
     JOB_FUNCTION,
@@ -209,12 +211,15 @@ class RouteJobs:
         parked: ParkedJob | None = None
         if self.router.batches is not None and job.lane.kind == "batch":
             parked = await self.router.batches.parked(job.job_id)
-            if parked is not None and parked.result is None:  # still waiting: leave it so
+            if parked is not None and parked.result is None and not parked.stopped:
+                # Still waiting for its batch: leave it so.
                 return Parking(parked.model, parked.custom_id, None, None, PARK_KEEP_MS)
         result = await self.route(job, data["a"], kwargs, control, parked)
         if isinstance(result, ParkOrder):
+            left = control.left_s()
+            deadline = None if left is None else now_ms() + round(left * 1000)
             return Parking(result.model, result.custom_id, result.state(),
-                           result.entry(job.job_id), PARK_KEEP_MS)  # fmt: skip
+                           result.entry(job.job_id), PARK_KEEP_MS, deadline)  # fmt: skip
         # Counted and announced once the result is stored, off the producer's clock.
         breakers = self.router.breaker_states(result.chain)
 
@@ -278,6 +283,15 @@ class RouteJobs:
             control=control,
             resume=parked,
         )
+
+    async def release_parked(self, job_id: str) -> None:
+        """A producer cancelled a job no worker runs: if it is parked, it stops waiting
+        for its batch and ends ``cancelled`` now."""
+        if self.router.batches is None:
+            return
+        # Redis away: its batch's answer brings it back, and it ends cancelled then.
+        with contextlib.suppress(RedisError, OSError):
+            await self.router.batches.release(job_id)
 
     def cancelled(self, job: Claimed) -> Finished:
         """Cancelled before the router had the job (it has its own result for that)."""

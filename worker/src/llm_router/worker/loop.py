@@ -64,6 +64,9 @@ class JobRunner(Protocol):
 
     def cancelled(self, job: Claimed) -> Finished: ...
 
+    async def release_parked(self, job_id: str) -> None:
+        """A cancel for a job no worker runs: one parked for a Message Batch ends now."""
+
 
 class Listener(Protocol):
     """Told of every stored result and of the stop (heartbeat, Prometheus, systemd)."""
@@ -284,7 +287,8 @@ class Worker:
             try:
                 async for job_id in self.queue.cancel_requests():
                     failing = False
-                    self.cancel(job_id)
+                    if not self.cancel(job_id):  # not running here: parked, perhaps
+                        self._in_background(self.jobs.release_parked(job_id))
             except (RedisError, OSError) as exc:
                 if not failing:  # once a streak: an outage is logged by the other loops
                     log.warning("cancel_listener_failed", error=f"{type(exc).__name__}: {exc}")

@@ -24,6 +24,7 @@ from llm_router.client.keys import (
     FAILED_KEY,
     METRICS_PENDING_KEY,
     MSGBATCH_MODELS_KEY,
+    PARKED_DEADLINES_KEY,
     PARKED_KEY,
     PARKED_SCORE_MS,
     failed_key,
@@ -78,13 +79,15 @@ class Claimed:
 class Parking:
     """A job to park until its Message Batch answers (:mod:`~llm_router.worker.batches`):
     its state and its request's entry as JSON (None: keep the state it has, send
-    nothing), under which model and custom id, for how long."""
+    nothing), under which model and custom id, for how long, until which deadline."""
 
     model: str
     custom_id: str
     state: str | None
     entry: str | None
     keep_ms: int
+    #: The job's deadline (Unix ms): past it, it stops waiting and ends ``expired``.
+    deadline_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +215,12 @@ class RedisQueue:
         no worker claims it, and the lease is released; False when it was not ours."""
         keys = [in_progress_key(job.job_id), job.lane.name, parked_key(job.job_id), PARKED_KEY,
                 msgbatch_pending_key(parking.model), MSGBATCH_MODELS_KEY, job_key(job.job_id),
-                retry_key(job.job_id)]  # fmt: skip
+                retry_key(job.job_id), PARKED_DEADLINES_KEY]  # fmt: skip
         now = int(time.time() * 1000)
         args: list[str | int] = [job.job_id, self.token, parking.state or "",
                 parking.entry or "", now, now + parking.keep_ms + PARKED_SCORE_MS,
-                parking.keep_ms, parking.model, job.score, parking.custom_id]  # fmt: skip
+                parking.keep_ms, parking.model, job.score, parking.custom_id,
+                "" if parking.deadline_ms is None else parking.deadline_ms]  # fmt: skip
         return bool(await self._park(keys=keys, args=args))
 
     async def hand_back(self, job_id: str, lane: Lane) -> bool:

@@ -15,6 +15,8 @@
 --      when its oldest waiting request was parked, ms)
 --   7. arq:job:<id>
 --   8. arq:retry:<id>
+--   9. the parked jobs' deadlines, llm_router:parked_deadlines (sorted set, score = the
+--      deadline, Unix ms)
 -- ARGV, in order:
 --   1. the job id
 --   2. this worker's token
@@ -26,6 +28,7 @@
 --   8. the model (its label)
 --   9. the job's score before it was parked (where it goes back to)
 --  10. its request's custom id
+--  11. its deadline, Unix ms, or '' for none
 -- Returns 1 when parked, 0 when the lease was no longer ours.
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
 if ARGV[3] ~= '' then
@@ -37,6 +40,7 @@ redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('PEXPIRE', KEYS[7], ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
 redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[1])
+if ARGV[11] ~= '' then redis.call('ZADD', KEYS[9], ARGV[11], ARGV[1]) end
 if ARGV[4] ~= '' then
   redis.call('RPUSH', KEYS[5], ARGV[4])
   redis.call('ZADD', KEYS[6], 'NX', ARGV[5], ARGV[8])

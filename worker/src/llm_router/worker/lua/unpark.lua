@@ -7,6 +7,7 @@
 -- KEYS, in order:
 --   1. the job's parked state, llm_router:parked:<id> (hash)
 --   2. the parked jobs, llm_router:parked (sorted set)
+--   3. their deadlines, llm_router:parked_deadlines (sorted set)
 -- ARGV, in order:
 --   1. the job id
 --   2. the request's custom id
@@ -18,6 +19,7 @@ if redis.call('HGET', KEYS[1], 'custom_id') ~= ARGV[2] then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'result') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'result', ARGV[3], 'batch_id', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 local queue = redis.call('HGET', KEYS[1], 'queue')
 redis.call('ZADD', queue, redis.call('HGET', KEYS[1], 'score'), ARGV[1])
 redis.call('LPUSH', queue .. ':wake', '1')
