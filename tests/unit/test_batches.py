@@ -463,8 +463,16 @@ def test_state_round_trips_through_parse_parked() -> None:
 
 
 def test_entry_holds_the_request() -> None:
-    entry = order().entry("job-1")
-    assert json.loads(entry) == {"custom_id": "c-1", "job_id": "job-1", "params": order().params}
+    o = order()
+    entry = o.entry("job-1")
+    assert json.loads(entry) == {
+        "ms": o.parked_ms,
+        "custom_id": "c-1",
+        "job_id": "job-1",
+        "params": order().params,
+    }
+    assert entry.startswith('{"ms":')  # where msgbatch_take.lua reads it
+    assert abs(o.parked_ms - now_ms()) < 60_000
     assert "café" in entry  # not escaped: a batch is bounded in bytes
 
 
@@ -885,23 +893,38 @@ async def test_send_due_sends_full_batches_at_once(
     assert await redis.hlen(MSGBATCH_OPEN_KEY) == 2  # type: ignore[misc]
 
 
-async def test_what_an_overdue_send_leaves_waits_again(
+async def test_what_a_send_leaves_is_due_when_its_own_oldest_request_is(
     redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three overdue requests, batches of two: one batch now; the third is rescored at
-    the take and waits ``batch_wait`` again."""
+    """Three requests, batches of two, the model overdue: one batch now; the third was
+    parked just now, so it is scored at its parking time and waits."""
     mb = batches_with(redis, fake, monkeypatch, batch_size=2, batch_wait=60.0)
     for n in range(3):
         await park(redis, f"j{n}", n, f"c-{n}")
     await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: 1})  # overdue
-    before = now_ms()
     assert await mb.send_due() == 1
     assert [len(sent) for sent in fake.created] == [2]
-    assert len(await waiting(redis)) == 1
-    score = await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU)
-    assert score is not None
-    assert score >= before
+    left = await waiting(redis)
+    assert len(left) == 1
+    assert await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU) == json.loads(left[0])["ms"]
     assert await mb.send_due() == 0
+
+
+async def test_an_overdue_leftover_is_sent_at_once(
+    redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mb = batches_with(redis, fake, monkeypatch, batch_size=2, batch_wait=60.0)
+    for n in range(3):
+        await park(redis, f"j{n}", n, f"c-{n}")
+    key = msgbatch_pending_key(HAIKU)
+    for index, raw in enumerate(await waiting(redis)):  # parked long ago
+        await redis.lset(
+            key, index, json.dumps({**json.loads(raw), "ms": 1}, separators=(",", ":"))
+        )  # type: ignore[misc]
+    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: 1})
+    assert await mb.send_due() == 2
+    assert [len(sent) for sent in fake.created] == [2, 1]
+    assert await waiting(redis) == []
 
 
 async def test_send_due_puts_the_requests_back_when_the_batch_is_not_created(

@@ -95,7 +95,10 @@ def status() -> Status:
     return Status(
         at=NOW,
         workers=workers,
-        queues={QUEUE: QueueDepth(depth=7, running=3), BATCH: QueueDepth(depth=0, running=1)},
+        queues={
+            QUEUE: QueueDepth(depth=7, running=3),
+            BATCH: QueueDepth(depth=12, running=1, parked=9),
+        },
         models={
             QWEN: ModelCounts(success=30, fallback=9, error=1, skipped=5),
             HAIKU: ModelCounts(success=0, fallback=0, error=0, skipped=2),
@@ -111,12 +114,15 @@ def status() -> Status:
                 "batch": ChainSpend(spent_usd=0.01, calls=3),
             },
         ),
+        open_batches=2,
+        cache_hits=41,
     )
 
 
 def test_status_screen_shows_workers_queues_models_breakers_and_spend(status: Status) -> None:
     text = text_of(render(status))
-    assert "1 serving of 2 live workers · 4 jobs in flight" in text
+    assert "1 serving of 2 live workers · 4 jobs in flight · 41 answered from the cache" in text
+    assert "2 Message Batches open" in text
     worker = next(line for line in text.splitlines() if "01234567" in line)
     assert "0123456789abcdef" not in text  # ids are shortened
     for cell in ("piha", "4242", "0.1.0", "serving", "1h02m", "3/4", "ok 17 failed 2", ":9464"):
@@ -129,7 +135,7 @@ def test_status_screen_shows_workers_queues_models_breakers_and_spend(status: St
     assert "1/4" in other
     # depth, pending, running, serving workers (the stopping one does not count)
     assert row(text, QUEUE) == [QUEUE, "7", "4", "3", "0", "1"]
-    assert row(text, BATCH) == [BATCH, "0", "0", "1", "0", "1"]  # pending is floored at 0
+    assert row(text, BATCH) == [BATCH, "12", "2", "1", "9", "1"]  # parked are not pending
     assert row(text, QWEN) == [QWEN, "30", "9", "1", "5", "75.0%"]
     assert row(text, HAIKU) == [HAIKU, "0", "0", "0", "2", "—"]  # only skipped: no rate
     # The open shared breaker is listed, the quiet closed one only counted.
@@ -178,8 +184,11 @@ def test_status_json(status: Status) -> None:
     assert data["in_flight"] == 4
     assert data["queues"] == {
         QUEUE: {"depth": 7, "pending": 4, "running": 3, "parked": 0},
-        BATCH: {"depth": 0, "pending": 0, "running": 1, "parked": 0},  # pending floored at 0
+        BATCH: {"depth": 12, "pending": 2, "running": 1, "parked": 9},  # parked: not pending
     }
+    assert QueueDepth(depth=0, running=1).pending == 0  # floored at 0
+    assert data["open_batches"] == 2
+    assert data["cache_hits"] == 41
     assert data["models"][QWEN]["success_rate"] == 0.75
     assert data["models"][HAIKU]["success_rate"] is None
     assert data["breakers"][f"{HAIKU}@"]["state"] == "open"

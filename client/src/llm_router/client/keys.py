@@ -149,8 +149,8 @@ PARKED_DEADLINES_KEY = "llm_router:parked_deadlines"
 PARKED_SCORE_MS = 365 * 86_400 * 1000
 #: Requests waiting to be sent, per model: a list ``<prefix><model>`` of JSON entries.
 MSGBATCH_PENDING_PREFIX = "llm_router:msgbatch:pending:"
-#: Sorted set of the models with requests waiting (score, ms: when the oldest was parked,
-#: or when the last batch was taken from the rest; ``batch_wait`` counts from it).
+#: Sorted set of the models with requests waiting (score: when the oldest was parked, ms;
+#: ``batch_wait`` counts from it).
 MSGBATCH_MODELS_KEY = "llm_router:msgbatch:models"
 #: Hash: batch id → JSON (model, when sent, its requests' custom ids → job ids).
 MSGBATCH_OPEN_KEY = "llm_router:msgbatch:open"

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llm_router.client.costs import budget_used, usd
-from llm_router.client.counters import OUTCOMES, ModelCounts, parse_counters
+from llm_router.client.counters import OUTCOMES, ModelCounts, cache_hits, parse_counters
 from llm_router.client.heartbeats import Heartbeat, live_workers
 from llm_router.client.keys import (
     BREAKER_PREFIX,
@@ -67,6 +67,8 @@ class Status:
     server: ServerState = field(default_factory=ServerState)
     #: Message Batches sent and not yet brought back.
     open_batches: int = 0
+    #: Jobs answered from the response cache, all time.
+    cache_hits: int = 0
 
     @property
     def in_flight(self) -> int:
@@ -152,6 +154,7 @@ async def collect(redis: Redis, queues: list[str], *, now: float | None = None) 
         spend_today=(await read_days(redis, 1, now=at))[0],
         server=server,
         open_batches=int(open_batches),
+        cache_hits=cache_hits(counters),
     )
 
 
@@ -177,6 +180,7 @@ def as_json(status: Status) -> dict[str, Any]:
             for name, q in status.queues.items()
         },
         "open_batches": status.open_batches,
+        "cache_hits": status.cache_hits,
         "models": models_json(status.models),
         "breakers": {name: dataclasses.asdict(b) for name, b in status.breakers.items()},
         "spend_today": {
@@ -342,7 +346,8 @@ def header(status: Status) -> Text:
     serving = sum(1 for b in status.workers if b.state == "serving")
     return Text(
         f"llm-router status at {clock} · {serving} serving of {len(status.workers)} live "
-        f"workers · {status.in_flight} jobs in flight",
+        f"workers · {status.in_flight} jobs in flight"
+        + (f" · {status.cache_hits} answered from the cache" if status.cache_hits else ""),
         style="bold",
     )
 

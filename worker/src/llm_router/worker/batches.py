@@ -92,6 +92,7 @@ class ParkOrder:
     #: When the job's walk began (Unix ms): its result's latency counts from there.
     started_ms: int
     custom_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    parked_ms: int = field(default_factory=now_ms)
 
     def state(self) -> str:
         return json.dumps(
@@ -106,12 +107,14 @@ class ParkOrder:
         )
 
     def entry(self, job_id: str) -> str:
-        """The request as it waits to be sent."""
+        """The request as it waits to be sent; ``ms`` (when parked) first, where
+        ``msgbatch_take.lua`` reads it."""
         return json.dumps(
-            {"custom_id": self.custom_id, "job_id": job_id, "params": self.params},
+            {"ms": self.parked_ms, "custom_id": self.custom_id, "job_id": job_id,
+             "params": self.params},
             separators=(",", ":"),
             ensure_ascii=False,
-        )
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +414,8 @@ class MessageBatches:
                         break
                     sent += went == "sent"
                     size = await self.redis.llen(msgbatch_pending_key(model))  # type: ignore[misc]
-                    score = due_before + 1  # what is left is no longer overdue
+                    # What is left is due when its own oldest request is.
+                    score = await self.redis.zscore(MSGBATCH_MODELS_KEY, model) or now
         finally:
             await self._unlease(MSGBATCH_SEND_LEASE)
         return sent

@@ -15,6 +15,8 @@
 --   3. the most bytes
 --   4. the take id, <random>|<model>
 --   5. now, Unix ms
+-- The model's score becomes the parking time of the oldest request left (an entry
+-- begins {"ms":<when parked>,...}; else now).
 -- Returns the entries taken (JSON strings).
 local most, room = tonumber(ARGV[2]), tonumber(ARGV[3])
 local taken, size = {}, 0
@@ -26,10 +28,11 @@ while #taken < most do
   taken[#taken + 1] = entry
   size = size + #entry
 end
-if redis.call('LLEN', KEYS[1]) == 0 then
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head then
   redis.call('ZREM', KEYS[2], ARGV[1])
-else
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+else  -- what is left is due when its oldest request is (entries begin {"ms":<parked>)
+  redis.call('ZADD', KEYS[2], string.match(head, '^{"ms":(%d+)') or ARGV[5], ARGV[1])
 end
 for i = 1, #taken, 1000 do  -- unpack's arguments are bounded by Lua's stack
   redis.call('RPUSH', KEYS[3], unpack(taken, i, math.min(i + 999, #taken)))
