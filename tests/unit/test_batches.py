@@ -730,7 +730,7 @@ async def test_put_back_stores_the_result_once_and_requeues_the_job(redis: Redis
     await redis.rpush(wake_key(BQ), *(["1"] * 100))  # type: ignore[misc]
     mb = MessageBatches(redis, settings())
     first = {"type": "expired"}
-    assert await mb._put_back("j1", "c-1", first, "msgbatch_1") == 1
+    assert await mb._put_back([("j1", "c-1", first)], "msgbatch_1") == 1
     assert await redis.zscore(BQ, "j1") == 1234  # its old place
     assert await redis.llen(wake_key(BQ)) == 100  # type: ignore[misc]  # one more, trimmed
     assert await redis.zscore(PARKED_KEY, "j1") is None
@@ -740,7 +740,7 @@ async def test_put_back_stores_the_result_once_and_requeues_the_job(redis: Redis
     assert parked.batch_id == "msgbatch_1"
     # A second result for the same request is dropped, whatever it says.
     await redis.zadd(BQ, {"j1": 99_999})
-    assert await mb._put_back("j1", "c-1", {"type": "canceled"}, "msgbatch_2") == 0
+    assert await mb._put_back([("j1", "c-1", {"type": "canceled"})], "msgbatch_2") == 0
     parked = await mb.parked("j1")
     assert parked is not None
     assert parked.result == first
@@ -751,14 +751,14 @@ async def test_put_back_stores_the_result_once_and_requeues_the_job(redis: Redis
 async def test_put_back_pushes_a_wake_up(redis: Redis) -> None:
     await park(redis, "j1", 1234, "c-1")
     mb = MessageBatches(redis, settings())
-    assert await mb._put_back("j1", "c-1", {"type": "expired"}, "b") == 1
+    assert await mb._put_back([("j1", "c-1", {"type": "expired"})], "b") == 1
     assert await redis.lrange(wake_key(BQ), 0, -1) == [b"1"]  # type: ignore[misc]
 
 
 async def test_put_back_of_another_request_is_dropped(redis: Redis) -> None:
     await park(redis, "j1", 1234, "c-1")
     mb = MessageBatches(redis, settings())
-    assert await mb._put_back("j1", "c-old", {"type": "expired"}, "b") == 0
+    assert await mb._put_back([("j1", "c-old", {"type": "expired"})], "b") == 0
     parked = await mb.parked("j1")
     assert parked is not None
     assert parked.result is None
@@ -768,7 +768,7 @@ async def test_put_back_of_another_request_is_dropped(redis: Redis) -> None:
     assert await redis.zscore(PARKED_KEY, "j1") is not None
     assert await redis.exists(wake_key(BQ)) == 0
     # A job no longer parked at all (finished, its state gone) is dropped too.
-    assert await mb._put_back("gone", "c-1", {"type": "expired"}, "b") == 0
+    assert await mb._put_back([("gone", "c-1", {"type": "expired"})], "b") == 0
     assert await redis.exists(parked_key("gone")) == 0
 
 
@@ -1190,3 +1190,16 @@ async def test_a_take_of_only_stopped_requests_sends_nothing_and_is_dropped(
     assert fake.created == []
     assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
     assert await waiting(redis) == []
+
+
+async def test_put_back_of_many_rows_in_one_round_trip(redis: Redis) -> None:
+    for n in range(3):
+        await park(redis, f"j{n}", 100 + n, f"c-{n}")
+    mb = MessageBatches(redis, settings())
+    rows = [("j0", "c-0", {"type": "expired"}), ("j1", "c-other", {"type": "expired"}),
+            ("j2", "c-2", {"type": "canceled"})]  # fmt: skip
+    assert await mb._put_back(rows, "b") == 2
+    assert await redis.zscore(BQ, "j0") == 100
+    assert await redis.zscore(BQ, "j2") == 102
+    assert await redis.zscore(PARKED_KEY, "j1") is not None  # not its request: still parked
+    assert await mb._put_back([], "b") == 0

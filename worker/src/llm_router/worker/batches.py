@@ -64,6 +64,8 @@ MAX_BATCH_BYTES = 200 * 1024 * 1024
 SENDING_STALE_MS = 300_000
 #: The leases' length: a sender or poller that dies is replaced after this long.
 LEASE_MS = 120_000
+#: Results kept and their jobs queued again per pipelined round trip.
+PUT_BACK_CHUNK = 500
 #: A request an ended batch did not list (the API lists every one; a net all the same).
 MISSING = {"type": "missing_result", "message": "the ended batch listed no result"}
 #: The tool litellm's JSON mode forces on Anthropic models; a batch request uses the same.
@@ -506,32 +508,42 @@ class MessageBatches:
                 return 0
             jobs: dict[str, str] = kept["jobs"]
             back, seen = 0, set()
+            rows: list[tuple[str, str, dict[str, Any]]] = []
             async for row in await client.messages.batches.results(batch_id):
                 job_id = jobs.get(row.custom_id)
                 if job_id is None:
                     continue
                 seen.add(row.custom_id)
-                back += await self._put_back(job_id, row.custom_id, row.result.to_dict(), batch_id)
+                rows.append((job_id, row.custom_id, row.result.to_dict()))
+                if len(rows) >= PUT_BACK_CHUNK:
+                    back += await self._put_back(rows, batch_id)
+                    rows.clear()
         except anthropic.APIError as exc:
             log.warning("batch_unread", batch_id=batch_id,
                         error=f"{type(exc).__name__}: {str(exc)[:200]}")  # fmt: skip
             return 0
-        for custom_id in set(jobs) - seen:  # the API lists every request; a net all the same
-            missing = {"type": "errored", "error": {"type": "error", "error": MISSING}}
-            back += await self._put_back(jobs[custom_id], custom_id, missing, batch_id)
+        missing = {"type": "errored", "error": {"type": "error", "error": MISSING}}
+        # The API lists every request; a net all the same.
+        rows += [(jobs[c], c, missing) for c in set(jobs) - seen]
+        back += await self._put_back(rows, batch_id)
         await self.redis.hdel(MSGBATCH_OPEN_KEY, batch_id)  # type: ignore[misc]
         log.info("batch_ended", model=kept["model"], batch_id=batch_id, requests=len(jobs),
                  **batch.request_counts.to_dict())  # fmt: skip
         self.resumed_here += back
         return back
 
-    async def _put_back(
-        self, job_id: str, custom_id: str, result: dict[str, Any], batch_id: str
-    ) -> int:
-        blob = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-        return int(
-            await self._unpark(
-                keys=[parked_key(job_id), PARKED_KEY, PARKED_DEADLINES_KEY],
-                args=[job_id, custom_id, blob, batch_id, WAKE_TOKENS_MAX],
-            )
-        )
+    async def _put_back(self, rows: list[tuple[str, str, dict[str, Any]]], batch_id: str) -> int:
+        """Keep each ``(job id, custom id, result)`` with its job and queue the job again,
+        one pipelined round trip for all; how many jobs went back."""
+        if not rows:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, custom_id, result in rows:
+                blob = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+                await self._unpark(
+                    keys=[parked_key(job_id), PARKED_KEY, PARKED_DEADLINES_KEY],
+                    args=[job_id, custom_id, blob, batch_id, WAKE_TOKENS_MAX],
+                    client=pipe,
+                )
+            done = await pipe.execute()
+        return sum(int(d) for d in done)
