@@ -362,6 +362,12 @@ class MessageBatches:
             )
         return batch
 
+    def _refuse(self, batch: _Batch, why: str) -> web.Response:
+        """What the service answers a call the batch's state does not allow."""
+        return self._host.batch_error(
+            400, "invalid_request_error", f"message_batch {batch.id} {why} (stub)"
+        )
+
     async def _read(self, request: web.Request) -> bytes | web.Response:
         """The body, up to the batch limit (aiohttp's own 1 MB limit stays the real-time
         routes'); a larger one is read to its end, so that the client hears the 413."""
@@ -434,11 +440,7 @@ class MessageBatches:
             if isinstance(batch, web.Response):
                 return batch
             if self._status(batch, now) == "ended":
-                return self._host.batch_error(
-                    400,
-                    "invalid_request_error",
-                    f"message_batch {batch.id} has ended and can no longer be canceled (stub)",
-                )
+                return self._refuse(batch, "has ended and can no longer be canceled")
             if batch.cancel_at is None:
                 batch.cancel_at = now
             view = self._view(batch, now)
@@ -452,12 +454,7 @@ class MessageBatches:
             if isinstance(batch, web.Response):
                 return batch
             if self._status(batch, time.time()) != "ended":
-                return self._host.batch_error(
-                    400,
-                    "invalid_request_error",
-                    f"message_batch {batch.id} is still processing; cancel it before deleting "
-                    "it (stub)",
-                )
+                return self._refuse(batch, "is still processing; cancel it before deleting it")
             batch.deleted = True
         return self._json({"id": batch.id, "type": "message_batch_deleted"})
 
@@ -469,11 +466,7 @@ class MessageBatches:
             if isinstance(batch, web.Response):
                 return batch
             if self._status(batch, time.time()) != "ended":
-                return self._host.batch_error(
-                    400,
-                    "invalid_request_error",
-                    f"message_batch {batch.id} has not ended; its results are not ready (stub)",
-                )
+                return self._refuse(batch, "has not ended; its results are not ready")
             rows = list(batch.results.items())
         lines = "".join(
             json.dumps({"custom_id": cid, "result": result}) + "\n" for cid, result in rows
