@@ -134,6 +134,7 @@ async def test_a_backfill_killed_while_its_rows_are_parked_finds_them_when_resum
     with source.open("w") as f:
         for n in range(rows):
             f.write(json.dumps({"id": f"p{n}", "prompt": f"{TO_CLOUD}parked row {n}"}) + "\n")
+    first = None
     try:
         before = await redis.zcard(PARKED_KEY)  # other tests' runs may have left some
         first = lane.backfill(source, output, "--max-in-flight", str(rows))
@@ -146,6 +147,9 @@ async def test_a_backfill_killed_while_its_rows_are_parked_finds_them_when_resum
         second = lane.backfill(source, output, "--max-in-flight", str(rows))
         assert finish(second, 120) == 0, (tmp_path / "backfill.log").read_text()[-3000:]
     finally:
+        if first is not None and first.poll() is None:  # a failed wait left it running
+            first.kill()
+            first.wait()
         lane.stop()
         await lane.forget(redis)
     out = output_rows(output)
