@@ -45,7 +45,6 @@ from llm_router.worker.batches import (
     JSON_TOOL,
     PARK_KEEP_MS,
     SENDING_STALE_MS,
-    BatchCounts,
     MessageBatches,
     ParkedJob,
     ParkOrder,
@@ -1097,19 +1096,6 @@ async def test_poll_without_the_lease_looks_at_nothing(
     await redis.set(MSGBATCH_POLL_LEASE, "another worker")
     assert await mb.poll() == 0
     assert fake.retrieved == []
-
-
-async def test_counts(redis: Redis) -> None:
-    mb = MessageBatches(redis, settings())
-    assert await mb.counts() == BatchCounts()
-    await park(redis, "j1", 11, "c-1")
-    await park(redis, "j2", 12, "c-2")
-    await park(redis, "j3", 13, "c-3")
-    other = "anthropic/claude-sonnet-4-6"
-    await fill(redis, entries(4), model=other)
-    await take(mb, 1, 10_000)  # one of Haiku's three is being sent
-    await redis.hset(MSGBATCH_OPEN_KEY, "msgbatch_x", "{}")  # type: ignore[misc]
-    assert await mb.counts() == BatchCounts(parked=3, waiting=2 + 4, sending=1, open_batches=1)
 
 
 async def test_the_client_speaks_to_the_configured_base(redis: Redis) -> None:

@@ -282,16 +282,6 @@ def _base_url(api_base: str | None) -> str | None:
     return base
 
 
-@dataclass(slots=True)
-class BatchCounts:
-    """What the fleet's batches hold now, for ``status``, heartbeats and ``/metrics``."""
-
-    parked: int = 0
-    waiting: int = 0
-    sending: int = 0
-    open_batches: int = 0
-
-
 class MessageBatches:
     """Sends parked requests as Message Batches and brings their results back; one
     instance per worker, shared state in Redis."""
@@ -336,18 +326,6 @@ class MessageBatches:
     async def parked(self, job_id: str) -> ParkedJob | None:
         fields = await self.redis.hgetall(parked_key(job_id))  # type: ignore[misc]
         return parse_parked(fields) if fields else None
-
-    async def counts(self) -> BatchCounts:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(PARKED_KEY)
-            pipe.zrange(MSGBATCH_MODELS_KEY, 0, -1)
-            pipe.zcard(MSGBATCH_SENDING_KEY)
-            pipe.hlen(MSGBATCH_OPEN_KEY)
-            parked, models, sending, open_batches = await pipe.execute()
-        waiting = 0
-        for model in models:
-            waiting += await self.redis.llen(msgbatch_pending_key(model.decode()))  # type: ignore[misc]
-        return BatchCounts(int(parked), waiting, int(sending), int(open_batches))
 
     # -- the background task -------------------------------------------------------------------
 

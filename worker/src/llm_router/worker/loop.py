@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -368,7 +368,6 @@ class Worker:
         """Store the result (the first one of a job wins); then tell the listeners, and run
         what comes after the store in the background, off the producer's clock. The
         lease is renewed while the store waits for Redis (an outage, a full Redis)."""
-        self._storing.add(job.job_id)
         blob = finished.blob(job, started_ms)
 
         async def finish() -> bool:
@@ -380,19 +379,7 @@ class Worker:
                 register=finished.result.status in REGISTERED,
             )
 
-        # While stopping, do not wait for Redis for ever: the lease lapses and another
-        # worker runs the job again.
-        give_up = STOPPING_STORE_S if self.stopping else None
-        try:
-            done = await self.queue.outage.retry("storing a result", finish, give_up_after=give_up)
-        except (RedisError, OSError):
-            log.warning("result_not_stored", job_id=job.job_id)
-            return
-        finally:
-            self._leased.discard(job.job_id)  # the script released it
-            self._storing.discard(job.job_id)
-        if not done:
-            log.info("duplicate_run", job_id=job.job_id)
+        if not await self._end(job, "storing a result", finish, "result_not_stored"):
             return
         for listener in self.listeners:
             listener.finished(finished.result)
@@ -403,23 +390,33 @@ class Worker:
         """Park the job until its Message Batch answers: it frees its slot, and no worker
         holds it meanwhile. If Redis does not take it, the lease lapses and the job runs
         again (its request is then parked anew)."""
+
+        async def park() -> bool:
+            return await self.queue.park(job, parking)
+
+        if await self._end(job, "parking a job", park, "job_not_parked"):
+            for listener in self.listeners:
+                listener.parked()
+
+    async def _end(
+        self, job: Claimed, during: str, write: Callable[[], Awaitable[bool]], failed: str
+    ) -> bool:
+        """Write how a job ended (its result, or its parking: the script releases the
+        lease) through an outage; True when this run's write took. While stopping, Redis
+        is not waited for for ever: the lease lapses and another worker runs the job."""
         self._storing.add(job.job_id)
         give_up = STOPPING_STORE_S if self.stopping else None
         try:
-            done = await self.queue.outage.retry(
-                "parking a job", lambda: self.queue.park(job, parking), give_up_after=give_up
-            )
+            done = await self.queue.outage.retry(during, write, give_up_after=give_up)
         except (RedisError, OSError):
-            log.warning("job_not_parked", job_id=job.job_id)
-            return
+            log.warning(failed, job_id=job.job_id)
+            return False
         finally:
             self._leased.discard(job.job_id)
             self._storing.discard(job.job_id)
         if not done:
             log.info("duplicate_run", job_id=job.job_id)
-            return
-        for listener in self.listeners:
-            listener.parked()
+        return done
 
     async def _hand_back(self, job: Claimed) -> bool:
         self._leased.discard(job.job_id)

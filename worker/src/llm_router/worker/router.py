@@ -485,7 +485,7 @@ class Router:
     async def settle_parked(self, parked: ParkedJob) -> None:
         """A parked job that ends without its answer being used (cancelled, expired):
         what its batch request cost is counted, and its hold released."""
-        cfg = next((m for m in self._steps if m.label == parked.model), None)
+        cfg = self.batches.models.get(parked.model) if self.batches is not None else None
         if cfg is None:
             return
         try:
