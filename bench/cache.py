@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -27,6 +27,8 @@ from bench.common import (
     JOB_TIMEOUT_S,
     MODEL,
     PROMPT,
+    Measure,
+    Samples,
     chains_json,
     forget_jobs,
     forget_keys,
@@ -34,8 +36,10 @@ from bench.common import (
     queue_keys,
     ratio,
     say,
+    shares,
     summary,
     table,
+    timed_jobs,
 )
 from bench.procs import Managed, probe_ours, start_ours, wait_listening
 from llm_router.client import RouterClient
@@ -57,18 +61,6 @@ class CacheConfig:
     rounds: int = 5
 
 
-@dataclass
-class Samples:
-    total: list[float] = field(default_factory=list)
-    chain: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    job_ids: list[str] = field(default_factory=list)
-
-
-#: One timed job: returns (total ms, chain ms); raises when it was not what the variant is.
-Measure = Callable[[list[str]], Awaitable[tuple[float, float]]]
-
-
 def _measure(
     client: RouterClient, prompt: Callable[[], str], ttl: int | None, cached: bool
 ) -> Measure:
@@ -84,18 +76,6 @@ def _measure(
         return total, result.chain_ms
 
     return measure
-
-
-async def _block(measure: Measure, count: int, into: Samples, *, record: bool) -> None:
-    for _ in range(count):
-        try:
-            total, chain = await measure(into.job_ids)
-        except Exception as exc:
-            into.errors.append(f"{type(exc).__name__}: {exc}"[:300])
-            continue
-        if record:
-            into.total.append(total)
-            into.chain.append(chain)
 
 
 def _entry_keys(chains: str, prompts: list[str]) -> list[str]:
@@ -161,13 +141,12 @@ async def run(cfg: CacheConfig, stub_url: str, run_id: str) -> dict[str, Any]:
         if primed.cached:
             raise RuntimeError("the hit's prompt was already cached")
         for v in VARIANTS:
-            await _block(measures[v], cfg.warmup, warmups[v], record=False)
-        per_round = [cfg.jobs // cfg.rounds + (1 if i < cfg.jobs % cfg.rounds else 0)
-                     for i in range(cfg.rounds)]  # fmt: skip
+            await timed_jobs(measures[v], cfg.warmup, warmups[v], record=False)
+        per_round = shares(cfg.jobs, cfg.rounds)
         for r in range(cfg.rounds):
             order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
             for v in order:
-                await _block(measures[v], per_round[r], samples[v], record=True)
+                await timed_jobs(measures[v], per_round[r], samples[v], record=True)
             for _ in range(100):
                 t0 = time.perf_counter()
                 await redis.ping()
@@ -206,14 +185,14 @@ def _report(
     variants: dict[str, Any] = {}
     for v in VARIANTS:
         s = samples[v]
-        overhead = [t - c for t, c in zip(s.total, s.chain, strict=True)]
         variants[v] = {
             "jobs": len(s.total),
+            "truncated": s.truncated,
             "errors": len(s.errors),
             "first_error": s.errors[0] if s.errors else None,
             "total_ms": summary(s.total),
             "chain_ms": summary(s.chain),
-            "overhead_ms": summary(overhead),
+            "overhead_ms": summary(s.overhead),
         }
     nan = float("nan")
     hit, uncached, miss = (variants[v]["total_ms"] for v in ("hit", "uncached", "miss"))
@@ -225,6 +204,7 @@ def _report(
         "hit_p50_below_uncached_p50": bool(hit.get("p50", 1e9) < uncached.get("p50", 0)),
         "hit_key_found_where_computed": stored_hit_key,
         "no_errors": all(variants[v]["errors"] == 0 for v in VARIANTS),
+        "not_truncated": not any(variants[v]["truncated"] for v in VARIANTS),
     }
     rows = []
     for v in VARIANTS:

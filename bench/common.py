@@ -9,7 +9,8 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,41 @@ def queue_keys(queue: str) -> list[str]:
     health check; and the same for the batch queue its workers serve beside it."""
     own = [queue, f"{queue}:wake", f"{queue}:idle", f"{queue}:health-check"]
     return [*own, f"{queue}:batch", f"{queue}:batch:wake"]
+
+
+# ---------------------------------------------------------------- sequential timed jobs
+
+#: One timed job: notes its id in the list as soon as it is enqueued; returns (total, chain) ms.
+Measure = Callable[[list[str]], Awaitable[tuple[float, float]]]
+
+
+@dataclass
+class Samples:
+    total: list[float] = field(default_factory=list)
+    chain: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    truncated: bool = False
+
+
+async def timed_jobs(measure: Measure, count: int, into: Samples, *, record: bool) -> None:
+    """``count`` sequential jobs, bounded in time as well as in count."""
+    deadline = time.monotonic() + count * 3.0 + 60
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            into.truncated = True
+            return
+        try:
+            total, chain = await measure(into.job_ids)
+        except Exception as exc:
+            into.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        if record:
+            into.total.append(total)
+            into.chain.append(chain)
+            into.overhead.append(total - chain)
+
+
+def shares(total: int, rounds: int) -> list[int]:
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]

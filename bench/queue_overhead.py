@@ -17,8 +17,7 @@ neighbour on the shared machine hits all variants alike. overhead = total - chai
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -28,6 +27,8 @@ from bench.common import (
     ARQ_POLL,
     JOB_TIMEOUT_S,
     PROMPT,
+    Measure,
+    Samples,
     chains_json,
     forget_jobs,
     forget_keys,
@@ -35,8 +36,10 @@ from bench.common import (
     queue_keys,
     ratio,
     say,
+    shares,
     summary,
     table,
+    timed_jobs,
 )
 from bench.procs import (
     Managed,
@@ -54,9 +57,6 @@ FLOOR_P50_MS = 2.0
 FLOOR_P99_MS = 10.0
 PINGS_PER_ROUND = 100
 
-#: One timed job: notes its id in the list as soon as it is enqueued; returns (total, chain) ms.
-Measure = Callable[[list[str]], Awaitable[tuple[float, float]]]
-
 
 @dataclass
 class OverheadConfig:
@@ -65,16 +65,6 @@ class OverheadConfig:
     jobs_arq_default: int = 200
     warmup: int = 20
     rounds: int = 5
-
-
-@dataclass
-class Samples:
-    total: list[float] = field(default_factory=list)
-    chain: list[float] = field(default_factory=list)
-    overhead: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    job_ids: list[str] = field(default_factory=list)
-    truncated: bool = False
 
 
 def _ours(client: RouterClient) -> Measure:
@@ -99,28 +89,6 @@ def _arq(pool: ArqRedis, queue: str, poll: float | None) -> Measure:
         return total, float(result["chain_ms"])
 
     return measure
-
-
-async def _block(measure: Measure, count: int, into: Samples, *, record: bool) -> None:
-    """``count`` sequential jobs, bounded in time as well as in count."""
-    deadline = time.monotonic() + count * 3.0 + 60
-    for _ in range(count):
-        if time.monotonic() > deadline:
-            into.truncated = True
-            return
-        try:
-            total, chain = await measure(into.job_ids)
-        except Exception as exc:
-            into.errors.append(f"{type(exc).__name__}: {exc}"[:300])
-            continue
-        if record:
-            into.total.append(total)
-            into.chain.append(chain)
-            into.overhead.append(total - chain)
-
-
-def _shares(total: int, rounds: int) -> list[int]:
-    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
 async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]:
@@ -162,17 +130,17 @@ async def run(cfg: OverheadConfig, stub_url: str, run_id: str) -> dict[str, Any]
             measures[v] = _arq(pool, queues[v], ARQ_POLL[v])
         for v in VARIANTS:
             n = cfg.warmup if v != "arq_default" else max(2, cfg.warmup // 4)
-            await _block(measures[v], n, warm, record=False)
+            await timed_jobs(measures[v], n, warm, record=False)
         counts = {
-            "ours": _shares(cfg.jobs, cfg.rounds),
-            "ours_producer": _shares(cfg.jobs, cfg.rounds),
-            "arq_10ms": _shares(cfg.jobs, cfg.rounds),
-            "arq_default": _shares(cfg.jobs_arq_default, cfg.rounds),
+            "ours": shares(cfg.jobs, cfg.rounds),
+            "ours_producer": shares(cfg.jobs, cfg.rounds),
+            "arq_10ms": shares(cfg.jobs, cfg.rounds),
+            "arq_default": shares(cfg.jobs_arq_default, cfg.rounds),
         }
         for r in range(cfg.rounds):
             order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
             for v in order:
-                await _block(measures[v], counts[v][r], samples[v], record=True)
+                await timed_jobs(measures[v], counts[v][r], samples[v], record=True)
             for _ in range(PINGS_PER_ROUND):  # the unit everything above is made of
                 t0 = time.perf_counter()
                 await redis.ping()
