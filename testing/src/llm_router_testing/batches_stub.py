@@ -362,6 +362,13 @@ class MessageBatches:
             )
         return batch
 
+    def _located(self, request: web.Request) -> _Batch | web.Response:
+        """The call noted, then the batch its path names, or what to answer instead."""
+        if (rejection := self._note(request)) is not None:
+            return rejection
+        with self._lock:
+            return self._find(request)
+
     def _refuse(self, batch: _Batch, why: str) -> web.Response:
         """What the service answers a call the batch's state does not allow."""
         return self._host.batch_error(
@@ -422,23 +429,19 @@ class MessageBatches:
         return self._json(view)
 
     async def _retrieve(self, request: web.Request) -> web.Response:
-        if (rejection := self._note(request)) is not None:
-            return rejection
+        batch = self._located(request)
+        if isinstance(batch, web.Response):
+            return batch
         with self._lock:
-            batch = self._find(request)
-            if isinstance(batch, web.Response):
-                return batch
             view = self._view(batch, time.time())
         return self._json(view)
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        if (rejection := self._note(request)) is not None:
-            return rejection
+        batch = self._located(request)
+        if isinstance(batch, web.Response):
+            return batch
         now = time.time()
         with self._lock:
-            batch = self._find(request)
-            if isinstance(batch, web.Response):
-                return batch
             if self._status(batch, now) == "ended":
                 return self._refuse(batch, "has ended and can no longer be canceled")
             if batch.cancel_at is None:
@@ -447,24 +450,20 @@ class MessageBatches:
         return self._json(view)
 
     async def _delete(self, request: web.Request) -> web.Response:
-        if (rejection := self._note(request)) is not None:
-            return rejection
+        batch = self._located(request)
+        if isinstance(batch, web.Response):
+            return batch
         with self._lock:
-            batch = self._find(request)
-            if isinstance(batch, web.Response):
-                return batch
             if self._status(batch, time.time()) != "ended":
                 return self._refuse(batch, "is still processing; cancel it before deleting it")
             batch.deleted = True
         return self._json({"id": batch.id, "type": "message_batch_deleted"})
 
     async def _results(self, request: web.Request) -> web.Response:
-        if (rejection := self._note(request)) is not None:
-            return rejection
+        batch = self._located(request)
+        if isinstance(batch, web.Response):
+            return batch
         with self._lock:
-            batch = self._find(request)
-            if isinstance(batch, web.Response):
-                return batch
             if self._status(batch, time.time()) != "ended":
                 return self._refuse(batch, "has not ended; its results are not ready")
             rows = list(batch.results.items())
