@@ -209,7 +209,7 @@ class RouteJobs:
         kwargs = dict(data["k"])
         reply_to = valid_reply_to(kwargs.pop("reply_to", None))
         parked: ParkedJob | None = None
-        if self.router.batches is not None and job.lane.kind == "batch":
+        if self.router.batches is not None and job.parked:
             parked = await self.router.batches.parked(job.job_id)
             if parked is not None and parked.result is None and not parked.stopped:
                 # Still waiting for its batch: leave it so.

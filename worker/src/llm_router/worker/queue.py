@@ -73,6 +73,8 @@ class Claimed:
     deadline_ms: int | None = None
     cancelled: bool = False
     handed: bool = False
+    #: It was parked for a Message Batch: its state is to be read back.
+    parked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +146,8 @@ class RedisQueue:
             ],
         )
         claimed = []
-        for i in range(0, len(raw), 7):
-            index, job_id, score, blob, tries, left_ms, cancelled = raw[i : i + 7]
+        for i in range(0, len(raw), 8):
+            index, job_id, score, blob, tries, left_ms, cancelled, parked = raw[i : i + 8]
             claimed.append(
                 Claimed(
                     job_id.decode(),
@@ -155,6 +157,7 @@ class RedisQueue:
                     tries,
                     left_ms if left_ms >= 0 else None,
                     bool(cancelled),
+                    parked=bool(parked),
                 )
             )
         return claimed

@@ -11,10 +11,11 @@
 --   5. the most entries to look at per queue
 --   6. the try counter's (arq:retry:<id>) time to live, s
 --   7, 8, ...  the most jobs to take from each queue, one per key
--- Returns a flat array, seven entries per job claimed: queue index (0-based), job id,
+-- Returns a flat array, eight entries per job claimed: queue index (0-based), job id,
 -- score, job blob (false if the job key expired), try number, what is left of its
 -- deadline in ms (PTTL of llm_router:deadline:<id>: -2 when there is none, or it has
--- passed), and 1 when a producer asked to cancel it (llm_router:cancel:<id>), else 0.
+-- passed), 1 when a producer asked to cancel it (llm_router:cancel:<id>), else 0, and
+-- 1 when it was parked for a Message Batch (llm_router:parked:<id> exists), else 0.
 local left, scan_max = tonumber(ARGV[3]), tonumber(ARGV[5])
 local out = {}
 for q = 1, #KEYS do
@@ -35,6 +36,7 @@ for q = 1, #KEYS do
         out[#out + 1] = tries
         out[#out + 1] = redis.call('PTTL', 'llm_router:deadline:' .. id)
         out[#out + 1] = redis.call('EXISTS', 'llm_router:cancel:' .. id)
+        out[#out + 1] = redis.call('EXISTS', 'llm_router:parked:' .. id)
         want, left = want - 1, left - 1
       end
     end
