@@ -128,9 +128,10 @@ class Warmer:
                 ms = (load_ms(data) if isinstance(data, dict) else None) or round(
                     (time.monotonic() - started) * 1000
                 )
-                log.info("model_warm", model=cfg.model, load_ms=ms)
                 note_load(cfg, ms, during="warm-up")
+                # The window first: a ``model_warm`` line means what it may be sent is known.
                 await self._learn_window(session, base, cfg)
+                log.info("model_warm", model=cfg.model, load_ms=ms)
         except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:
             log.warning("warm_up_failed", model=cfg.model, error=f"{type(exc).__name__}: {exc}")
 
@@ -166,9 +167,9 @@ class Warmer:
                         raise TimeoutError(f"not ready in {LOAD_TIMEOUT_S:.0f}s")
                     await asyncio.sleep(READY_POLL_S)
                 ms = round((time.monotonic() - started) * 1000)
-                log.info("model_warm", model=cfg.model, load_ms=ms)
                 note_load(cfg, ms, during="warm-up")
                 await self._learn_server_window(session, root, api, cfg)
+                log.info("model_warm", model=cfg.model, load_ms=ms)
         except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:
             log.warning("warm_up_failed", model=cfg.model, error=f"{type(exc).__name__}: {exc}")
 
