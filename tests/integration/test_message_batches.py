@@ -5,7 +5,9 @@ A backfill whose local model refuses every other row sends the cloud rows in a h
 of batches and makes no real-time cloud call; every row is written once; each cloud
 row costs half what the same tokens cost in real time. Workers killed while jobs are
 parked lose none and route none twice. An expired batch falls its jobs to the next
-model; an interactive job on the same chain still calls in real time.
+model; an interactive job on the same chain still calls in real time. A parked job
+cancelled, or past its deadline, ends without waiting for its batch, even when no
+worker heard the cancel.
 """
 
 from __future__ import annotations
@@ -242,6 +244,34 @@ async def test_a_parked_job_can_be_cancelled_or_expire_without_waiting_for_its_b
     # The cancelled job's request was left out of the batch; the expiring one's may be in.
     sent = sum(server.batch_requests.values())
     assert 1 <= sent <= 2, server.batch_requests
+
+
+async def test_a_cancel_published_while_no_worker_listened_still_stops_a_parked_job(
+    server: StubServer, tmp_path: Path, redis: Redis
+) -> None:
+    server.batch_seconds = 30.0  # far longer than the cancel may take
+    lane = Lane(tmp_path, chains(server.url), **{**FAST, "batch_wait": "0.5"})
+    try:
+        async with RouterClient(REDIS_URL, queue_name=lane.batch_queue) as client:
+            handle = await client.enqueue(f"{TO_CLOUD}cancelled while down")
+            deadline = time.monotonic() + 10
+            while not server.batch_requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # parked, and its request sent in a batch
+            assert server.batch_requests
+            for worker in lane.workers:  # nobody hears the cancel
+                worker.kill()
+            assert await client.cancel(handle.job_id)
+            lane.workers = [lane.workers[0].__class__(w.env, w.log_path).start()
+                            for w in lane.workers]  # fmt: skip
+            asked = time.monotonic()
+            result = await handle.result(timeout=20, raise_on_failure=False)
+            stopped_s = time.monotonic() - asked
+    finally:
+        lane.stop()
+        await lane.forget(redis)
+    assert result.status == "cancelled"
+    assert stopped_s < server.batch_seconds / 2  # a started worker found the cancel
+    assert real_time_calls(server) == []
 
 
 async def test_an_expired_batch_falls_its_jobs_to_the_next_model(

@@ -30,9 +30,11 @@ from llm_router.client.keys import (
     MSGBATCH_SEND_LEASE,
     MSGBATCH_SENDING_KEY,
     MSGBATCH_SENDING_PREFIX,
+    MSGBATCH_SWEEP_LEASE,
     PARKED_DEADLINES_KEY,
     PARKED_KEY,
     PARKED_SCORE_MS,
+    cancel_key,
     in_progress_key,
     job_key,
     msgbatch_pending_key,
@@ -1149,6 +1151,35 @@ async def test_only_jobs_past_their_deadline_are_released(redis: Redis) -> None:
     assert await redis.zscore(PARKED_KEY, "soon") is not None
     assert await redis.zscore(PARKED_KEY, "none") is not None
     assert await redis.zrange(PARKED_DEADLINES_KEY, 0, -1) == [b"soon"]
+
+
+async def test_a_cancel_nobody_heard_releases_its_parked_job_at_the_next_sweep(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("llm_router.worker.batches.SWEEP_CHUNK", 4)
+    count = 9  # three pages, the last one short
+    for n in range(count):
+        await park(redis, f"p{n}", n, f"c-{n}")
+    cancelled = {"p3", f"p{count - 1}"}
+    for job_id in cancelled:  # what RouterClient.cancel leaves when nobody listens
+        await redis.set(cancel_key(job_id), "1")
+    await redis.set(cancel_key("never-parked"), "1")
+    mb = MessageBatches(redis, settings())
+    assert await mb.release_cancelled() == 2
+    for job_id in cancelled:
+        parked = await mb.parked(job_id)
+        assert parked is not None
+        assert parked.stopped
+        assert await redis.zscore(BQ, job_id) is not None  # back in its queue, to end
+    assert await redis.zcard(PARKED_KEY) == count - 2
+    # One sweep a minute for the whole fleet, and one by each worker as it starts.
+    await redis.set(cancel_key("p7"), "1")
+    assert await MessageBatches(redis, settings()).release_cancelled() == 0
+    assert 0 < await redis.pttl(MSGBATCH_SWEEP_LEASE) <= 60_000
+    assert await MessageBatches(redis, settings()).release_cancelled(at_start=True) == 1
+    await redis.set(cancel_key("p6"), "1")
+    await redis.delete(MSGBATCH_SWEEP_LEASE)
+    assert await mb.release_cancelled() == 1
 
 
 async def test_a_stopped_or_vanished_jobs_request_is_not_sent(

@@ -161,6 +161,8 @@ MSGBATCH_SENDING_KEY = "llm_router:msgbatch:sending"
 #: One worker at a time sends batches, and one looks at open ones: leases (SET NX PX).
 MSGBATCH_SEND_LEASE = "llm_router:msgbatch:lease:send"
 MSGBATCH_POLL_LEASE = "llm_router:msgbatch:lease:poll"
+#: Once a minute, fleet-wide, a worker looks for parked jobs whose cancel nobody heard.
+MSGBATCH_SWEEP_LEASE = "llm_router:msgbatch:lease:sweep"
 
 
 def parked_key(job_id: str) -> str:

@@ -41,8 +41,10 @@ from llm_router.client.keys import (
     MSGBATCH_SEND_LEASE,
     MSGBATCH_SENDING_KEY,
     MSGBATCH_SENDING_PREFIX,
+    MSGBATCH_SWEEP_LEASE,
     PARKED_DEADLINES_KEY,
     PARKED_KEY,
+    cancel_key,
     msgbatch_pending_key,
     parked_key,
 )
@@ -64,6 +66,11 @@ MAX_BATCH_BYTES = 200 * 1024 * 1024
 SENDING_STALE_MS = 300_000
 #: The leases' length: a sender or poller that dies is replaced after this long.
 LEASE_MS = 120_000
+#: How often one worker of the fleet looks for parked jobs cancelled while no worker
+#: listened (a cancel's marker is kept a day, longer than any batch runs).
+CANCEL_SWEEP_MS = 60_000
+#: Parked jobs whose cancel markers are read per round trip.
+SWEEP_CHUNK = 1000
 #: Results kept and their jobs queued again per pipelined round trip.
 PUT_BACK_CHUNK = 500
 #: A request an ended batch did not list (the API lists every one; a net all the same).
@@ -333,9 +340,12 @@ class MessageBatches:
         """Send what is due and look at open batches, for as long as the worker runs."""
         tick = min(1.0, self.settings.batch_wait / 4, self.settings.batch_poll / 2)
         failing = False
+        swept = False
         while True:
             try:
                 await self.release_overdue()
+                await self.release_cancelled(at_start=not swept)
+                swept = True
                 await self.send_due()
                 if time.monotonic() >= self._next_poll:
                     self._next_poll = time.monotonic() + self.settings.batch_poll
@@ -363,8 +373,27 @@ class MessageBatches:
         )
         return sum([await self.release(job_id.decode()) for job_id in due])
 
-    async def _lease(self, key: str) -> bool:
-        return bool(await self.redis.set(key, self.token, nx=True, px=LEASE_MS))
+    async def release_cancelled(self, *, at_start: bool = False) -> int:
+        """Release the parked jobs whose producer cancelled them while no worker was
+        subscribed (a restart, an outage): the cancel's marker stays, and every worker
+        reads the markers when it starts, then one worker a minute. How many; 0 when it
+        was another worker's turn."""
+        turn = await self._lease(MSGBATCH_SWEEP_LEASE, CANCEL_SWEEP_MS)
+        if not (turn or at_start):
+            return 0
+        marked: list[str] = []
+        start = 0
+        # Pages by rank: a job that leaves meanwhile may hide another from this pass,
+        # never from the next.
+        while chunk := await self.redis.zrange(PARKED_KEY, start, start + SWEEP_CHUNK - 1):
+            ids = [job_id.decode() for job_id in chunk]
+            found = await self.redis.mget([cancel_key(job_id) for job_id in ids])
+            marked += [job_id for job_id, mark in zip(ids, found, strict=True) if mark]
+            start += SWEEP_CHUNK
+        return sum([await self.release(job_id) for job_id in marked])
+
+    async def _lease(self, key: str, ms: int = LEASE_MS) -> bool:
+        return bool(await self.redis.set(key, self.token, nx=True, px=ms))
 
     async def _unlease(self, key: str) -> None:
         if await self.redis.get(key) == self.token.encode():
