@@ -174,6 +174,26 @@ async def test_model_call_error_is_rejected_with_its_reason(
     assert result.attempts[0].reason == "Timeout after 1.0s"
 
 
+async def test_a_window_named_in_a_refusal_keeps_longer_prompts_from_the_model(
+    settings: Settings, fake_call: FakeFactory
+) -> None:
+    too_long = "This model's maximum context length is 512 tokens. However, you requested 900"
+    fake = fake_call(m1=ModelCallError(f"BadRequestError: {too_long}", window=512), m2="ok")
+    router = Router(settings)
+    long_prompt = [{"role": "user", "content": "word " * 600}]
+    first = await router.route(long_prompt)
+    second = await router.route(long_prompt)
+    short = await router.route(USER)
+    # The second long prompt was never sent; a short one still is (its scripted error
+    # sends it on to the cloud).
+    assert fake.models == [M1, M2, M2, M1, M2]
+    assert first.attempts[0].outcome == "rejected"
+    assert second.attempts[0].outcome == "skipped"
+    assert second.attempts[0].reason is not None
+    assert second.attempts[0].reason.endswith("> 512 (its context error)")
+    assert short.attempts[0].outcome == "rejected"
+
+
 async def test_all_fail(settings: Settings, fake_call: FakeFactory) -> None:
     fake = fake_call(
         m1=ModelCallError("APIConnectionError: refused"),
@@ -530,6 +550,43 @@ async def test_call_model_empty_answer_is_a_reply_the_checks_reject(
         "rejected",
         "EmptyResponse: the model returned no text",
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "message", "window"),
+    [
+        (  # llama-cpp-python's server and vLLM, in OpenAI's words
+            "openai/smollm2",
+            "This model's maximum context length is 2048 tokens. However, you requested "
+            "3010 tokens (3002 in the messages, 8 in the completion). Please reduce the "
+            "length of the messages or completion.",
+            2048,
+        ),
+        (  # llama.cpp's server
+            "openai/smollm2",
+            "request (4476 tokens) exceeds the available context size (4096 tokens), "
+            "try increasing it",
+            4096,
+        ),
+        ("openai/smollm2", "Invalid value for 'temperature'", None),
+        (  # a cloud model's window is litellm's, never guessed from words
+            "openai/gpt-4o",
+            "This model's maximum context length is 128000 tokens.",
+            None,
+        ),
+    ],
+)
+async def test_call_model_reads_the_window_a_local_server_names_in_refusing(
+    monkeypatch: pytest.MonkeyPatch, model: str, message: str, window: int | None
+) -> None:
+    exc = litellm.exceptions.BadRequestError(message, model=model, llm_provider="openai")
+    _fake_acompletion(monkeypatch, exc=exc)
+    local = model == "openai/smollm2"
+    cfg = ModelConfig(model=model, timeout=3, local=local, api_base="http://127.0.0.1:9/v1")
+    with pytest.raises(ModelCallError) as info:
+        await call_model(cfg, USER)
+    assert info.value.window == window
+    assert not info.value.unwell  # one request too long, not a broken server
 
 
 async def test_call_model_malformed_response(monkeypatch: pytest.MonkeyPatch) -> None:

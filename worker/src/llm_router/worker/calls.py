@@ -110,6 +110,7 @@ class ModelCallError(Exception):
         load_ms: int | None = None,
         usage: Usage | None = None,
         unreached: bool = False,
+        window: int | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -120,6 +121,8 @@ class ModelCallError(Exception):
         self.retry_error = retry_error
         self.load_ms = load_ms
         self.usage = usage
+        #: The context window the server named in refusing a prompt too long for it.
+        self.window = window
 
 
 #: A 503 that means "come back later", not "broken": Ollama's full queue (server/sched.go)
@@ -129,6 +132,20 @@ _BUSY = re.compile(r"server busy|loading model", re.IGNORECASE)
 
 def is_busy(exc: BaseException) -> bool:
     return getattr(exc, "status_code", None) == 503 and _BUSY.search(str(exc)) is not None
+
+
+#: A server refusing a prompt over its window names the window: OpenAI's words (also
+#: llama-cpp-python's server and vLLM), and llama.cpp's server's.
+_WINDOW_NAMED = re.compile(
+    r"maximum context length is (\d+) tokens|available context size \((\d+) tokens\)"
+)
+
+
+def window_named(exc: BaseException) -> int | None:
+    """The context window a refusal names, for servers that say it nowhere else."""
+    if (found := _WINDOW_NAMED.search(str(exc))) is None:
+        return None
+    return int(found.group(1) or found.group(2))
 
 
 def is_unwell(exc: BaseException) -> bool:
@@ -352,7 +369,11 @@ async def call_model(
         reason = f"busy: {_reason(exc)}" if busy else _reason(exc)
         unreached = isinstance(exc, litellm.exceptions.APIConnectionError | ConnectionError)
         error = ModelCallError(
-            reason, unwell=is_unwell(exc) and not busy, busy=busy, unreached=unreached
+            reason,
+            unwell=is_unwell(exc) and not busy,
+            busy=busy,
+            unreached=unreached,
+            window=window_named(exc) if cfg.is_local else None,
         )
     finally:
         _raw_body.reset(scope)

@@ -527,6 +527,8 @@ class Router:
             if failed is None:
                 break
             note_load(cfg, failed.load_ms)
+            if failed.window is not None:  # the next prompt too long for it is not sent
+                self.windows.learn(cfg, failed.window, "its context error")
             # Busy is load, not ill health: the breaker neither counts it nor keeps a probe.
             health: Health = "unwell" if failed.unwell else "healthy"
             if failed.busy:

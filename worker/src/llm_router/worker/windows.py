@@ -129,7 +129,8 @@ class Windows:
         self._learned: dict[str, Window] = {}
 
     def learn(self, cfg: ModelConfig, tokens: int, source: str) -> None:
-        """A window the server reported (Ollama's ``/api/ps`` after a load)."""
+        """A window the server reported: at warm-up (Ollama's ``/api/ps``, llama.cpp's
+        ``/props``, vLLM's ``/v1/models``), or in refusing a prompt over it."""
         if tokens <= 0 or cfg.context_window is not None:
             return
         window = Window(tokens, source)
