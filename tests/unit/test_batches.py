@@ -24,20 +24,14 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from llm_router.client.keys import (
-    MSGBATCH_MODELS_KEY,
-    MSGBATCH_OPEN_KEY,
-    MSGBATCH_POLL_LEASE,
-    MSGBATCH_SEND_LEASE,
-    MSGBATCH_SENDING_KEY,
-    MSGBATCH_SENDING_PREFIX,
     MSGBATCH_SWEEP_LEASE,
     PARKED_DEADLINES_KEY,
     PARKED_KEY,
     PARKED_SCORE_MS,
+    MsgBatchKeys,
     cancel_key,
     in_progress_key,
     job_key,
-    msgbatch_pending_key,
     parked_key,
     retry_key,
     wake_key,
@@ -69,6 +63,7 @@ from llm_router.worker.settings import ModelConfig, Settings
 HAIKU = "anthropic/claude-haiku-4-5-20251001"
 Q = "q-batches"
 BQ = Q + ":batch"
+KEYS = MsgBatchKeys(BQ)
 
 
 def haiku(**kw: Any) -> ModelConfig:
@@ -78,7 +73,9 @@ def haiku(**kw: Any) -> ModelConfig:
 
 
 def settings(**kw: Any) -> Settings:
-    return Settings(chains={"default": [haiku()]}, **kw)
+    return Settings(
+        chains={"default": [haiku()]}, **{"queue_name": Q, "batch_queue_name": BQ, **kw}
+    )
 
 
 def hold() -> Hold:
@@ -573,8 +570,8 @@ async def test_park_keeps_the_state_queues_the_request_and_releases_the_job(
     assert score is not None
     assert score > after + PARKED_SCORE_MS
     assert await redis.get(retry_key("j1")) == b"2"  # 2 + 1 (the claim) - 1 (the park)
-    assert await redis.lrange(msgbatch_pending_key(HAIKU), 0, -1) == [entry.encode()]  # type: ignore[misc]
-    model_score = await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU)
+    assert await redis.lrange(KEYS.pending(HAIKU), 0, -1) == [entry.encode()]  # type: ignore[misc]
+    model_score = await redis.zscore(KEYS.models, HAIKU)
     assert model_score is not None
     assert before <= model_score <= after
     assert await redis.zscore(PARKED_KEY, "j1") is not None
@@ -608,14 +605,14 @@ async def test_parking_again_without_state_keeps_the_state_and_sends_nothing(
 ) -> None:
     await park(redis, "j1", 1234, "c-1")
     state = await redis.hgetall(parked_key("j1"))  # type: ignore[misc]
-    pending = await redis.lrange(msgbatch_pending_key(HAIKU), 0, -1)  # type: ignore[misc]
+    pending = await redis.lrange(KEYS.pending(HAIKU), 0, -1)  # type: ignore[misc]
     # Claimed again (as if put back before its result counted): parked again, no state.
     queue = RedisQueue(redis, the_lanes(), token="me", lease_ms=10_000)
     job = await claimed(redis, "j1", 1234)
     again = Parking(HAIKU, "c-1", None, None, PARK_KEEP_MS)
     assert await queue.park(job, again)
     assert await redis.hgetall(parked_key("j1")) == state  # type: ignore[misc]
-    assert await redis.lrange(msgbatch_pending_key(HAIKU), 0, -1) == pending  # type: ignore[misc]
+    assert await redis.lrange(KEYS.pending(HAIKU), 0, -1) == pending  # type: ignore[misc]
     score = await redis.zscore(BQ, "j1")
     assert score is not None
     assert score > now_ms() + PARKED_SCORE_MS
@@ -639,20 +636,20 @@ def entries(n: int, size: int = 10) -> list[str]:
 async def take(
     mb: MessageBatches, most: int, room: int, take_id: str = "t1|" + HAIKU, at: int = 500
 ) -> list[bytes]:
-    keys = [msgbatch_pending_key(HAIKU), MSGBATCH_MODELS_KEY,
-            MSGBATCH_SENDING_PREFIX + take_id, MSGBATCH_SENDING_KEY]  # fmt: skip
+    keys = [KEYS.pending(HAIKU), KEYS.models,
+            KEYS.take(take_id), KEYS.sending]  # fmt: skip
     taken: list[bytes] = await mb._take(keys=keys, args=[HAIKU, most, room, take_id, at])
     return taken
 
 
 async def waiting(redis: Redis, model: str = HAIKU) -> list[bytes]:
-    found: list[bytes] = await redis.lrange(msgbatch_pending_key(model), 0, -1)  # type: ignore[misc]
+    found: list[bytes] = await redis.lrange(KEYS.pending(model), 0, -1)  # type: ignore[misc]
     return found
 
 
 async def fill(redis: Redis, items: list[str], model: str = HAIKU, oldest: int = 100) -> None:
-    await redis.rpush(msgbatch_pending_key(model), *items)  # type: ignore[misc]
-    await redis.zadd(MSGBATCH_MODELS_KEY, {model: oldest})
+    await redis.rpush(KEYS.pending(model), *items)  # type: ignore[misc]
+    await redis.zadd(KEYS.models, {model: oldest})
 
 
 async def test_take_takes_at_most_n_and_the_rest_stay(redis: Redis) -> None:
@@ -661,10 +658,10 @@ async def test_take_takes_at_most_n_and_the_rest_stay(redis: Redis) -> None:
     await fill(redis, items)
     assert await take(mb, 3, 10_000) == [e.encode() for e in items[:3]]
     assert await waiting(redis) == [e.encode() for e in items[3:]]
-    assert await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU) == 500  # still waiting, rescored
-    sending = await redis.lrange(MSGBATCH_SENDING_PREFIX + "t1|" + HAIKU, 0, -1)  # type: ignore[misc]
+    assert await redis.zscore(KEYS.models, HAIKU) == 500  # still waiting, rescored
+    sending = await redis.lrange(KEYS.take("t1|" + HAIKU), 0, -1)  # type: ignore[misc]
     assert sending == [e.encode() for e in items[:3]]
-    assert await redis.zrange(MSGBATCH_SENDING_KEY, 0, -1, withscores=True) == [
+    assert await redis.zrange(KEYS.sending, 0, -1, withscores=True) == [
         (("t1|" + HAIKU).encode(), 500.0)
     ]
 
@@ -681,18 +678,18 @@ async def test_take_stays_within_the_byte_bound_but_takes_one(redis: Redis) -> N
 async def test_take_of_the_last_requests_forgets_the_model(redis: Redis) -> None:
     mb = MessageBatches(redis, settings())
     await fill(redis, entries(2))
-    await redis.zadd(MSGBATCH_MODELS_KEY, {"other": 1})
+    await redis.zadd(KEYS.models, {"other": 1})
     assert len(await take(mb, 10, 10_000)) == 2
-    assert await redis.exists(msgbatch_pending_key(HAIKU)) == 0
-    assert await redis.zrange(MSGBATCH_MODELS_KEY, 0, -1) == [b"other"]
+    assert await redis.exists(KEYS.pending(HAIKU)) == 0
+    assert await redis.zrange(KEYS.models, 0, -1) == [b"other"]
 
 
 async def test_take_of_nothing_lists_no_take(redis: Redis) -> None:
     mb = MessageBatches(redis, settings())
-    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: 1})
+    await redis.zadd(KEYS.models, {HAIKU: 1})
     assert await take(mb, 10, 10_000) == []
-    assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
-    assert await redis.zcard(MSGBATCH_MODELS_KEY) == 0
+    assert await redis.zcard(KEYS.sending) == 0
+    assert await redis.zcard(KEYS.models) == 0
 
 
 async def test_take_of_more_than_a_thousand(redis: Redis) -> None:
@@ -701,7 +698,7 @@ async def test_take_of_more_than_a_thousand(redis: Redis) -> None:
     items = entries(2500, size=6)
     await fill(redis, items)
     assert len(await take(mb, 2400, 10**9)) == 2400
-    sent = await redis.lrange(MSGBATCH_SENDING_PREFIX + "t1|" + HAIKU, 0, -1)  # type: ignore[misc]
+    sent = await redis.lrange(KEYS.take("t1|" + HAIKU), 0, -1)  # type: ignore[misc]
     assert sent == [e.encode() for e in items[:2400]]
     assert len(await waiting(redis)) == 100
 
@@ -711,19 +708,19 @@ async def test_return_puts_a_take_back_at_the_head_in_order(redis: Redis) -> Non
     items = entries(5)
     await fill(redis, items)
     await take(mb, 3, 10_000)
-    await redis.rpush(msgbatch_pending_key(HAIKU), "late")  # type: ignore[misc]
+    await redis.rpush(KEYS.pending(HAIKU), "late")  # type: ignore[misc]
     take_id = "t1|" + HAIKU
-    keys = [MSGBATCH_SENDING_PREFIX + take_id, MSGBATCH_SENDING_KEY,
-            msgbatch_pending_key(HAIKU), MSGBATCH_MODELS_KEY]  # fmt: skip
+    keys = [KEYS.take(take_id), KEYS.sending,
+            KEYS.pending(HAIKU), KEYS.models]  # fmt: skip
     assert await mb._return(keys=keys, args=[take_id, HAIKU, 777]) == 3
     assert await waiting(redis) == [e.encode() for e in items] + [b"late"]
-    assert await redis.exists(MSGBATCH_SENDING_PREFIX + take_id) == 0
-    assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
-    assert await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU) == 777
+    assert await redis.exists(KEYS.take(take_id)) == 0
+    assert await redis.zcard(KEYS.sending) == 0
+    assert await redis.zscore(KEYS.models, HAIKU) == 777
     # A take returned twice (two senders saw it stale) puts nothing back twice.
     assert await mb._return(keys=keys, args=[take_id, HAIKU, 888]) == 0
     assert len(await waiting(redis)) == 6
-    assert await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU) == 777
+    assert await redis.zscore(KEYS.models, HAIKU) == 777
 
 
 async def test_put_back_stores_the_result_once_and_requeues_the_job(redis: Redis) -> None:
@@ -846,7 +843,7 @@ async def test_send_due_sends_an_overdue_models_requests(
     mb = batches_with(redis, fake, monkeypatch, batch_wait=60.0)
     await park(redis, "j1", 11, "c-1")
     await park(redis, "j2", 12, "c-2")
-    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: now_ms() - 61_000})  # waited long enough
+    await redis.zadd(KEYS.models, {HAIKU: now_ms() - 61_000})  # waited long enough
     assert await mb.send_due() == 1
     assert fake.created == [
         [
@@ -854,19 +851,38 @@ async def test_send_due_sends_an_overdue_models_requests(
             {"custom_id": "c-2", "params": order("c-2").params},
         ]
     ]
-    raw = await redis.hget(MSGBATCH_OPEN_KEY, "msgbatch_1")  # type: ignore[misc]
+    raw = await redis.hget(KEYS.open, "msgbatch_1")  # type: ignore[misc]
     assert raw is not None
     kept = json.loads(raw)
     assert kept["model"] == HAIKU
     assert kept["jobs"] == {"c-1": "j1", "c-2": "j2"}
     assert abs(kept["sent_ms"] - now_ms()) < 60_000
     assert await waiting(redis) == []
-    assert await redis.zcard(MSGBATCH_MODELS_KEY) == 0
-    assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
-    assert await redis.keys(MSGBATCH_SENDING_PREFIX + "*") == []
-    assert await redis.exists(MSGBATCH_SEND_LEASE) == 0  # the lease is given up
+    assert await redis.zcard(KEYS.models) == 0
+    assert await redis.zcard(KEYS.sending) == 0
+    assert await redis.keys(KEYS.take("*")) == []
+    assert await redis.exists(KEYS.send_lease) == 0  # the lease is given up
     assert mb.sent_here == 1
     assert mb.tally() == {"parked": 0, "resumed": 0, "sent": 1}
+
+
+async def test_fleets_sharing_a_redis_send_and_look_at_only_their_own_batches(
+    redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = FakeBatches()  # another fleet: its own account, its own servers
+    theirs = MessageBatches(redis, settings(queue_name="staging", batch_queue_name="staging:b"))
+    client = SimpleNamespace(messages=SimpleNamespace(batches=other))
+    monkeypatch.setattr(theirs, "client", lambda cfg: client)
+    ours = batches_with(redis, fake, monkeypatch, batch_wait=60.0)
+    await park(redis, "j1", 11, "c-1")
+    await redis.zadd(KEYS.models, {HAIKU: now_ms() - 61_000})
+    assert await theirs.send_due() == 0  # not theirs to send
+    assert other.created == []
+    assert await ours.send_due() == 1
+    assert [[r["custom_id"] for r in b] for b in fake.created] == [["c-1"]]
+    assert await theirs.poll() == 0  # nor theirs to look at
+    assert other.retrieved == []
+    assert await redis.hlen(KEYS.open) == 1  # type: ignore[misc]
 
 
 async def test_send_due_waits_for_a_young_small_batch(
@@ -891,7 +907,7 @@ async def test_send_due_sends_full_batches_at_once(
         ["c-2", "c-3"],
     ]
     assert len(await waiting(redis)) == 1  # too few, not yet overdue
-    assert await redis.hlen(MSGBATCH_OPEN_KEY) == 2  # type: ignore[misc]
+    assert await redis.hlen(KEYS.open) == 2  # type: ignore[misc]
 
 
 async def test_what_a_send_leaves_is_due_when_its_own_oldest_request_is(
@@ -902,12 +918,12 @@ async def test_what_a_send_leaves_is_due_when_its_own_oldest_request_is(
     mb = batches_with(redis, fake, monkeypatch, batch_size=2, batch_wait=60.0)
     for n in range(3):
         await park(redis, f"j{n}", n, f"c-{n}")
-    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: 1})  # overdue
+    await redis.zadd(KEYS.models, {HAIKU: 1})  # overdue
     assert await mb.send_due() == 1
     assert [len(sent) for sent in fake.created] == [2]
     left = await waiting(redis)
     assert len(left) == 1
-    assert await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU) == json.loads(left[0])["ms"]
+    assert await redis.zscore(KEYS.models, HAIKU) == json.loads(left[0])["ms"]
     assert await mb.send_due() == 0
 
 
@@ -917,12 +933,12 @@ async def test_an_overdue_leftover_is_sent_at_once(
     mb = batches_with(redis, fake, monkeypatch, batch_size=2, batch_wait=60.0)
     for n in range(3):
         await park(redis, f"j{n}", n, f"c-{n}")
-    key = msgbatch_pending_key(HAIKU)
+    key = KEYS.pending(HAIKU)
     for index, raw in enumerate(await waiting(redis)):  # parked long ago
         await redis.lset(
             key, index, json.dumps({**json.loads(raw), "ms": 1}, separators=(",", ":"))
         )  # type: ignore[misc]
-    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: 1})
+    await redis.zadd(KEYS.models, {HAIKU: 1})
     assert await mb.send_due() == 2
     assert [len(sent) for sent in fake.created] == [2, 1]
     assert await waiting(redis) == []
@@ -935,15 +951,15 @@ async def test_send_due_puts_the_requests_back_when_the_batch_is_not_created(
     await park(redis, "j1", 11, "c-1")
     await park(redis, "j2", 12, "c-2")
     before = await waiting(redis)
-    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: 1})
+    await redis.zadd(KEYS.models, {HAIKU: 1})
     fake.fail = connection_error()
     assert await mb.send_due() == 0
     assert await waiting(redis) == before
-    assert await redis.zscore(MSGBATCH_MODELS_KEY, HAIKU) is not None
-    assert await redis.hlen(MSGBATCH_OPEN_KEY) == 0  # type: ignore[misc]
-    assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
-    assert await redis.keys(MSGBATCH_SENDING_PREFIX + "*") == []
-    assert await redis.exists(MSGBATCH_SEND_LEASE) == 0
+    assert await redis.zscore(KEYS.models, HAIKU) is not None
+    assert await redis.hlen(KEYS.open) == 0  # type: ignore[misc]
+    assert await redis.zcard(KEYS.sending) == 0
+    assert await redis.keys(KEYS.take("*")) == []
+    assert await redis.exists(KEYS.send_lease) == 0
     assert mb.sent_here == 0
 
 
@@ -952,10 +968,10 @@ async def test_send_due_without_the_lease_sends_nothing(
 ) -> None:
     mb = batches_with(redis, fake, monkeypatch)
     await fill(redis, [order("c-1").entry("j1")], oldest=1)
-    await redis.set(MSGBATCH_SEND_LEASE, "another worker")
+    await redis.set(KEYS.send_lease, "another worker")
     assert await mb.send_due() == 0
     assert fake.created == []
-    assert await redis.get(MSGBATCH_SEND_LEASE) == b"another worker"
+    assert await redis.get(KEYS.send_lease) == b"another worker"
 
 
 async def test_send_due_leaves_another_workers_model(
@@ -968,7 +984,7 @@ async def test_send_due_leaves_another_workers_model(
     assert await mb.send_due() == 0
     assert fake.created == []
     assert await waiting(redis, other) == [e.encode() for e in items]
-    assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
+    assert await redis.zcard(KEYS.sending) == 0
 
 
 async def test_send_due_returns_a_stale_take(
@@ -980,11 +996,11 @@ async def test_send_due_returns_a_stale_take(
     stale_at = now_ms() - SENDING_STALE_MS - 1_000
     await take(mb, 3, 10_000, "dead|" + HAIKU, at=stale_at)
     fresh = "alive|" + HAIKU
-    await redis.rpush(MSGBATCH_SENDING_PREFIX + fresh, "x")  # type: ignore[misc]
-    await redis.zadd(MSGBATCH_SENDING_KEY, {fresh: now_ms()})
+    await redis.rpush(KEYS.take(fresh), "x")  # type: ignore[misc]
+    await redis.zadd(KEYS.sending, {fresh: now_ms()})
     assert await mb.send_due() == 0  # given back now: not overdue yet
     assert await waiting(redis) == [e.encode() for e in items]
-    assert await redis.zrange(MSGBATCH_SENDING_KEY, 0, -1) == [fresh.encode()]
+    assert await redis.zrange(KEYS.sending, 0, -1) == [fresh.encode()]
     assert fake.created == []
 
 
@@ -1036,18 +1052,18 @@ async def test_poll_brings_an_ended_batchs_results_back(
     fake.status = "in_progress"
     assert await mb.poll() == 0
     assert fake.retrieved == ["msgbatch_1"]
-    assert await redis.hlen(MSGBATCH_OPEN_KEY) == 1  # type: ignore[misc]
-    assert await redis.exists(MSGBATCH_POLL_LEASE) == 0
+    assert await redis.hlen(KEYS.open) == 1  # type: ignore[misc]
+    assert await redis.exists(KEYS.poll_lease) == 0
 
     fake.status = "ended"
     fake.rows = [ended_row("c-1", "the answer"), ended_row("c-stranger", "?"), errored_row("c-3")]
     assert await mb.poll() == 3
-    assert await redis.hlen(MSGBATCH_OPEN_KEY) == 0  # type: ignore[misc]
+    assert await redis.hlen(KEYS.open) == 0  # type: ignore[misc]
     assert await redis.zscore(BQ, "j1") == 11
     assert await redis.zscore(BQ, "j2") == 12
     assert await redis.zscore(BQ, "j3") == 13
     assert await redis.zcard(PARKED_KEY) == 0
-    assert await redis.exists(MSGBATCH_POLL_LEASE) == 0
+    assert await redis.exists(KEYS.poll_lease) == 0
     assert mb.resumed_here == 3
 
     one = await mb.parked("j1")
@@ -1084,9 +1100,9 @@ async def test_poll_keeps_a_batch_it_could_not_read(
     assert await mb.send_due() == 1
     fake.fail = connection_error()
     assert await mb.poll() == 0
-    assert await redis.hlen(MSGBATCH_OPEN_KEY) == 1  # type: ignore[misc]
+    assert await redis.hlen(KEYS.open) == 1  # type: ignore[misc]
     assert await redis.zscore(PARKED_KEY, "j1") is not None
-    assert await redis.exists(MSGBATCH_POLL_LEASE) == 0
+    assert await redis.exists(KEYS.poll_lease) == 0
 
 
 async def test_poll_without_the_lease_looks_at_nothing(
@@ -1095,9 +1111,31 @@ async def test_poll_without_the_lease_looks_at_nothing(
     mb = batches_with(redis, fake, monkeypatch, batch_size=1)
     await park(redis, "j1", 11, "c-1")
     assert await mb.send_due() == 1
-    await redis.set(MSGBATCH_POLL_LEASE, "another worker")
+    await redis.set(KEYS.poll_lease, "another worker")
     assert await mb.poll() == 0
     assert fake.retrieved == []
+
+
+async def test_a_poll_renews_its_short_lease_at_each_batch(
+    redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mb = batches_with(redis, fake, monkeypatch)
+    kept = json.dumps({"model": HAIKU, "sent_ms": 1, "jobs": {}})
+    await redis.hset(KEYS.open, mapping={"msgbatch_a": kept, "msgbatch_b": kept})  # type: ignore[misc]
+    fake.status = "in_progress"
+    left: list[int] = []
+    retrieve = fake.retrieve
+
+    async def slow_retrieve(batch_id: str) -> MessageBatch:
+        left.append(await redis.pttl(KEYS.poll_lease))
+        await redis.pexpire(KEYS.poll_lease, 1000)  # as if this batch took 29 s
+        return await retrieve(batch_id)
+
+    monkeypatch.setattr(fake, "retrieve", slow_retrieve)
+    assert await mb.poll() == 0
+    assert len(left) == 2
+    assert all(20_000 < ms <= 30_000 for ms in left), left  # renewed before each batch
+    assert await redis.exists(KEYS.poll_lease) == 0
 
 
 async def test_the_client_speaks_to_the_configured_base(redis: Redis) -> None:
@@ -1191,7 +1229,7 @@ async def test_a_stopped_or_vanished_jobs_request_is_not_sent(
     await park(redis, "deleted", 13, "c-3")
     assert await mb.release("cancelled")
     await redis.delete(parked_key("deleted"))
-    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: now_ms() - 61_000})
+    await redis.zadd(KEYS.models, {HAIKU: now_ms() - 61_000})
     assert await mb.send_due() == 1
     assert [[r["custom_id"] for r in batch] for batch in fake.created] == [["c-1"]]
 
@@ -1202,10 +1240,10 @@ async def test_a_take_of_only_stopped_requests_sends_nothing_and_is_dropped(
     mb = batches_with(redis, fake, monkeypatch, batch_wait=60.0)
     await park(redis, "cancelled", 12, "c-2")
     assert await mb.release("cancelled")
-    await redis.zadd(MSGBATCH_MODELS_KEY, {HAIKU: now_ms() - 61_000})
+    await redis.zadd(KEYS.models, {HAIKU: now_ms() - 61_000})
     assert await mb.send_due() == 0
     assert fake.created == []
-    assert await redis.zcard(MSGBATCH_SENDING_KEY) == 0
+    assert await redis.zcard(KEYS.sending) == 0
     assert await waiting(redis) == []
 
 

@@ -11,6 +11,8 @@ language.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 DEFAULT_QUEUE = "llm_router:queue"
 #: Backfills go here; workers serve it only with what the interactive queue leaves.
 DEFAULT_BATCH_QUEUE = "llm_router:batch"
@@ -147,21 +149,10 @@ PARKED_DEADLINES_KEY = "llm_router:parked_deadlines"
 #: A parked job is scored this far past its keeping time in its queue: a job scored more
 #: than this far ahead is parked (arq's producers see it deferred).
 PARKED_SCORE_MS = 365 * 86_400 * 1000
-#: Requests waiting to be sent, per model: a list ``<prefix><model>`` of JSON entries.
-MSGBATCH_PENDING_PREFIX = "llm_router:msgbatch:pending:"
-#: Sorted set of the models with requests waiting (score: when the oldest was parked, ms;
-#: ``batch_wait`` counts from it).
-MSGBATCH_MODELS_KEY = "llm_router:msgbatch:models"
-#: Hash: batch id → JSON (model, when sent, its requests' custom ids → job ids).
-MSGBATCH_OPEN_KEY = "llm_router:msgbatch:open"
-#: Requests taken to be sent, not yet known to be in a batch: hash ``<prefix><take id>``
-#: → entries, listed in the sorted set :data:`MSGBATCH_SENDING_KEY` (score: taken, ms).
-MSGBATCH_SENDING_PREFIX = "llm_router:msgbatch:sending:"
-MSGBATCH_SENDING_KEY = "llm_router:msgbatch:sending"
-#: One worker at a time sends batches, and one looks at open ones: leases (SET NX PX).
-MSGBATCH_SEND_LEASE = "llm_router:msgbatch:lease:send"
-MSGBATCH_POLL_LEASE = "llm_router:msgbatch:lease:poll"
-#: Once a minute, fleet-wide, a worker looks for parked jobs whose cancel nobody heard.
+#: The Message Batches' shared state, one set of keys per fleet: see :class:`MsgBatchKeys`.
+MSGBATCH_PREFIX = "llm_router:msgbatch:"
+#: Once a minute one worker (of any fleet: the parked set is shared) looks for parked
+#: jobs whose cancel nobody heard.
 MSGBATCH_SWEEP_LEASE = "llm_router:msgbatch:lease:sweep"
 
 
@@ -169,8 +160,49 @@ def parked_key(job_id: str) -> str:
     return PARKED_PREFIX + job_id
 
 
-def msgbatch_pending_key(model: str) -> str:
-    return MSGBATCH_PENDING_PREFIX + model
+@dataclass(frozen=True, slots=True)
+class MsgBatchKeys:
+    """One fleet's Message Batches, named after its batch queue: fleets that share a
+    Redis (staging beside production, tests side by side) never send each other's
+    requests or look at each other's batches, which their own keys and servers would
+    bill wrongly or not find."""
+
+    queue: str
+
+    def pending(self, model: str) -> str:
+        """Requests waiting to be sent to ``model`` (its label): a list of JSON entries."""
+        return f"{MSGBATCH_PREFIX}pending:{self.queue}:{model}"
+
+    @property
+    def models(self) -> str:
+        """Sorted set of the models with requests waiting (score: when the oldest was
+        parked, ms; ``batch_wait`` counts from it)."""
+        return f"{MSGBATCH_PREFIX}models:{self.queue}"
+
+    @property
+    def open(self) -> str:
+        """Hash: batch id → JSON (model, when sent, its requests' custom ids → job ids)."""
+        return f"{MSGBATCH_PREFIX}open:{self.queue}"
+
+    @property
+    def sending(self) -> str:
+        """Sorted set of the takes of requests being sent, not yet known to be in a
+        batch (score: when taken, ms)."""
+        return f"{MSGBATCH_PREFIX}sending:{self.queue}"
+
+    def take(self, take_id: str) -> str:
+        """One take's entries (a list)."""
+        return f"{MSGBATCH_PREFIX}take:{self.queue}:{take_id}"
+
+    @property
+    def send_lease(self) -> str:
+        """One worker at a time sends batches (SET NX PX)."""
+        return f"{MSGBATCH_PREFIX}lease:send:{self.queue}"
+
+    @property
+    def poll_lease(self) -> str:
+        """One worker at a time looks at open batches (SET NX PX)."""
+        return f"{MSGBATCH_PREFIX}lease:poll:{self.queue}"
 
 
 # --- the response cache -------------------------------------------------------------------------

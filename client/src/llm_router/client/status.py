@@ -26,8 +26,8 @@ from llm_router.client.heartbeats import Heartbeat, live_workers
 from llm_router.client.keys import (
     BREAKER_PREFIX,
     METRICS_COUNTERS_KEY,
-    MSGBATCH_OPEN_KEY,
     PARKED_SCORE_MS,
+    MsgBatchKeys,
 )
 from llm_router.client.progress import human_seconds
 from llm_router.client.server import ServerState, best_known, read_server, summary
@@ -136,11 +136,13 @@ async def collect(redis: Redis, queues: list[str], *, now: float | None = None) 
         for queue in queues:
             pipe.zcard(queue)
             pipe.zcount(queue, int(at * 1000) + PARKED_SCORE_MS, "+inf")
+        for queue in queues:  # only a batch queue has open batches
+            pipe.hlen(MsgBatchKeys(queue).open)
         pipe.hgetall(METRICS_COUNTERS_KEY)
-        pipe.hlen(MSGBATCH_OPEN_KEY)
         replies: list[Any] = await pipe.execute()
-    depths, parked = replies[0:-2:2], replies[1:-2:2]
-    counters, open_batches = replies[-2], replies[-1]
+    n = len(queues)
+    depths, parked = replies[0 : 2 * n : 2], replies[1 : 2 * n : 2]
+    open_batches, counters = sum(replies[2 * n : 3 * n]), replies[-1]
     server = best_known(await read_server(redis, config=True), [b.redis for b in workers])
     return Status(
         at=at,

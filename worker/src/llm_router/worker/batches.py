@@ -35,17 +35,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llm_router.client.keys import (
-    MSGBATCH_MODELS_KEY,
-    MSGBATCH_OPEN_KEY,
-    MSGBATCH_POLL_LEASE,
-    MSGBATCH_SEND_LEASE,
-    MSGBATCH_SENDING_KEY,
-    MSGBATCH_SENDING_PREFIX,
     MSGBATCH_SWEEP_LEASE,
     PARKED_DEADLINES_KEY,
     PARKED_KEY,
+    MsgBatchKeys,
     cancel_key,
-    msgbatch_pending_key,
     parked_key,
 )
 from llm_router.client.protocol import WAKE_TOKENS_MAX, Attempt, now_ms
@@ -64,8 +58,10 @@ PARK_KEEP_MS = 48 * 3600 * 1000
 MAX_BATCH_BYTES = 200 * 1024 * 1024
 #: A take not known to be in a batch after this long is put back (its sender died).
 SENDING_STALE_MS = 300_000
-#: The leases' length: a sender or poller that dies is replaced after this long.
-LEASE_MS = 120_000
+#: The leases' length: a sender or poller that dies is replaced after this long (two at
+#: once would be harmless: a take is one sender's, and putting a result back is
+#: idempotent). A poll renews its lease at each batch it looks at.
+LEASE_MS = 30_000
 #: How often one worker of the fleet looks for parked jobs cancelled while no worker
 #: listened (a cancel's marker is kept a day, longer than any batch runs).
 CANCEL_SWEEP_MS = 60_000
@@ -296,6 +292,7 @@ class MessageBatches:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
+        self.keys = MsgBatchKeys(settings.batch_queue_name)
         self.models: dict[str, ModelConfig] = {
             m.label: m for chain in settings.chains.values() for m in chain if m.batch_api
         }
@@ -395,6 +392,10 @@ class MessageBatches:
     async def _lease(self, key: str, ms: int = LEASE_MS) -> bool:
         return bool(await self.redis.set(key, self.token, nx=True, px=ms))
 
+    async def _renew(self, key: str) -> None:
+        if await self.redis.get(key) == self.token.encode():
+            await self.redis.pexpire(key, LEASE_MS)
+
     async def _unlease(self, key: str) -> None:
         if await self.redis.get(key) == self.token.encode():
             await self.redis.delete(key)
@@ -403,36 +404,36 @@ class MessageBatches:
         """Send every model's due requests (under the send lease); how many batches."""
         now = now_ms()
         due_before = now - int(self.settings.batch_wait * 1000)
-        models = [m.decode() for m in await self.redis.zrange(MSGBATCH_MODELS_KEY, 0, -1)]
-        stale = await self.redis.zrangebyscore(MSGBATCH_SENDING_KEY, "-inf", now - SENDING_STALE_MS)
+        models = [m.decode() for m in await self.redis.zrange(self.keys.models, 0, -1)]
+        stale = await self.redis.zrangebyscore(self.keys.sending, "-inf", now - SENDING_STALE_MS)
         if not models and not stale:
             return 0
-        if not await self._lease(MSGBATCH_SEND_LEASE):
+        if not await self._lease(self.keys.send_lease):
             return 0
         sent = 0
         try:
             for take in stale:
                 await self._give_back(take.decode(), now)
-            oldest = dict(await self.redis.zrange(MSGBATCH_MODELS_KEY, 0, -1, withscores=True))
+            oldest = dict(await self.redis.zrange(self.keys.models, 0, -1, withscores=True))
             for raw_model, score in oldest.items():
                 model = raw_model.decode()
-                size = await self.redis.llen(msgbatch_pending_key(model))  # type: ignore[misc]
+                size = await self.redis.llen(self.keys.pending(model))  # type: ignore[misc]
                 while size >= self.settings.batch_size or (size and score <= due_before):
                     went = await self._send(model)
                     if went == "stopped":
                         break
                     sent += went == "sent"
-                    size = await self.redis.llen(msgbatch_pending_key(model))  # type: ignore[misc]
+                    size = await self.redis.llen(self.keys.pending(model))  # type: ignore[misc]
                     # What is left is due when its own oldest request is.
-                    score = await self.redis.zscore(MSGBATCH_MODELS_KEY, model) or now
+                    score = await self.redis.zscore(self.keys.models, model) or now
         finally:
-            await self._unlease(MSGBATCH_SEND_LEASE)
+            await self._unlease(self.keys.send_lease)
         return sent
 
     async def _give_back(self, take: str, score: int) -> None:
         model = take.split("|", 1)[1]
-        keys = [MSGBATCH_SENDING_PREFIX + take, MSGBATCH_SENDING_KEY,
-                msgbatch_pending_key(model), MSGBATCH_MODELS_KEY]  # fmt: skip
+        keys = [self.keys.take(take), self.keys.sending,
+                self.keys.pending(model), self.keys.models]  # fmt: skip
         back = await self._return(keys=keys, args=[take, model, score])
         log.warning("batch_requests_returned", model=model, requests=int(back))
 
@@ -440,8 +441,8 @@ class MessageBatches:
         """Take one batch's worth of a model's requests and create the batch (``sent``);
         ``dropped``: none of them was still wanted; ``stopped``: nothing more to send now."""
         take = f"{uuid.uuid4().hex}|{model}"
-        keys = [msgbatch_pending_key(model), MSGBATCH_MODELS_KEY,
-                MSGBATCH_SENDING_PREFIX + take, MSGBATCH_SENDING_KEY]  # fmt: skip
+        keys = [self.keys.pending(model), self.keys.models,
+                self.keys.take(take), self.keys.sending]  # fmt: skip
         most = min(self.settings.batch_size, 100_000)
         args: list[str | int] = [model, most, MAX_BATCH_BYTES, take, now_ms()]
         entries = [json.loads(e) for e in await self._take(keys=keys, args=args)]
@@ -453,8 +454,8 @@ class MessageBatches:
             return "stopped"
         entries = await self._still_waiting(entries)
         if not entries:  # every one was cancelled or expired meanwhile
-            await self.redis.delete(MSGBATCH_SENDING_PREFIX + take)
-            await self.redis.zrem(MSGBATCH_SENDING_KEY, take)
+            await self.redis.delete(self.keys.take(take))
+            await self.redis.zrem(self.keys.sending, take)
             return "dropped"
         requests = [{"custom_id": e["custom_id"], "params": e["params"]} for e in entries]
         try:
@@ -467,7 +468,7 @@ class MessageBatches:
         kept = {"model": model, "sent_ms": now_ms(),
                 "jobs": {e["custom_id"]: e["job_id"] for e in entries}}  # fmt: skip
         await self._opened(
-            keys=[MSGBATCH_OPEN_KEY, MSGBATCH_SENDING_PREFIX + take, MSGBATCH_SENDING_KEY],
+            keys=[self.keys.open, self.keys.take(take), self.keys.sending],
             args=[batch.id, json.dumps(kept, separators=(",", ":")), take],
         )
         self.sent_here += 1
@@ -492,16 +493,17 @@ class MessageBatches:
         Jobs parked longer than they are kept (their job deleted meanwhile) are dropped
         from the parked count."""
         await self.redis.zremrangebyscore(PARKED_KEY, "-inf", now_ms() - PARK_KEEP_MS)
-        if not await self.redis.hlen(MSGBATCH_OPEN_KEY):  # type: ignore[misc]
+        if not await self.redis.hlen(self.keys.open):  # type: ignore[misc]
             return 0
-        if not await self._lease(MSGBATCH_POLL_LEASE):
+        if not await self._lease(self.keys.poll_lease):
             return 0
         back = 0
         try:
-            for raw_id, raw in (await self.redis.hgetall(MSGBATCH_OPEN_KEY)).items():  # type: ignore[misc]
+            for raw_id, raw in (await self.redis.hgetall(self.keys.open)).items():  # type: ignore[misc]
+                await self._renew(self.keys.poll_lease)
                 back += await self._look_at(raw_id.decode(), json.loads(raw))
         finally:
-            await self._unlease(MSGBATCH_POLL_LEASE)
+            await self._unlease(self.keys.poll_lease)
         return back
 
     async def _look_at(self, batch_id: str, kept: dict[str, Any]) -> int:
@@ -533,7 +535,7 @@ class MessageBatches:
         # The API lists every request; a net all the same.
         rows += [(jobs[c], c, missing) for c in set(jobs) - seen]
         back += await self._put_back(rows, batch_id)
-        await self.redis.hdel(MSGBATCH_OPEN_KEY, batch_id)  # type: ignore[misc]
+        await self.redis.hdel(self.keys.open, batch_id)  # type: ignore[misc]
         log.info("batch_ended", model=kept["model"], batch_id=batch_id, requests=len(jobs),
                  **batch.request_counts.to_dict())  # fmt: skip
         self.resumed_here += back

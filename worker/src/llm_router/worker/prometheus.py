@@ -42,9 +42,9 @@ from llm_router.client.counters import parse_counters
 from llm_router.client.keys import (
     CACHE_STATS_KEY,
     METRICS_COUNTERS_KEY,
-    MSGBATCH_OPEN_KEY,
-    PARKED_KEY,
+    PARKED_SCORE_MS,
     WORKERS_KEY,
+    MsgBatchKeys,
     spend_key,
 )
 from llm_router.client.protocol import RouteResult
@@ -207,8 +207,9 @@ class Exporter:
                 pipe.hgetall(METRICS_COUNTERS_KEY)
                 pipe.hgetall(spend_key(utc_day()))
                 pipe.hgetall(CACHE_STATS_KEY)
-                pipe.zcard(PARKED_KEY)
-                pipe.hlen(MSGBATCH_OPEN_KEY)
+                # This fleet's parked jobs: those of its batch queue, scored far ahead.
+                pipe.zcount(s.batch_queue_name, now_ms + PARKED_SCORE_MS, "+inf")
+                pipe.hlen(MsgBatchKeys(s.batch_queue_name).open)
                 replies = await pipe.execute()
             depth, batch_depth, live, outcomes, spend, cache, parked, open_batches = replies
         except (RedisError, OSError):

@@ -23,16 +23,15 @@ from llm_router.client.keys import (
     CANCEL_CHANNEL,
     FAILED_KEY,
     METRICS_PENDING_KEY,
-    MSGBATCH_MODELS_KEY,
     PARKED_DEADLINES_KEY,
     PARKED_KEY,
     PARKED_SCORE_MS,
+    MsgBatchKeys,
     failed_key,
     idle_key,
     in_progress_key,
     inbox_key,
     job_key,
-    msgbatch_pending_key,
     parked_key,
     result_key,
     retry_key,
@@ -216,8 +215,9 @@ class RedisQueue:
     async def park(self, job: Claimed, parking: Parking) -> bool:
         """Park a job until its Message Batch answers: it keeps its place in its queue but
         no worker claims it, and the lease is released; False when it was not ours."""
+        batches = MsgBatchKeys(job.lane.name)
         keys = [in_progress_key(job.job_id), job.lane.name, parked_key(job.job_id), PARKED_KEY,
-                msgbatch_pending_key(parking.model), MSGBATCH_MODELS_KEY, job_key(job.job_id),
+                batches.pending(parking.model), batches.models, job_key(job.job_id),
                 retry_key(job.job_id), PARKED_DEADLINES_KEY]  # fmt: skip
         now = int(time.time() * 1000)
         args: list[str | int] = [job.job_id, self.token, parking.state or "",

@@ -2,9 +2,9 @@
 -- until it ends) and forget the take. Used by llm_router.worker.batches.MessageBatches.
 --
 -- KEYS, in order:
---   1. the open batches, llm_router:msgbatch:open (hash: batch id -> JSON)
---   2. this take, llm_router:msgbatch:sending:<take id> (list)
---   3. the takes, llm_router:msgbatch:sending (sorted set)
+--   1. the open batches, llm_router:msgbatch:open:<batch queue> (hash: batch id -> JSON)
+--   2. this take, llm_router:msgbatch:take:<batch queue>:<take id> (list)
+--   3. the takes, llm_router:msgbatch:sending:<batch queue> (sorted set)
 -- ARGV, in order:
 --   1. the batch id
 --   2. what to keep of it (JSON: the model, when sent, custom id -> job id)

@@ -3,10 +3,10 @@
 -- llm_router.worker.batches.MessageBatches.
 --
 -- KEYS, in order:
---   1. this take, llm_router:msgbatch:sending:<take id> (list)
---   2. the takes, llm_router:msgbatch:sending (sorted set)
---   3. the model's waiting requests, llm_router:msgbatch:pending:<model> (list)
---   4. the models with waiting requests, llm_router:msgbatch:models (sorted set)
+--   1. this take, llm_router:msgbatch:take:<batch queue>:<take id> (list)
+--   2. the takes, llm_router:msgbatch:sending:<batch queue> (sorted set)
+--   3. the model's waiting requests, llm_router:msgbatch:pending:<batch queue>:<model> (list)
+--   4. the models with waiting requests, llm_router:msgbatch:models:<batch queue> (sorted set)
 -- ARGV, in order:
 --   1. the take id
 --   2. the model (its label)

@@ -5,10 +5,10 @@
 -- llm_router.worker.batches.MessageBatches.
 --
 -- KEYS, in order:
---   1. the model's waiting requests, llm_router:msgbatch:pending:<model> (list)
---   2. the models with waiting requests, llm_router:msgbatch:models (sorted set)
---   3. this take, llm_router:msgbatch:sending:<take id> (list)
---   4. the takes, llm_router:msgbatch:sending (sorted set, score = when taken, ms)
+--   1. the model's waiting requests, llm_router:msgbatch:pending:<batch queue>:<model> (list)
+--   2. the models with waiting requests, llm_router:msgbatch:models:<batch queue> (sorted set)
+--   3. this take, llm_router:msgbatch:take:<batch queue>:<take id> (list)
+--   4. the takes, llm_router:msgbatch:sending:<batch queue> (sorted set, score = when taken, ms)
 -- ARGV, in order:
 --   1. the model (its label)
 --   2. the most requests

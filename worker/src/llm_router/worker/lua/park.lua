@@ -10,8 +10,8 @@
 --   2. the queue (sorted set)
 --   3. the job's parked state, llm_router:parked:<id> (hash)
 --   4. the parked jobs, llm_router:parked (sorted set, score = when parked, ms)
---   5. the model's waiting requests, llm_router:msgbatch:pending:<model> (list)
---   6. the models with waiting requests, llm_router:msgbatch:models (sorted set, score =
+--   5. the model's waiting requests, llm_router:msgbatch:pending:<batch queue>:<model> (list)
+--   6. the models with waiting requests, llm_router:msgbatch:models:<batch queue> (sorted set, score =
 --      when its oldest waiting request was parked, ms)
 --   7. arq:job:<id>
 --   8. arq:retry:<id>
