@@ -37,17 +37,8 @@ from llm_router.client.keys import (
     wake_key,
 )
 from llm_router.client.protocol import Attempt
-from llm_router.worker.batches import (
-    JSON_TOOL,
-    PARK_KEEP_MS,
-    SENDING_STALE_MS,
-    MessageBatches,
-    ParkedJob,
-    ParkOrder,
-    parse_parked,
-    reply_of,
-    request_params,
-)
+from llm_router.worker.batch_wire import JSON_TOOL, reply_of, request_params
+from llm_router.worker.batches import SENDING_STALE_MS, MessageBatches
 from llm_router.worker.budgets import Hold
 from llm_router.worker.calls import ModelCallError
 from llm_router.worker.costs import (
@@ -57,6 +48,7 @@ from llm_router.worker.costs import (
     worst_case_usd,
 )
 from llm_router.worker.lanes import Lane, Lanes
+from llm_router.worker.parked import PARK_KEEP_MS, ParkedJob, ParkOrder, parse_parked
 from llm_router.worker.queue import Claimed, Parking, RedisQueue
 from llm_router.worker.settings import ModelConfig, Settings
 

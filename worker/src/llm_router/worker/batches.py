@@ -22,11 +22,9 @@ job is still answered once, by the batch Redis knows).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anthropic
@@ -42,18 +40,13 @@ from llm_router.client.keys import (
     cancel_key,
     parked_key,
 )
-from llm_router.client.protocol import WAKE_TOKENS_MAX, Attempt, now_ms
-from llm_router.worker.budgets import Hold
-from llm_router.worker.calls import ModelCallError, Reply, cacheable_system
-from llm_router.worker.checks import Finish
-from llm_router.worker.costs import batch_usage
+from llm_router.client.protocol import WAKE_TOKENS_MAX, now_ms
 from llm_router.worker.lua import script
+from llm_router.worker.parked import PARK_KEEP_MS, ParkedJob, parse_parked
 from llm_router.worker.settings import ModelConfig, Settings
 
 log = structlog.get_logger("llm_router.batches")
 
-#: How long a parked job and its state are kept: batches end within 24 h.
-PARK_KEEP_MS = 48 * 3600 * 1000
 #: The API takes at most 256 MB a batch; this leaves room for the framing.
 MAX_BATCH_BYTES = 200 * 1024 * 1024
 #: A take not known to be in a batch after this long is put back (its sender died).
@@ -71,8 +64,6 @@ SWEEP_CHUNK = 1000
 PUT_BACK_CHUNK = 500
 #: A request an ended batch did not list (the API lists every one; a net all the same).
 MISSING = {"type": "missing_result", "message": "the ended batch listed no result"}
-#: The tool litellm's JSON mode forces on Anthropic models; a batch request uses the same.
-JSON_TOOL = "json_tool_call"
 
 _TAKE = script("msgbatch_take.lua")
 _OPENED = script("msgbatch_opened.lua")
@@ -82,193 +73,6 @@ _RELEASE = script("park_release.lua")
 #: A parked job's deadline is acted on this long after it passed: the worker's clock may
 #: run a little ahead of Redis', which the job's deadline key counts on.
 DEADLINE_MARGIN_MS = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class ParkOrder:
-    """What the router asks for a job that reached a ``batch_api`` model of the batch
-    lane: park it at chain ``position`` with the attempts made so far."""
-
-    model: str
-    position: int
-    attempts: list[Attempt]
-    params: dict[str, Any]
-    hold: Hold
-    #: When the job's walk began (Unix ms): its result's latency counts from there.
-    started_ms: int
-    custom_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    parked_ms: int = field(default_factory=now_ms)
-
-    def state(self) -> str:
-        return json.dumps(
-            {
-                "model": self.model,
-                "position": self.position,
-                "attempts": [a.model_dump(mode="json", exclude_none=True) for a in self.attempts],
-                "hold": dataclasses.asdict(self.hold),
-                "started_ms": self.started_ms,
-            },
-            separators=(",", ":"),
-        )
-
-    def entry(self, job_id: str) -> str:
-        """The request as it waits to be sent; ``ms`` (when parked) first, where
-        ``msgbatch_take.lua`` reads it."""
-        return json.dumps(
-            {"ms": self.parked_ms, "custom_id": self.custom_id, "job_id": job_id,
-             "params": self.params},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedJob:
-    """A parked job's state read back; ``result`` None: its batch has not ended."""
-
-    model: str
-    position: int
-    attempts: list[Attempt]
-    hold: Hold
-    started_ms: int
-    parked_ms: int
-    custom_id: str
-    result: dict[str, Any] | None = None
-    batch_id: str | None = None
-    #: It stopped waiting (cancelled, or past its deadline) before its batch answered.
-    stopped: bool = False
-
-
-def parse_parked(fields: dict[bytes, bytes]) -> ParkedJob | None:
-    """The hash ``park.lua`` wrote, or None when there is none (or it is unreadable)."""
-    try:
-        state = json.loads(fields[b"state"])
-        result = json.loads(fields[b"result"]) if b"result" in fields else None
-        return ParkedJob(
-            model=state["model"],
-            position=int(state["position"]),
-            attempts=[Attempt.model_validate(a) for a in state["attempts"]],
-            hold=Hold(**state["hold"]),
-            started_ms=int(state["started_ms"]),
-            parked_ms=int(fields[b"parked_ms"]),
-            custom_id=fields[b"custom_id"].decode(),
-            result=result if isinstance(result, dict) else None,
-            batch_id=fields[b"batch_id"].decode() if b"batch_id" in fields else None,
-            stopped=b"stopped" in fields,
-        )
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-# -- the request and the answer --------------------------------------------------------------
-
-
-def _blocks(content: Any) -> Any:
-    """OpenAI-style content parts as Anthropic's (text and image URLs)."""
-    if not isinstance(content, list):
-        return content
-    out: list[dict[str, Any]] = []
-    for part in content:
-        if not isinstance(part, dict):
-            continue
-        if part.get("type") == "text":
-            out.append({k: v for k, v in part.items() if k in ("type", "text", "cache_control")})
-        elif part.get("type") == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            out.append({"type": "image", "source": _image_source(url)})
-    return out
-
-
-def _image_source(url: Any) -> dict[str, Any]:
-    """An inline ``data:`` image goes as base64, as litellm sends it; others by URL."""
-    if isinstance(url, str) and url.startswith("data:") and ";base64," in url:
-        media_type, _, data = url[len("data:") :].partition(";base64,")
-        return {"type": "base64", "media_type": media_type, "data": data}
-    return {"type": "url", "url": url}
-
-
-def request_params(
-    cfg: ModelConfig,
-    messages: list[dict[str, Any]],
-    schema: dict[str, Any] | None,
-    max_tokens: int,
-) -> dict[str, Any]:
-    """The Messages API parameters of one batch request, as litellm would send the call
-    in real time: system messages as ``system``, a schema as the forced JSON tool."""
-    if cfg.cache_prompt:
-        messages = cacheable_system(messages)
-    system: list[dict[str, Any]] = []
-    turns: list[dict[str, Any]] = []
-    for message in messages:
-        role, content = message.get("role"), message.get("content")
-        if role == "system":
-            blocks = _blocks(content)
-            system += blocks if isinstance(blocks, list) else [{"type": "text", "text": blocks}]
-        else:
-            turns.append({"role": "assistant" if role == "assistant" else "user",
-                          "content": _blocks(content)})  # fmt: skip
-    params: dict[str, Any] = {"model": cfg.name, "max_tokens": max_tokens, "messages": turns}
-    if system:
-        params["system"] = system
-    if schema is not None and cfg.structured_output and schema.get("type") == "object":
-        params["tools"] = [{"name": JSON_TOOL, "input_schema": schema}]
-        params["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
-    params.update({k: v for k, v in cfg.params.items() if k not in ("model", "messages")})
-    return params
-
-
-_WORDS = {"max_tokens": "length", "refusal": "content_filter"}
-
-
-def reply_of(cfg: ModelConfig, parked: ParkedJob, params_max_tokens: int) -> Reply:
-    """The batch result as a model call's reply, priced at the batch price; a request the
-    batch did not answer raises :class:`ModelCallError` (it falls to the next model)."""
-    if parked.result is None and parked.stopped:
-        raise ModelCallError("BatchAbandoned: the job stopped waiting for its batch")
-    result = parked.result or {}
-    kind = result.get("type")
-    if kind == "errored":
-        error = result.get("error")
-        inner = error.get("error", error) if isinstance(error, dict) else {}
-        inner = inner if isinstance(inner, dict) else {}
-        raise ModelCallError(
-            f"BatchErrored: {inner.get('type', 'error')}: {str(inner.get('message', ''))[:200]}"
-        )
-    if kind == "expired":
-        raise ModelCallError("BatchExpired: the batch ended before this request was processed")
-    if kind == "canceled":
-        raise ModelCallError("BatchCanceled: the batch was canceled before this request ran")
-    message = result.get("message")
-    if kind != "succeeded" or not isinstance(message, dict):
-        raise ModelCallError(f"MalformedResponse: a batch result of type {kind!r}")
-    texts: list[str] = []
-    for block in message.get("content") or []:
-        if not isinstance(block, dict):
-            continue
-        if block.get("type") == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        elif block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
-            texts.append(json.dumps(block.get("input"), ensure_ascii=False))
-    stop = message.get("stop_reason")
-    stop = stop if isinstance(stop, str) else None
-    details = message.get("stop_details")
-    details = details if isinstance(details, dict) else {}
-    finish = Finish(
-        reason=_WORDS.get(stop or "", "stop"),
-        provider_reason=stop,
-        refusal_category=details.get("category") if stop == "refusal" else None,
-        refusal_explanation=details.get("explanation") if stop == "refusal" else None,
-    )
-    if finish.truncated:
-        finish = dataclasses.replace(finish, limit=f"max_tokens ({params_max_tokens:,})")
-    usage = message.get("usage")
-    counts = usage if isinstance(usage, dict) else {}
-    return Reply(
-        text="".join(texts).strip(),
-        finish=finish,
-        usage=batch_usage(cfg.model, {k: v for k, v in counts.items() if isinstance(v, int)}),
-    )
 
 
 # -- the fleet's batches ---------------------------------------------------------------------

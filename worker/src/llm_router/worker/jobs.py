@@ -29,8 +29,8 @@ from llm_router.client.protocol import (
     valid_reply_to,
 )
 from llm_router.client.untrusted import loads
-from llm_router.worker.batches import PARK_KEEP_MS, ParkedJob, ParkOrder
 from llm_router.worker.control import Control
+from llm_router.worker.parked import PARK_KEEP_MS, ParkedJob, ParkOrder
 from llm_router.worker.queue import Claimed, Parking
 from llm_router.worker.router import (
     CANCELLED_BEFORE,

@@ -26,14 +26,8 @@ from llm_router.client.protocol import (
     now_ms,
 )
 from llm_router.client.schemas import CompiledSchema, InvalidSchemaError, compile_schema
-from llm_router.worker.batches import (
-    PARK_KEEP_MS,
-    MessageBatches,
-    ParkedJob,
-    ParkOrder,
-    reply_of,
-    request_params,
-)
+from llm_router.worker.batch_wire import reply_of, request_params
+from llm_router.worker.batches import MessageBatches
 from llm_router.worker.breaker import Breakers
 from llm_router.worker.breaker import Verdict as Health
 from llm_router.worker.budgets import Hold, Ledger
@@ -52,6 +46,7 @@ from llm_router.worker.deployments import Deployments, NoServer
 from llm_router.worker.lanes import LaneKind
 from llm_router.worker.metrics import Metrics
 from llm_router.worker.offload import Offload
+from llm_router.worker.parked import PARK_KEEP_MS, ParkedJob, ParkOrder
 from llm_router.worker.settings import ModelConfig, Settings, server_of
 from llm_router.worker.warmup import Warmer, note_load
 from llm_router.worker.windows import Prompt, Windows
