@@ -266,7 +266,7 @@ class Exporter:
         s = self.settings
         depth = GaugeMetricFamily(
             "llm_router_queue_depth",
-            "Jobs in the queue, running ones included (shared: take max over workers)",
+            "Jobs in the queue, running and parked ones too (shared: take max over workers)",
             labels=["queue", "lane"],
         )
         depth.add_metric([s.queue_name, "interactive"], shared["depth"][s.queue_name])
@@ -279,12 +279,12 @@ class Exporter:
         )
         yield GaugeMetricFamily(
             "llm_router_parked_jobs",
-            "Jobs parked until their Message Batch answers (shared)",
+            "Jobs of this batch queue parked until their Message Batch answers (shared)",
             value=shared["parked"],
         )
         yield GaugeMetricFamily(
             "llm_router_open_batches",
-            "Message Batches sent and not yet brought back (shared)",
+            "This batch queue's Message Batches sent and not yet brought back (shared)",
             value=shared["open_batches"],
         )
         outcomes = GaugeMetricFamily(
