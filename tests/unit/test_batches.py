@@ -22,6 +22,7 @@ import pytest
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llm_router.client.keys import (
     MSGBATCH_SWEEP_LEASE,
@@ -953,6 +954,30 @@ async def test_send_due_puts_the_requests_back_when_the_batch_is_not_created(
     assert await redis.keys(KEYS.take("*")) == []
     assert await redis.exists(KEYS.send_lease) == 0
     assert mb.sent_here == 0
+
+
+async def test_a_created_batch_is_recorded_through_a_redis_outage_not_sent_twice(
+    redis: Redis, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mb = batches_with(redis, fake, monkeypatch, batch_wait=60.0)
+    await park(redis, "j1", 11, "c-1")
+    await redis.zadd(KEYS.models, {HAIKU: 1})
+    record = mb._opened
+    failures = 3
+
+    async def through_an_outage(**kw: Any) -> Any:
+        nonlocal failures
+        if failures:  # Redis went away just after Anthropic created the batch
+            failures -= 1
+            raise RedisConnectionError("Connection refused")
+        return await record(**kw)
+
+    monkeypatch.setattr(mb, "_opened", through_an_outage)
+    assert await mb.send_due() == 1
+    assert failures == 0
+    assert len(fake.created) == 1  # once: not given back to be sent again
+    assert await redis.hexists(KEYS.open, "msgbatch_1")  # type: ignore[misc]
+    assert await redis.zcard(KEYS.sending) == 0
 
 
 async def test_send_due_without_the_lease_sends_nothing(

@@ -14,9 +14,10 @@ checks, and a rejected, errored or expired one falls to the next model of the ch
 Everything lives in Redis, so a worker killed at any point loses no job: a take of
 requests being sent stays listed until its batch is known (then it is put back), an
 open batch is looked at by whichever worker polls next, and putting a result back is
-idempotent. One window remains: a sender killed after Anthropic created a batch and
+idempotent. A batch created while Redis is away is recorded once it is back (if within
+4½ minutes). One window remains: a sender killed after Anthropic created a batch and
 before Redis heard of it sends those requests again (a second batch, paid twice; each
-job is still answered once, by the batch Redis knows).
+job is still answered once).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llm_router.client.backoff import Backoff
 from llm_router.client.keys import (
     MSGBATCH_SWEEP_LEASE,
     PARKED_DEADLINES_KEY,
@@ -51,6 +53,9 @@ log = structlog.get_logger("llm_router.batches")
 MAX_BATCH_BYTES = 200 * 1024 * 1024
 #: A take not known to be in a batch after this long is put back (its sender died).
 SENDING_STALE_MS = 300_000
+#: How long a sender keeps trying to tell Redis of a batch it created: until shortly
+#: before its take would be put back and sent again.
+RECORD_FOR_S = SENDING_STALE_MS / 1000 - 30
 #: The leases' length: a sender or poller that dies is replaced after this long (two at
 #: once would be harmless: a take is one sender's, and putting a result back is
 #: idempotent). A poll renews its lease at each batch it looks at.
@@ -271,13 +276,33 @@ class MessageBatches:
             return "stopped"
         kept = {"model": model, "sent_ms": now_ms(),
                 "jobs": {e["custom_id"]: e["job_id"] for e in entries}}  # fmt: skip
-        await self._opened(
-            keys=[self.keys.open, self.keys.take(take), self.keys.sending],
-            args=[batch.id, json.dumps(kept, separators=(",", ":")), take],
-        )
+        await self._record_opened(batch.id, kept, take)
         self.sent_here += 1
         log.info("batch_sent", model=model, batch_id=batch.id, requests=len(entries))
         return "sent"
+
+    async def _record_opened(self, batch_id: str, kept: dict[str, Any], take: str) -> None:
+        """A batch Anthropic created must become known to Redis, or its take goes back
+        and its requests are sent (and paid) again: through a Redis outage the record is
+        retried until just before the take would be given back."""
+        keys = [self.keys.open, self.keys.take(take), self.keys.sending]
+        args = [batch_id, json.dumps(kept, separators=(",", ":")), take]
+        backoff = Backoff(0.1, 5.0)
+        give_up = time.monotonic() + RECORD_FOR_S
+        while True:
+            try:
+                await self._opened(keys=keys, args=args)
+                return
+            except (RedisError, OSError) as exc:
+                wait = backoff.next()
+                if time.monotonic() + wait > give_up:
+                    log.error("batch_not_recorded", batch_id=batch_id, requests=len(kept["jobs"]),
+                              error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                    raise
+                if backoff.failures == 1:
+                    log.warning("batch_record_retrying", batch_id=batch_id,
+                                error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                await asyncio.sleep(wait)
 
     async def _still_waiting(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The entries whose job still waits for this request: one that was cancelled,
