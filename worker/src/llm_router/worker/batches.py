@@ -60,8 +60,9 @@ RECORD_FOR_S = SENDING_STALE_MS / 1000 - 30
 #: once would be harmless: a take is one sender's, and putting a result back is
 #: idempotent). A poll renews its lease at each batch it looks at.
 LEASE_MS = 30_000
-#: How often one worker of the fleet looks for parked jobs cancelled while no worker
-#: listened (a cancel's marker is kept a day, longer than any batch runs).
+#: How often one worker (of any fleet: the parked set is shared) looks for parked jobs
+#: cancelled while no worker listened (a cancel's marker is kept a day, longer than any
+#: batch runs).
 CANCEL_SWEEP_MS = 60_000
 #: Parked jobs whose cancel markers are read per round trip.
 SWEEP_CHUNK = 1000
