@@ -236,7 +236,7 @@ async def test_a_parked_job_can_be_cancelled_or_expire_without_waiting_for_its_b
         lane.stop()
         await lane.forget(redis)
     assert stopped.status == "cancelled"
-    assert cancel_s < 2.0
+    assert cancel_s < (3.0 + server.batch_seconds) / 2  # far sooner than its batch's answer
     assert gone.status == "expired"
     assert expired_s < answered_s  # it did not wait for the batch's answer
     assert answered.status == "ok"
