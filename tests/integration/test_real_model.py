@@ -118,7 +118,7 @@ async def test_a_prompt_over_its_context_is_skipped_unsent(client: RouterClient)
     assert (first.model, first.outcome) == (MODEL, "skipped")
     assert first.reason is not None
     assert first.reason.startswith("context:")
-    assert first.latency_ms < 100  # never sent: the model would take seconds to read it
+    assert first.latency_ms < 500  # never sent: the model would take seconds to read it
     assert result.model_used == HAIKU
     assert time.monotonic() - started < 30
 
