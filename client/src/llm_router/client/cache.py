@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from llm_router.client.counters import field_count
 from llm_router.client.keys import CACHE_MATCH, CACHE_STATS_KEY
 
 #: Keys asked for per SCAN call, and deleted per UNLINK.
@@ -48,20 +49,12 @@ class CacheStats:
         }
 
 
-def _count(raw: Mapping[Any, Any], field: str) -> int:
-    value = raw.get(field.encode(), raw.get(field, 0))
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError):
-        return 0
-
-
 def parse_stats(raw: Mapping[Any, Any], entries: int | None = None) -> CacheStats:
     """The stats hash as ``HGETALL`` gives it; a field that is not an integer counts 0."""
     return CacheStats(
-        hits=_count(raw, "hits"),
-        misses=_count(raw, "misses"),
-        stores=_count(raw, "stores"),
+        hits=field_count(raw, "hits"),
+        misses=field_count(raw, "misses"),
+        stores=field_count(raw, "stores"),
         entries=entries,
     )
 

@@ -61,10 +61,16 @@ async def read_counters(redis: Redis) -> dict[str, ModelCounts]:
     return parse_counters(raw)
 
 
-def cache_hits(raw: Mapping[Any, Any]) -> int:
-    """Jobs answered from the response cache, from the hash as ``HGETALL`` gives it."""
-    value = raw.get(CACHE_HITS_FIELD.encode(), raw.get(CACHE_HITS_FIELD, 0))
+def field_count(raw: Mapping[Any, Any], field: str) -> int:
+    """One counter of a hash as ``HGETALL`` gives it (bytes or str keys); a field that is
+    missing, or not a count, is 0."""
+    value = raw.get(field.encode(), raw.get(field, 0))
     try:
-        return int(value)
+        return max(0, int(value))
     except (TypeError, ValueError):
         return 0
+
+
+def cache_hits(raw: Mapping[Any, Any]) -> int:
+    """Jobs answered from the response cache, from the hash as ``HGETALL`` gives it."""
+    return field_count(raw, CACHE_HITS_FIELD)
