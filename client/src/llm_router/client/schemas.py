@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +78,12 @@ class CompiledSchema:
     inlined_nodes: int
 
 
-def canonical_json(value: Any) -> str:
-    """One text per value, so equal schemas share one compiled validator."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def canonical_json(value: Any, default: Callable[[Any], Any] | None = None) -> str:
+    """One text per value, so equal schemas share one compiled validator (and equal
+    requests one cache key). ``default``: how a value JSON has no form for is written."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=default
+    )
 
 
 def compile_schema(schema: Any, limits: SchemaLimits = CEILING) -> CompiledSchema:

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from llm_router.client.keys import CACHE_STATS_KEY, cache_key
 from llm_router.client.protocol import RouteRequest, RouteResult, encode
+from llm_router.client.schemas import canonical_json
 from llm_router.worker.lua import script
 from llm_router.worker.offload import Offload
 from llm_router.worker.settings import ModelConfig
@@ -70,10 +71,8 @@ def key_material(chain: str, models: Sequence[ModelConfig], request: RouteReques
         "messages": [m.model_dump(mode="json") for m in request.messages],
         "schema": request.json_schema,
     }
-    text = json.dumps(
-        material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-    )
-    return text.encode("utf-8", "backslashreplace")
+    # default=str: an odd model param (a TOML date) names itself rather than fail the job.
+    return canonical_json(material, default=str).encode("utf-8", "backslashreplace")
 
 
 def entry_key(chain: str, models: Sequence[ModelConfig], request: RouteRequest) -> str:
