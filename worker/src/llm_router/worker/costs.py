@@ -8,6 +8,7 @@ price litellm does not know costs 0 and is logged once as ``price_unknown``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,16 +69,28 @@ def worst_case_usd(model: str, prompt_bytes: int, max_output_tokens: int) -> flo
     """An upper bound of one call's price: no tokenizer makes more tokens than bytes, the
     whole prompt may be written to the prompt cache, and the answer may use every
     ``max_tokens``. Unknown prices bound at 0, as they are counted."""
+    return _worst_case(model, prompt_bytes, max_output_tokens, _real_time_price)
+
+
+def _worst_case(
+    model: str,
+    prompt_bytes: int,
+    max_output_tokens: int,
+    price: Callable[[dict[str, Any], str], float],
+) -> float:
     try:
-        info = litellm.get_model_info(model)
+        info = dict(litellm.get_model_info(model))
     except Exception:
         return 0.0
     per_input = max(
-        info.get("input_cost_per_token") or 0.0,
-        info.get("cache_creation_input_token_cost") or 0.0,
+        price(info, "input_cost_per_token"), price(info, "cache_creation_input_token_cost")
     )
-    per_output = info.get("output_cost_per_token") or 0.0
+    per_output = price(info, "output_cost_per_token")
     return (prompt_bytes + FRAMING_TOKENS) * per_input + max_output_tokens * per_output
+
+
+def _real_time_price(info: dict[str, Any], field: str) -> float:
+    return float(info.get(field) or 0.0)
 
 
 #: What a Message Batch costs against a real-time call, where litellm's price map gives
@@ -112,13 +125,4 @@ def batch_usage(model: str, tokens: dict[str, int]) -> Usage:
 
 def worst_case_batch_usd(model: str, prompt_bytes: int, max_output_tokens: int) -> float:
     """:func:`worst_case_usd` at the batch price."""
-    try:
-        info = dict(litellm.get_model_info(model))
-    except Exception:
-        return 0.0
-    per_input = max(
-        _batch_price(info, "input_cost_per_token"),
-        _batch_price(info, "cache_creation_input_token_cost"),
-    )
-    per_output = _batch_price(info, "output_cost_per_token")
-    return (prompt_bytes + FRAMING_TOKENS) * per_input + max_output_tokens * per_output
+    return _worst_case(model, prompt_bytes, max_output_tokens, _batch_price)
