@@ -267,8 +267,7 @@ class Router:
         result.chain_ms = round((time.perf_counter() - start) * 1000, 3)
         result.cost_usd = round(sum(a.cost_usd for a in result.attempts), 10)
         result.metadata = request.metadata  # returned as given, so batch callers can match
-        if isinstance(result, RouteResult):  # only ok answers are kept, never a cached one
-            await self.cache.put(entry, result)
+        await self.cache.put(entry, result)  # only ok answers are kept, never a cached one
         extra = {"error": result.error} if result.status == "invalid_request" else {}
         bound.info(
             "routed",
@@ -421,16 +420,13 @@ class Router:
         if not fits:
             return Tried(Verdict(None, "skipped", misfits[0]))
         messages = prompt.messages
-        if park and self.batches is not None and lane == "batch" and step.batch_api:
-            return await self._to_park(step, chain, messages, schema)
-        worst = 0.0
-        if self.ledger.capped(chain, step):
-            prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
-            out = max_output_tokens(step, self.settings.anthropic_max_tokens)
-            worst = worst_case_usd(step.model, prompt_bytes, out)
-        hold = await self.ledger.hold(chain, step, worst, wait_s=self.settings.budget_wait)
+        batch = park and self.batches is not None and lane == "batch" and step.batch_api
+        hold = await self._hold(step, chain, messages, schema, batch=batch)
         if isinstance(hold, str):
             return Tried(Verdict(None, "skipped", hold))
+        if batch:  # the request is what its Message Batch will send
+            out = max_output_tokens(step, self.settings.anthropic_max_tokens)
+            return ToPark(request_params(step, messages, schema, out), hold)
         tried: Tried | None = None
         try:
             tried = await self._admitted(step, fits, messages, schema, validator, lane)
@@ -438,26 +434,27 @@ class Router:
             await self.ledger.settle(hold, step, tried.usage if tried else None)
         return tried
 
-    async def _to_park(
+    async def _hold(
         self,
         step: ModelConfig,
         chain: str,
         messages: list[dict[str, Any]],
         schema: dict[str, Any] | None,
-    ) -> Tried | ToPark:
-        """The budget holds the request's worst case at the batch price until its batch
-        has surely ended; the request is what the batch will send."""
-        out = step.output_limit or self.settings.anthropic_max_tokens
+        *,
+        batch: bool,
+    ) -> Hold | str:
+        """Room in a capped chain's budget for the call's worst case, or why not. A parked
+        request's is at the batch price, held until its batch has surely ended."""
         worst = 0.0
         if self.ledger.capped(chain, step):
             prompt_bytes = len(json.dumps([messages, schema], ensure_ascii=False).encode())
-            worst = worst_case_batch_usd(step.model, prompt_bytes, out)
-        hold = await self.ledger.hold(
-            chain, step, worst, wait_s=self.settings.budget_wait, hold_s=PARK_KEEP_MS / 1000
-        )
-        if isinstance(hold, str):
-            return Tried(Verdict(None, "skipped", hold))
-        return ToPark(request_params(step, messages, schema, out), hold)
+            out = max_output_tokens(step, self.settings.anthropic_max_tokens)
+            bound = worst_case_batch_usd if batch else worst_case_usd
+            worst = bound(step.model, prompt_bytes, out)
+        return await self.ledger.hold(
+            chain, step, worst, wait_s=self.settings.budget_wait,
+            hold_s=PARK_KEEP_MS / 1000 if batch else None,
+        )  # fmt: skip
 
     async def _from_batch(
         self, cfg: ModelConfig, parked: ParkedJob, validator: Validator | None
@@ -465,7 +462,7 @@ class Router:
         """The parked step's answer, from its batch result: settled, then judged like any
         answer; a request the batch did not answer is rejected (the chain goes on)."""
         server = server_of(cfg.api_base)
-        out = cfg.output_limit or self.settings.anthropic_max_tokens
+        out = max_output_tokens(cfg, self.settings.anthropic_max_tokens)
         try:
             reply = reply_of(cfg, parked, out)
         except ModelCallError as exc:
