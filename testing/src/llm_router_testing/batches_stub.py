@@ -47,11 +47,12 @@ _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _PREFIX = "/v1/messages/batches"
 
 
-def _rid(prefix: str) -> str:
+def rid(prefix: str) -> str:
+    """An id as Anthropic's (and the stubs') look: a prefix and 22 base58 characters."""
     return prefix + "".join(secrets.choice(_BASE58) for _ in range(22))
 
 
-def _stamp(seconds: float) -> str:
+def stamp(seconds: float) -> str:
     """RFC 3339 in UTC with microseconds, as the service writes its timestamps."""
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -334,11 +335,11 @@ class MessageBatches:
             "type": "message_batch",
             "processing_status": status,
             "request_counts": counts,
-            "ended_at": _stamp(ended) if ended is not None else None,
-            "created_at": _stamp(batch.created),
-            "expires_at": _stamp(batch.created + LIFETIME_S),
+            "ended_at": stamp(ended) if ended is not None else None,
+            "created_at": stamp(batch.created),
+            "expires_at": stamp(batch.created + LIFETIME_S),
             "archived_at": None,
-            "cancel_initiated_at": _stamp(batch.cancel_at) if batch.cancel_at else None,
+            "cancel_initiated_at": stamp(batch.cancel_at) if batch.cancel_at else None,
             "results_url": (
                 f"{self._host.url}{_PREFIX}/{batch.id}/results" if ended is not None else None
             ),
@@ -416,7 +417,7 @@ class MessageBatches:
                 done = created + seconds * (i + 1) / len(requests) + plan.extra_s
             entries.append(_Entry(str(item["custom_id"]), item["params"], plan, done))
         batch = _Batch(
-            id=_rid("msgbatch_01"),
+            id=rid("msgbatch_01"),
             created=created,
             entries=entries,
             headers={k.lower(): v for k, v in request.headers.items()},
@@ -475,7 +476,7 @@ class MessageBatches:
         accept = request.headers.get("accept", "")
         kind = "application/binary" if "application/binary" in accept else "application/x-jsonl"
         return web.Response(
-            body=lines.encode(), headers={"Content-Type": kind, "request-id": _rid("req_01")}
+            body=lines.encode(), headers={"Content-Type": kind, "request-id": rid("req_01")}
         )
 
     async def _list(self, request: web.Request) -> web.Response:
@@ -523,4 +524,4 @@ class MessageBatches:
 
     @staticmethod
     def _json(payload: Mapping[str, Any]) -> web.Response:
-        return web.json_response(dict(payload), headers={"request-id": _rid("req_01")})
+        return web.json_response(dict(payload), headers={"request-id": rid("req_01")})

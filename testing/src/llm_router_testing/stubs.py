@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import json
 import re
-import secrets
 import signal
 import threading
 import time
@@ -37,7 +36,14 @@ from typing import Any, Self
 from aiohttp import web
 
 from llm_router_testing.batches_stub import MAX_BYTES as MAX_BATCH_BYTES
-from llm_router_testing.batches_stub import BatchCall, MessageBatches, Plan, RecordedBatch
+from llm_router_testing.batches_stub import (
+    BatchCall,
+    MessageBatches,
+    Plan,
+    RecordedBatch,
+    rid,
+    stamp,
+)
 
 DIRECTIVE = re.compile(r"stub:(?P<key>[A-Za-z0-9_.\-*]+)=(?P<behaviour>[a-z_0-9]+)")
 #: ``stub-fail:haiku=529x2`` fails the first 2 calls of this request to models whose name
@@ -97,7 +103,6 @@ _OPENAI_ERRORS = {
     503: "unavailable_error",
 }
 LLAMA_CPP_LOADING = "Loading model"
-_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # Ollama's own words (server/sched.go), two spaces included: clients may match on them.
 OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 _OLLAMA_ERRORS = {
@@ -256,16 +261,12 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+\s*", text) or [text]
 
 
-def _rid(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(_BASE58) for _ in range(22))
-
-
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp(time.time())
 
 
 def _anthropic_error(status: int, kind: str, message: str, **headers: str) -> web.Response:
-    request_id = _rid("req_01")
+    request_id = rid("req_01")
     body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
     return web.json_response(body, status=status, headers={"request-id": request_id, **headers})
 
@@ -318,7 +319,7 @@ def _anthropic_content(body: dict[str, Any], text: str) -> tuple[dict[str, Any],
         except ValueError:
             parsed = None
         if isinstance(parsed, dict):
-            tool = {"type": "tool_use", "id": _rid("toolu_01"), "name": choice.get("name")}
+            tool = {"type": "tool_use", "id": rid("toolu_01"), "name": choice.get("name")}
             return {**tool, "input": parsed}, "tool_use"
     return {"type": "text", "text": text}, "end_turn"
 
@@ -1046,7 +1047,7 @@ class StubServer:
         if delay > 0:
             await asyncio.sleep(delay)
         stamp = {
-            "id": _rid("chatcmpl-"),
+            "id": rid("chatcmpl-"),
             "created": int(time.time()),
             "model": body.get("model"),
             "system_fingerprint": "b4500-stub",
@@ -1277,7 +1278,12 @@ class StubServer:
                 if wire == "chat"
                 else {"response": content}
             )
-            return {"model": body.get("model"), "created_at": _now(), **field, "done": False}
+            return {
+                "model": body.get("model"),
+                "created_at": _now(),
+                **field,
+                "done": False,
+            }
 
         def final(content: str) -> dict[str, Any]:
             load_ns = max(1, load)
@@ -1350,7 +1356,7 @@ class StubServer:
         if refused:
             stop["stop_details"] = REFUSAL_DETAILS
         return {
-            "id": _rid("msg_01"),
+            "id": rid("msg_01"),
             "type": "message",
             "role": "assistant",
             "model": body.get("model"),
@@ -1372,7 +1378,7 @@ class StubServer:
         message = self._anthropic_message(body, text, usage, cut, refused)
         [block] = message["content"]
         stop = {k: message[k] for k in ("stop_reason", "stop_details") if k in message}
-        headers = {"request-id": _rid("req_01")}
+        headers = {"request-id": rid("req_01")}
         if body.get("stream") is not True:
             return web.json_response(message, headers=headers)
         response = web.StreamResponse(
