@@ -34,17 +34,10 @@ from tests.integration.conftest import (
     worker_env,
 )
 from tests.integration.test_acl import WORKER_ACL
-from tests.integration.test_routing import next_event
+from tests.integration.test_routing import HAIKU, QWEN, SCHEMA, next_event
 
 pytestmark = pytest.mark.integration
 
-QWEN = "ollama_chat/qwen2.5:7b"
-HAIKU = "anthropic/claude-haiku-4-5-20251001"
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["answer", "ok"],
-    "properties": {"answer": {"type": "string"}, "ok": {"type": "boolean"}},
-}
 #: The chain whose requests are cached without asking (the worker's cache_ttl setting).
 CACHED_CHAIN = "cached"
 
